@@ -1,0 +1,3 @@
+fn main() {
+    println!("empf {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,18 @@
+//! # empf
+//!
+//! A pure-Rust, CPU-first library and command-line tool that trains and deploys spiking neural
+//! networks with the EM-PF model (floating-point spikes, binary synaptic weights, online training
+//! whose memory does not grow with the number of time-steps). The model is specified equation by
+//! equation in `EMPF.md`; module docs cite its sections.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod gradcheck;
+pub mod layers;
+pub mod rng;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use layers::{Cache, GradMode, Layer, Param, ParamKind, State, StepCtx};
+pub use tensor::{Real, Tensor};
