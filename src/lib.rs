@@ -10,8 +10,10 @@
 pub mod error;
 pub mod gradcheck;
 pub mod layers;
+pub mod model;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use layers::{Cache, GradMode, Layer, Param, ParamKind, State, StepCtx};

@@ -1,0 +1,298 @@
+//! Models: composition of layers over one time-step ([`Sequential`], [`Residual`]) and the model zoo.
+//!
+//! Composite layers are layers too: their [`State`] and [`Cache`] hold their children's, so the
+//! trainer sees a network as one layer and the time loop stays in `train/` and `infer/`.
+
+use crate::error::Result;
+use crate::layers::{Cache, Layer, Param, State, StepCtx};
+use crate::tensor::{Real, Tensor};
+
+/// Layers applied in order.
+pub struct Sequential<R: Real> {
+    name: String,
+    /// The layers.
+    pub layers: Vec<Box<dyn Layer<R>>>,
+}
+
+/// Caches of a composite layer's children (reused step after step).
+#[derive(Default)]
+pub struct ChildCaches {
+    caches: Vec<Cache>,
+}
+crate::impl_cache!(ChildCaches { caches });
+
+impl ChildCaches {
+    /// The first `n` child caches, created empty when missing.
+    pub fn resize(&mut self, n: usize) -> &mut [Cache] {
+        self.caches.resize_with(n, Cache::new);
+        &mut self.caches[..n]
+    }
+    /// Child cache `i`.
+    pub fn get(&self, i: usize) -> &Cache {
+        &self.caches[i]
+    }
+}
+
+impl<R: Real> Sequential<R> {
+    /// An empty sequence.
+    pub fn new(name: &str) -> Self {
+        Sequential {
+            name: name.to_string(),
+            layers: Vec::new(),
+        }
+    }
+    /// Append a layer.
+    pub fn push(&mut self, layer: impl Layer<R> + 'static) -> &mut Self {
+        self.layers.push(Box::new(layer));
+        self
+    }
+    /// Append a boxed layer.
+    pub fn push_boxed(&mut self, layer: Box<dyn Layer<R>>) -> &mut Self {
+        self.layers.push(layer);
+        self
+    }
+    /// Number of layers.
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+    /// Whether there are no layers.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+    /// One line per layer: name, description and output shape, for `empf info`.
+    pub fn summary(&self, input: &[usize]) -> Result<Vec<(String, String, Vec<usize>)>> {
+        let mut shape = input.to_vec();
+        let mut out = Vec::new();
+        for l in &self.layers {
+            shape = l.output_shape(&shape)?;
+            out.push((l.name().to_string(), l.describe(), shape.clone()));
+        }
+        Ok(out)
+    }
+}
+
+impl<R: Real> Layer<R> for Sequential<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "Sequential"
+    }
+    fn describe(&self) -> String {
+        format!("Sequential({} layers)", self.layers.len())
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let mut s = input.to_vec();
+        for l in &self.layers {
+            s = l.output_shape(&s)?;
+        }
+        Ok(s)
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<R>,
+        ctx: &StepCtx,
+        state: &mut State<R>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor<R>> {
+        let n = self.layers.len();
+        let states = state.children_mut(n);
+        let mut caches = cache.map(|c| c.get_or_default::<ChildCaches>().resize(n));
+        let mut cur: Option<Tensor<R>> = None;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let input = cur.as_ref().unwrap_or(x);
+            let c = caches.as_mut().map(|cs| &mut cs[i]);
+            cur = Some(l.forward(input, ctx, &mut states[i], c)?);
+        }
+        Ok(cur.unwrap_or_else(|| x.clone()))
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<R>,
+        ctx: &StepCtx,
+        cache: &Cache,
+        dstate: &mut State<R>,
+    ) -> Result<Tensor<R>> {
+        let n = self.layers.len();
+        let caches = cache.get::<ChildCaches>(&self.name)?;
+        let dstates = dstate.children_mut(n);
+        let mut g: Option<Tensor<R>> = None;
+        for i in (0..n).rev() {
+            let gi = g.as_ref().unwrap_or(dy);
+            g = Some(self.layers[i].backward(gi, ctx, caches.get(i), &mut dstates[i])?);
+        }
+        Ok(g.unwrap_or_else(|| dy.clone()))
+    }
+    fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
+        for l in &mut self.layers {
+            l.visit_params(f);
+        }
+    }
+}
+
+/// A residual connection: `out = body(x) + shortcut(x)`, the shortcut being the identity when absent.
+pub struct Residual<R: Real> {
+    name: String,
+    /// Main branch.
+    pub body: Sequential<R>,
+    /// Projection shortcut (e.g. BN(BConv1x1 stride s)), identity when `None`.
+    pub shortcut: Option<Sequential<R>>,
+}
+
+impl<R: Real> Residual<R> {
+    /// A residual block.
+    pub fn new(name: &str, body: Sequential<R>, shortcut: Option<Sequential<R>>) -> Self {
+        Residual {
+            name: name.to_string(),
+            body,
+            shortcut,
+        }
+    }
+}
+
+impl<R: Real> Layer<R> for Residual<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "Residual"
+    }
+    fn describe(&self) -> String {
+        format!(
+            "Residual(body {} layers, {} shortcut)",
+            self.body.len(),
+            if self.shortcut.is_some() {
+                "projection"
+            } else {
+                "identity"
+            }
+        )
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let a = self.body.output_shape(input)?;
+        let b = match &self.shortcut {
+            Some(s) => s.output_shape(input)?,
+            None => input.to_vec(),
+        };
+        if a != b {
+            return Err(crate::Error::shape(
+                &self.name,
+                format!("body output {a:?} and shortcut output {b:?} must match"),
+                input,
+            ));
+        }
+        Ok(a)
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<R>,
+        ctx: &StepCtx,
+        state: &mut State<R>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor<R>> {
+        let states = state.children_mut(2);
+        let mut caches = cache.map(|c| c.get_or_default::<ChildCaches>().resize(2));
+        let (s0, s1) = states.split_at_mut(1);
+        let mut y = self
+            .body
+            .forward(x, ctx, &mut s0[0], caches.as_mut().map(|c| &mut c[0]))?;
+        match &mut self.shortcut {
+            Some(s) => {
+                let z = s.forward(x, ctx, &mut s1[0], caches.as_mut().map(|c| &mut c[1]))?;
+                if z.shape() != y.shape() {
+                    return Err(crate::Error::shape(
+                        &self.name,
+                        format!("shortcut output {:?} must match body output", z.shape()),
+                        y.shape(),
+                    ));
+                }
+                y += &z;
+            }
+            None => {
+                if x.shape() != y.shape() {
+                    return Err(crate::Error::shape(
+                        &self.name,
+                        format!(
+                            "identity shortcut needs the body to keep the shape {:?}",
+                            x.shape()
+                        ),
+                        y.shape(),
+                    ));
+                }
+                y += x;
+            }
+        }
+        Ok(y)
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<R>,
+        ctx: &StepCtx,
+        cache: &Cache,
+        dstate: &mut State<R>,
+    ) -> Result<Tensor<R>> {
+        let caches = cache.get::<ChildCaches>(&self.name)?;
+        let dstates = dstate.children_mut(2);
+        let (d0, d1) = dstates.split_at_mut(1);
+        let mut dx = self.body.backward(dy, ctx, caches.get(0), &mut d0[0])?;
+        match &mut self.shortcut {
+            Some(s) => dx += &s.backward(dy, ctx, caches.get(1), &mut d1[0])?,
+            None => dx += dy,
+        }
+        Ok(dx)
+    }
+    fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
+        self.body.visit_params(f);
+        if let Some(s) = &mut self.shortcut {
+            s.visit_params(f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{GradCheckOpts, check_unrolled};
+    use crate::layers::{GradMode, Linear};
+    use crate::rng::Rng;
+    use crate::tensor::from_vec;
+
+    #[test]
+    fn sequential_and_residual_backward_match_finite_differences() {
+        let mut rng = Rng::new(11);
+        let mut body = Sequential::new("body");
+        body.push(Linear::<f64>::new("body.fc1", 5, 7, true, &mut rng));
+        body.push(Linear::<f64>::new("body.fc2", 7, 5, true, &mut rng));
+        let mut sc = Sequential::new("sc");
+        sc.push(Linear::<f64>::new("sc.fc", 5, 5, false, &mut rng));
+        let mut net = Sequential::new("net");
+        net.push(Residual::new("res1", body, None));
+        let mut body2 = Sequential::new("b2");
+        body2.push(Linear::<f64>::new("b2.fc", 5, 5, true, &mut rng));
+        net.push(Residual::new("res2", body2, Some(sc)));
+        net.push(Linear::<f64>::new("head", 5, 3, true, &mut rng));
+        let xs: Vec<_> = (0..2)
+            .map(|_| from_vec(&[3, 5], (0..15).map(|_| rng.normal()).collect()))
+            .collect();
+        for mode in [GradMode::Online, GradMode::Bptt] {
+            let opts = GradCheckOpts::default();
+            check_unrolled(&mut net, &xs, true, mode, &opts)
+                .unwrap()
+                .assert_ok(&opts, "residual net");
+        }
+    }
+
+    #[test]
+    fn residual_shape_mismatch_is_an_error() {
+        let mut rng = Rng::new(1);
+        let mut body = Sequential::new("body");
+        body.push(Linear::<f32>::new("body.fc", 4, 3, true, &mut rng));
+        let mut r = Residual::new("res", body, None);
+        let x = crate::tensor::zeros::<f32>(&[2, 4]);
+        let e = r
+            .forward(&x, &StepCtx::eval(0, 1), &mut State::Empty, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("res"), "{e}");
+    }
+}

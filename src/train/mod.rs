@@ -1,0 +1,4 @@
+//! Training: the time loop (online, random back-propagation, BPTT), optimisers, schedules.
+
+pub mod optim;
+pub mod step;
