@@ -3,6 +3,9 @@
 //! Composite layers are layers too: their [`State`] and [`Cache`] hold their children's, so the
 //! trainer sees a network as one layer and the time loop stays in `train/` and `infer/`.
 
+pub mod config;
+pub use config::{ModelConfig, NeuronKind};
+
 use crate::error::Result;
 use crate::layers::{Cache, Layer, Param, State, StepCtx};
 use crate::tensor::{Real, Tensor};

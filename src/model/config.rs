@@ -1,0 +1,207 @@
+//! Model configuration: what `empf train` builds, stored as text in checkpoints so that `empf eval`,
+//! `empf export` and `--resume` rebuild the same network.
+
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Which spiking neuron a layer uses (EMPF.md §1, §3, §5, §6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NeuronKind {
+    /// EM-PF Version I: learnable λ[t], θ[t].
+    V1,
+    /// EM-PF Version II: membrane-potential BatchNorm.
+    V2,
+    /// EM-PF Version III: parallel, no membrane state.
+    V3,
+    /// LIF baseline (binary spikes, triangle surrogate, soft reset).
+    Lif,
+}
+
+impl NeuronKind {
+    /// `v1`, `v2`, `v3`, `lif`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            NeuronKind::V1 => "v1",
+            NeuronKind::V2 => "v2",
+            NeuronKind::V3 => "v3",
+            NeuronKind::Lif => "lif",
+        }
+    }
+    /// Parse [`NeuronKind::name`] (also `I`, `II`, `III`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "v1" | "i" | "1" => Ok(NeuronKind::V1),
+            "v2" | "ii" | "2" => Ok(NeuronKind::V2),
+            "v3" | "iii" | "3" => Ok(NeuronKind::V3),
+            "lif" => Ok(NeuronKind::Lif),
+            _ => Err(Error::Config(format!(
+                "unknown neuron `{s}` (expected v1, v2, v3 or lif)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for NeuronKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A network to build.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture name: `mnist-cnn` (the benchmark network), `small` (the quick-start default).
+    pub arch: String,
+    /// Neuron of the spiking layers.
+    pub neuron: NeuronKind,
+    /// Time-steps T.
+    pub steps: usize,
+    /// Channel widths of the conv stages (architecture-specific meaning).
+    pub widths: Vec<usize>,
+    /// Input shape C x H x W.
+    pub input: [usize; 3],
+    /// Classes.
+    pub classes: usize,
+}
+
+impl ModelConfig {
+    /// The benchmark network "mnist-cnn" (issue 3): FP conv3x3 1→32 + BN → EM-PF → BConv3x3 32→64 + BN →
+    /// EM-PF → AvgPool2 → BConv3x3 64→128 + BN → EM-PF → AvgPool2 → GAP → FP Linear 128→10, T = 4.
+    pub fn mnist_cnn() -> Self {
+        ModelConfig {
+            arch: "mnist-cnn".into(),
+            neuron: NeuronKind::V1,
+            steps: 4,
+            widths: vec![32, 64, 128],
+            input: [1, 28, 28],
+            classes: 10,
+        }
+    }
+
+    /// Serialise as `key=value` lines.
+    pub fn to_text(&self) -> String {
+        let w: Vec<String> = self.widths.iter().map(|x| x.to_string()).collect();
+        format!(
+            "arch={}\nneuron={}\nsteps={}\nwidths={}\ninput={}x{}x{}\nclasses={}\n",
+            self.arch,
+            self.neuron,
+            self.steps,
+            w.join(","),
+            self.input[0],
+            self.input[1],
+            self.input[2],
+            self.classes
+        )
+    }
+
+    /// Parse [`ModelConfig::to_text`].
+    pub fn from_text(s: &str) -> Result<Self> {
+        let kv = parse_kv(s)?;
+        let get = |k: &str| {
+            kv.get(k)
+                .ok_or_else(|| Error::Config(format!("model config lacks `{k}`")))
+        };
+        let num = |k: &str, v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| Error::Config(format!("model config `{k}`: `{v}` is not a number")))
+        };
+        let widths = get("widths")?
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| num("widths", x))
+            .collect::<Result<Vec<_>>>()?;
+        let dims = get("input")?
+            .split('x')
+            .map(|x| num("input", x))
+            .collect::<Result<Vec<_>>>()?;
+        if dims.len() != 3 {
+            return Err(Error::Config(format!(
+                "model config `input`: expected CxHxW, got `{}`",
+                get("input")?
+            )));
+        }
+        let c = ModelConfig {
+            arch: get("arch")?.clone(),
+            neuron: NeuronKind::parse(get("neuron")?)?,
+            steps: num("steps", get("steps")?)?,
+            widths,
+            input: [dims[0], dims[1], dims[2]],
+            classes: num("classes", get("classes")?)?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Check the numbers make sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.steps > 1024 {
+            return Err(Error::Config(format!(
+                "time-steps must be in 1..=1024, got {}",
+                self.steps
+            )));
+        }
+        if self.classes < 2 {
+            return Err(Error::Config(format!(
+                "need at least 2 classes, got {}",
+                self.classes
+            )));
+        }
+        if self.widths.iter().any(|&w| w == 0 || w > 16384) {
+            return Err(Error::Config(format!(
+                "widths must be in 1..=16384, got {:?}",
+                self.widths
+            )));
+        }
+        if self.input.iter().any(|&d| d == 0 || d > 4096) {
+            return Err(Error::Config(format!(
+                "input dimensions must be in 1..=4096, got {:?}",
+                self.input
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Parse `key=value` lines (blank lines and `#` comments ignored).
+pub fn parse_kv(s: &str) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    for (i, line) in s.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = line.split_once('=').ok_or_else(|| {
+            Error::Config(format!("line {}: expected key=value, got `{line}`", i + 1))
+        })?;
+        m.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_config_text_round_trip_and_errors() {
+        let c = ModelConfig::mnist_cnn();
+        assert_eq!(ModelConfig::from_text(&c.to_text()).unwrap(), c);
+        assert!(
+            ModelConfig::from_text("arch=x\n")
+                .unwrap_err()
+                .to_string()
+                .contains("lacks")
+        );
+        let bad = c.to_text().replace("steps=4", "steps=0");
+        assert!(
+            ModelConfig::from_text(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("time-steps")
+        );
+        assert_eq!(NeuronKind::parse("II").unwrap(), NeuronKind::V2);
+        assert!(NeuronKind::parse("v9").is_err());
+    }
+}
