@@ -75,7 +75,13 @@ impl<R: Real> SignAlpha<R> {
         self.positive
             .iter()
             .enumerate()
-            .map(|(i, &p)| if p { self.alpha[i / per] } else { -self.alpha[i / per] })
+            .map(|(i, &p)| {
+                if p {
+                    self.alpha[i / per]
+                } else {
+                    -self.alpha[i / per]
+                }
+            })
             .collect()
     }
 }
@@ -112,10 +118,7 @@ fn sign_alpha<R: Real>(w: &Tensor<R>, per: usize) -> SignAlpha<R> {
     SignAlpha {
         shape: w.shape().to_vec(),
         positive: ws.iter().map(|&v| v >= R::zero()).collect(),
-        alpha: ws
-            .chunks_exact(per)
-            .map(alpha_of)
-            .collect(),
+        alpha: ws.chunks_exact(per).map(alpha_of).collect(),
     }
 }
 
@@ -176,7 +179,11 @@ impl<R: Real> BinaryConv2d<R> {
     /// The forward weights `W_b = α_o · sign(W)` (`O x C x k x k`).
     pub fn binary_weights(&self) -> Tensor<R> {
         let mut wb = vec![R::zero(); self.weight.value.len()];
-        binarize(&as_slice(&self.weight.value), self.core.spec.fan_in(), &mut wb);
+        binarize(
+            &as_slice(&self.weight.value),
+            self.core.spec.fan_in(),
+            &mut wb,
+        );
         from_vec(self.weight.value.shape(), wb)
     }
 
@@ -415,8 +422,8 @@ mod tests {
     use crate::gradcheck::{GradCheckOpts, check_step};
     use crate::layers::GradMode;
     use crate::layers::conv::naive_conv;
-    use crate::tensor::zeros;
     use crate::rng::Rng;
+    use crate::tensor::zeros;
     use proptest::prelude::*;
 
     fn rand_tensor(rng: &mut Rng, shape: &[usize]) -> Tensor<f64> {
@@ -430,11 +437,7 @@ mod tests {
     fn spread_weights(w: &mut Tensor<f64>, rng: &mut Rng) {
         w.mapv_inplace(|_| {
             let u = rng.uniform();
-            if u < 0.05 {
-                0.0
-            } else {
-                1.6 * rng.normal()
-            }
+            if u < 0.05 { 0.0 } else { 1.6 * rng.normal() }
         });
     }
 
@@ -602,14 +605,21 @@ mod tests {
         assert_eq!(sa.positive, vec![true, false]);
         assert_eq!(sa.alpha, vec![0.0, 0.5]);
         assert_eq!(sa.weights(), vec![0.0, -0.5]);
-        let mut l2 = BinaryConv2d::<f64>::new("b", ConvSpec::new(3, 4, 3), BinaryInit::Kaiming, &mut rng);
+        let mut l2 =
+            BinaryConv2d::<f64>::new("b", ConvSpec::new(3, 4, 3), BinaryInit::Kaiming, &mut rng);
         spread_weights(&mut l2.weight.value, &mut rng);
         let sa = l2.sign_alpha();
         assert_eq!(sa.shape, vec![4, 3, 3, 3]);
         assert_eq!(sa.alpha.len(), 4);
-        assert_eq!(sa.weights(), l2.binary_weights().into_raw_vec_and_offset().0);
+        assert_eq!(
+            sa.weights(),
+            l2.binary_weights().into_raw_vec_and_offset().0
+        );
         let bl = BinaryLinear::<f64>::new("bl", 5, 3, BinaryInit::Kaiming, &mut rng);
-        assert_eq!(bl.sign_alpha().weights(), bl.binary_weights().into_raw_vec_and_offset().0);
+        assert_eq!(
+            bl.sign_alpha().weights(),
+            bl.binary_weights().into_raw_vec_and_offset().0
+        );
     }
 
     #[test]
@@ -629,19 +639,39 @@ mod tests {
     #[test]
     fn bad_shapes_name_the_layer() {
         let mut rng = Rng::new(3);
-        let mut l = BinaryConv2d::<f32>::new("bconv2", ConvSpec::new(4, 8, 3), BinaryInit::Kaiming, &mut rng);
+        let mut l = BinaryConv2d::<f32>::new(
+            "bconv2",
+            ConvSpec::new(4, 8, 3),
+            BinaryInit::Kaiming,
+            &mut rng,
+        );
         for shape in [vec![2, 3, 8, 8], vec![2, 4, 8, 2], vec![4, 8, 8]] {
             let e = l
-                .forward(&zeros(&shape), &StepCtx::eval(0, 1), &mut State::Empty, None)
+                .forward(
+                    &zeros(&shape),
+                    &StepCtx::eval(0, 1),
+                    &mut State::Empty,
+                    None,
+                )
                 .unwrap_err();
             assert!(matches!(e, Error::Shape { .. }), "{e}");
-            assert!(e.to_string().contains("bconv2") && e.to_string().contains(&format!("{shape:?}")));
+            assert!(
+                e.to_string().contains("bconv2") && e.to_string().contains(&format!("{shape:?}"))
+            );
         }
         let mut bl = BinaryLinear::<f32>::new("bfc", 6, 2, BinaryInit::Kaiming, &mut rng);
         let e = bl
-            .forward(&zeros(&[3, 5]), &StepCtx::eval(0, 1), &mut State::Empty, None)
+            .forward(
+                &zeros(&[3, 5]),
+                &StepCtx::eval(0, 1),
+                &mut State::Empty,
+                None,
+            )
             .unwrap_err();
-        assert!(matches!(e, Error::Shape { .. }) && e.to_string().contains("bfc"), "{e}");
+        assert!(
+            matches!(e, Error::Shape { .. }) && e.to_string().contains("bfc"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -654,8 +684,12 @@ mod tests {
         l64.weight.value = l32.weight.value.mapv(|v| v as f64);
         let x32 = rand_tensor(&mut rng, &[2, 16, 7, 7]).mapv(|v| v as f32);
         let x64 = x32.mapv(|v| v as f64);
-        let y64 = l64.forward(&x64, &StepCtx::eval(0, 1), &mut State::Empty, None).unwrap();
-        let y32 = l32.forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None).unwrap();
+        let y64 = l64
+            .forward(&x64, &StepCtx::eval(0, 1), &mut State::Empty, None)
+            .unwrap();
+        let y32 = l32
+            .forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None)
+            .unwrap();
         let scale = y64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         for (a, b) in y64.iter().zip(y32.iter()) {
             assert!((a - *b as f64).abs() <= 1e-5 * scale, "{a} vs {b}");
@@ -665,8 +699,17 @@ mod tests {
         b32.weight.value = b64.weight.value.mapv(|v| v as f32);
         b64.weight.value = b32.weight.value.mapv(|v| v as f64);
         let x32 = rand_tensor(&mut rng, &[3, 33]).mapv(|v| v as f32);
-        let y64 = b64.forward(&x32.mapv(|v| v as f64), &StepCtx::eval(0, 1), &mut State::Empty, None).unwrap();
-        let y32 = b32.forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None).unwrap();
+        let y64 = b64
+            .forward(
+                &x32.mapv(|v| v as f64),
+                &StepCtx::eval(0, 1),
+                &mut State::Empty,
+                None,
+            )
+            .unwrap();
+        let y32 = b32
+            .forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None)
+            .unwrap();
         let scale = y64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         for (a, b) in y64.iter().zip(y32.iter()) {
             assert!((a - *b as f64).abs() <= 1e-5 * scale, "{a} vs {b}");
@@ -677,11 +720,18 @@ mod tests {
     fn gradients_accumulate_across_steps() {
         // backward adds: two identical steps give twice the gradient of one
         let mut rng = Rng::new(8);
-        let mut l = BinaryConv2d::<f64>::new("b", ConvSpec::new(2, 3, 3).padding(1), BinaryInit::Kaiming, &mut rng);
+        let mut l = BinaryConv2d::<f64>::new(
+            "b",
+            ConvSpec::new(2, 3, 3).padding(1),
+            BinaryInit::Kaiming,
+            &mut rng,
+        );
         let x = rand_tensor(&mut rng, &[2, 2, 5, 5]);
         let ctx = StepCtx::train(0, 2, GradMode::Online);
         let mut cache = Cache::new();
-        let y = l.forward(&x, &ctx, &mut State::Empty, Some(&mut cache)).unwrap();
+        let y = l
+            .forward(&x, &ctx, &mut State::Empty, Some(&mut cache))
+            .unwrap();
         let r = rand_tensor(&mut rng, y.shape());
         l.backward(&r, &ctx, &cache, &mut State::Empty).unwrap();
         let once = l.weight.grad.clone();

@@ -136,9 +136,9 @@ impl WeightInit {
                 let std = (2.0 / fan_in.max(1) as f64).sqrt();
                 (0..len).map(|_| R::of(std * rng.normal())).collect()
             }
-            WeightInit::Uniform { lo, hi } => (0..len)
-                .map(|_| R::of(rng.uniform_range(lo, hi)))
-                .collect(),
+            WeightInit::Uniform { lo, hi } => {
+                (0..len).map(|_| R::of(rng.uniform_range(lo, hi))).collect()
+            }
         }
     }
 }
@@ -444,14 +444,24 @@ fn backward_chunk<R: Real>(
         grow(col, k * ld);
         let colb = &mut col[..k * ld];
         for i in 0..nb {
-            im2col_ld(g, &x[(s + i) * xs..(s + i + 1) * xs], &mut colb[i * p..], ld);
+            im2col_ld(
+                g,
+                &x[(s + i) * xs..(s + i + 1) * xs],
+                &mut colb[i * p..],
+                ld,
+            );
         }
         // dW += G · colᵀ   (O x ld) · (ld x K)
         gemm(o, ld, k, R::one(), gblk, false, colb, true, R::one(), dw);
         // dcol = Wᵀ · G   (K x O) · (O x ld), written over the im2col block
         gemm(k, o, ld, R::one(), w, true, gblk, false, R::zero(), colb);
         for i in 0..nb {
-            col2im_add_ld(g, &colb[i * p..], ld, &mut dx[(s + i) * xs..(s + i + 1) * xs]);
+            col2im_add_ld(
+                g,
+                &colb[i * p..],
+                ld,
+                &mut dx[(s + i) * xs..(s + i + 1) * xs],
+            );
         }
         s += nb;
     }
@@ -654,7 +664,12 @@ impl<R: Real> Layer<R> for Conv2d<R> {
         let x = cache.get::<InputCache<R>>(&self.name)?.input(&self.name)?;
         let out = self.output_shape(x.shape())?;
         let expect: Vec<Option<usize>> = out.iter().map(|&d| Some(d)).collect();
-        check_shape(&self.name, dy.shape(), &expect, &format!("output gradient {out:?}"))?;
+        check_shape(
+            &self.name,
+            dy.shape(),
+            &expect,
+            &format!("output gradient {out:?}"),
+        )?;
         let dys = as_slice(dy);
         let dx = self.core.backward(
             x.as_slice().expect("standard layout"),
@@ -719,12 +734,15 @@ mod tests {
     use super::*;
     use crate::gradcheck::{GradCheckOpts, check_step};
     use crate::layers::GradMode;
-    use crate::tensor::{im2col, zeros};
     use crate::rng::Rng;
+    use crate::tensor::{im2col, zeros};
     use proptest::prelude::*;
 
     fn rand_input(rng: &mut Rng, shape: &[usize]) -> Tensor<f64> {
-        from_vec(shape, (0..shape.iter().product()).map(|_| rng.normal()).collect())
+        from_vec(
+            shape,
+            (0..shape.iter().product()).map(|_| rng.normal()).collect(),
+        )
     }
 
     /// Random conv geometries: batch 1..3, odd and even sizes, kernel 1 or 3, stride 1 or 2,
@@ -857,7 +875,9 @@ mod tests {
             let x = rand_input(&mut rng, &[7, 3, 6, 5]);
             let mut cache = Cache::new();
             let ctx = StepCtx::train(0, 1, GradMode::Online);
-            let y = l.forward(&x, &ctx, &mut State::Empty, Some(&mut cache)).unwrap();
+            let y = l
+                .forward(&x, &ctx, &mut State::Empty, Some(&mut cache))
+                .unwrap();
             let dy = y.mapv(|v| v.sin());
             let dx = l.backward(&dy, &ctx, &cache, &mut State::Empty).unwrap();
             (
@@ -953,7 +973,12 @@ mod tests {
     fn bad_shapes_name_the_layer() {
         let mut rng = Rng::new(3);
         let mut l = Conv2d::<f32>::new("stem", ConvSpec::new(3, 4, 3), true, &mut rng);
-        for shape in [vec![2, 2, 8, 8], vec![2, 3, 2, 8], vec![3, 8, 8], vec![0, 3, 8, 8]] {
+        for shape in [
+            vec![2, 2, 8, 8],
+            vec![2, 3, 2, 8],
+            vec![3, 8, 8],
+            vec![0, 3, 8, 8],
+        ] {
             let x = zeros::<f32>(&shape);
             let e = l
                 .forward(&x, &StepCtx::eval(0, 1), &mut State::Empty, None)
@@ -990,7 +1015,12 @@ mod tests {
         l32.weight.value = l64.weight.value.mapv(|v| v as f32);
         l64.weight.value = l32.weight.value.mapv(|v| v as f64);
         let y64 = l64
-            .forward(&x64.mapv(|v| v as f32 as f64), &StepCtx::eval(0, 1), &mut State::Empty, None)
+            .forward(
+                &x64.mapv(|v| v as f32 as f64),
+                &StepCtx::eval(0, 1),
+                &mut State::Empty,
+                None,
+            )
             .unwrap();
         let y32 = l32
             .forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None)
