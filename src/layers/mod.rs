@@ -18,7 +18,11 @@ use crate::tensor::{Real, Tensor, zeros};
 use ndarray::IxDyn;
 use std::any::Any;
 
+pub mod binary;
+pub mod conv;
 pub mod linear;
+pub use binary::{BinaryConv2d, BinaryInit, BinaryLinear};
+pub use conv::{Conv2d, ConvSpec};
 pub use linear::Linear;
 
 /// How gradients flow through time.
