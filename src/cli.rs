@@ -1,0 +1,321 @@
+//! The `empf` command line: `train`, `eval`, `info`.
+
+use crate::error::{Error, Result};
+use crate::metrics::MetricsLog;
+use crate::model::{ModelConfig, NeuronKind};
+use crate::train::optim::{OptimConfig, OptimKind};
+use crate::train::step::BpMode;
+use crate::train::trainer::{TrainConfig, Trainer};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+/// empf: train and deploy EM-PF spiking neural networks on CPUs.
+#[derive(Parser, Debug)]
+#[command(name = "empf", version, about, long_about = None)]
+pub struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// The command.
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a network (with no arguments: the quick start on the bundled MNIST subset).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on a dataset.
+    Eval(EvalArgs),
+    /// Show a model's layers, shapes and parameter counts.
+    Info(InfoArgs),
+}
+
+/// `empf train`.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Directory with MNIST-format IDX files (default: the bundled subset).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Architecture: `small` (quick start) or `mnist-cnn` (benchmark network).
+    #[arg(long, default_value = "small")]
+    pub arch: String,
+    /// Neuron: v1, v2, v3 (EM-PF versions) or lif.
+    #[arg(long, default_value = "v1")]
+    pub neuron: String,
+    /// Time-steps T.
+    #[arg(long, short = 'T')]
+    pub steps: Option<usize>,
+    /// Channel widths, comma separated (e.g. 32,64,128).
+    #[arg(long, value_delimiter = ',')]
+    pub widths: Option<Vec<usize>>,
+    /// Epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate (default 0.1 for sgd, 0.001 for adam).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Optimiser: sgd or adam.
+    #[arg(long, default_value = "sgd")]
+    pub optim: String,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Plain momentum instead of Nesterov.
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Weight decay (not applied to BatchNorm, biases and neuron parameters unless --decay-all).
+    #[arg(long, default_value_t = 5e-4)]
+    pub wd: f64,
+    /// Apply weight decay to every parameter.
+    #[arg(long)]
+    pub decay_all: bool,
+    /// Linear warm-up, in epochs.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Constant learning rate instead of cosine annealing.
+    #[arg(long)]
+    pub no_cosine: bool,
+    /// Gradient mode: online, random (one random step per batch), random-K, or bptt.
+    #[arg(long, default_value = "online")]
+    pub bp: String,
+    /// Update weights after every back-propagated step (the authors' code) instead of once per batch.
+    #[arg(long)]
+    pub per_step_update: bool,
+    /// Master seed (initialisation, data order, random BP steps).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (default runs/<arch>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Resume from a checkpoint (default: <out>/last.npz).
+    #[arg(long, num_args = 0..=1, default_missing_value = "")]
+    pub resume: Option<PathBuf>,
+    /// Also checkpoint every N batches.
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Log a step record every N batches.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    /// Use only the first N test samples.
+    #[arg(long)]
+    pub limit_test: Option<usize>,
+    /// Stop after N batches (simulates an interrupted run; used by the resume test).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub stop_after_batches: u64,
+    /// No progress line.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `empf eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Checkpoint (.npz) written by `empf train`.
+    pub checkpoint: PathBuf,
+    /// Directory with MNIST-format IDX files (default: the bundled subset).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Split: test or train.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Batch size.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+}
+
+/// `empf info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// A checkpoint (.npz) or an architecture name (small, mnist-cnn).
+    #[arg(default_value = "mnist-cnn")]
+    pub model: String,
+}
+
+/// Run the command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            return Err(Error::Config("--threads must be at least 1".into()));
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| Error::Config(format!("thread pool: {e}")))?;
+    }
+    match cli.cmd {
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+/// The model configuration `train` builds from its arguments.
+pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
+    let mut m = match a.arch.as_str() {
+        "mnist-cnn" => ModelConfig::mnist_cnn(),
+        "small" => crate::model::zoo::small_config(),
+        other => return Err(Error::Config(format!("unknown architecture `{other}` (expected small or mnist-cnn)"))),
+    };
+    m.neuron = NeuronKind::parse(&a.neuron)?;
+    if let Some(t) = a.steps {
+        m.steps = t;
+    }
+    if let Some(w) = &a.widths {
+        if w.len() != m.widths.len() {
+            return Err(Error::Config(format!("--widths: `{}` takes {} widths, got {}", m.arch, m.widths.len(), w.len())));
+        }
+        m.widths = w.clone();
+    }
+    m.validate()?;
+    Ok(m)
+}
+
+/// The run configuration `train` builds from its arguments.
+pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
+    let kind = match a.optim.as_str() {
+        "sgd" => OptimKind::Sgd { momentum: a.momentum, nesterov: !a.no_nesterov },
+        "adam" => OptimKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+        o => return Err(Error::Config(format!("unknown optimiser `{o}` (expected sgd or adam)"))),
+    };
+    let bp = BpMode::parse(&a.bp).ok_or_else(|| Error::Config(format!("unknown --bp `{}` (expected online, random, random-K or bptt)", a.bp)))?;
+    if a.batch < 2 {
+        return Err(Error::Config("--batch must be at least 2 (BatchNorm needs batch statistics)".into()));
+    }
+    let default_epochs = if a.arch == "small" { 2 } else { 1 };
+    Ok(TrainConfig {
+        epochs: a.epochs.unwrap_or(default_epochs),
+        batch: a.batch,
+        eval_batch: 256,
+        lr: a.lr.unwrap_or(if matches!(kind, OptimKind::Adam { .. }) { 1e-3 } else { 0.1 }),
+        warmup_epochs: a.warmup,
+        cosine: !a.no_cosine,
+        optim: OptimConfig { kind, weight_decay: a.wd, decay_all: a.decay_all },
+        bp,
+        per_step_update: a.per_step_update,
+        seed: a.seed,
+        out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&model.arch)),
+        checkpoint_every: a.checkpoint_every,
+        log_every: a.log_every,
+        quiet: a.quiet,
+        stop_after_batches: a.stop_after_batches,
+    })
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let model = model_config(&a)?;
+    let cfg = train_config(&a, &model)?;
+    let data_dir = a.data.clone().unwrap_or_else(crate::data::bundled_mnist_dir);
+    let (mut train_set, mut test_set) = crate::data::load_mnist_split(&data_dir)?;
+    if let Some(n) = a.limit_train {
+        train_set = train_set.subset(0..n.min(train_set.len()));
+    }
+    if let Some(n) = a.limit_test {
+        test_set = test_set.subset(0..n.min(test_set.len()));
+    }
+    let mut model = model;
+    model.input = train_set.image_shape();
+    model.classes = train_set.classes().max(model.classes);
+    let out = cfg.out.clone();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let resume_path = a.resume.as_ref().map(|p| if p.as_os_str().is_empty() { out.join("last.npz") } else { p.clone() });
+    let mut rng = crate::rng::Rng::derive(cfg.seed, 0x1417);
+    let net = crate::model::zoo::build::<f32>(&model, &mut rng)?;
+    let mut trainer = Trainer::new(cfg, model, net);
+    let mut log = MetricsLog::open(&out, resume_path.is_some())?;
+    if let Some(p) = &resume_path {
+        crate::io::checkpoint::load_training(p, &mut trainer)?;
+        log.truncate(trainer.pos.epoch, trainer.pos.global_step)?;
+        eprintln!("resumed from {} at epoch {} batch {} (step {})", p.display(), trainer.pos.epoch + 1, trainer.pos.batch, trainer.pos.global_step);
+    }
+    eprintln!(
+        "training {} ({} neurons, T = {}) on {} ({} train / {} test images) with {} threads; bp {}; output {}",
+        trainer.model_cfg.arch,
+        trainer.model_cfg.neuron,
+        trainer.model_cfg.steps,
+        data_dir.display(),
+        train_set.len(),
+        test_set.len(),
+        rayon::current_num_threads(),
+        trainer.cfg.bp.name(),
+        out.display()
+    );
+    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy_hard(o, y);
+    let mut save = |t: &mut Trainer, name: &str| -> Result<()> {
+        let p = t.cfg.out.join(format!("{name}.npz"));
+        crate::io::checkpoint::save_training(&p, t)
+    };
+    let ev = trainer.fit(&train_set, Some(&test_set), &loss, &mut log, &mut save)?;
+    if trainer.pos.epoch >= trainer.cfg.epochs {
+        let model_path = out.join("model.npz");
+        crate::io::checkpoint::save_model(&model_path, &mut trainer)?;
+        if let Some(ev) = ev {
+            println!("test accuracy {:.2}% ({} images, T = {}); per t: {}", ev.acc, ev.n, trainer.model_cfg.steps, fmt_list(&ev.acc_per_t));
+        }
+        println!("model: {}  metrics: {}  plot: {}", model_path.display(), out.join("metrics.jsonl").display(), out.join("curves.svg").display());
+    } else {
+        println!("stopped at epoch {} batch {}; resume with --resume {}", trainer.pos.epoch + 1, trainer.pos.batch, out.join("last.npz").display());
+    }
+    Ok(())
+}
+
+fn fmt_list(v: &[f64]) -> String {
+    v.iter().map(|a| format!("{a:.2}")).collect::<Vec<_>>().join(" ")
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let (model, mut net) = crate::io::checkpoint::load_model(&a.checkpoint)?;
+    let dir = a.data.clone().unwrap_or_else(crate::data::bundled_mnist_dir);
+    let (train_set, test_set) = crate::data::load_mnist_split(&dir)?;
+    let data = match a.split.as_str() {
+        "test" => test_set,
+        "train" => train_set,
+        s => return Err(Error::Config(format!("unknown split `{s}` (expected test or train)"))),
+    };
+    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy_hard(o, y);
+    let ev = crate::train::trainer::evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
+    println!(
+        "{}: {} split of {}: accuracy {:.2}% loss {:.4} ({} images, T = {}, {:.1}s); accuracy per t: {}",
+        a.checkpoint.display(),
+        a.split,
+        dir.display(),
+        ev.acc,
+        ev.loss,
+        ev.n,
+        model.steps,
+        ev.secs,
+        fmt_list(&ev.acc_per_t)
+    );
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let model = if Path::new(&a.model).exists() {
+        crate::io::checkpoint::load_model(Path::new(&a.model))?.0
+    } else {
+        let args = TrainArgs::parse_default(&a.model);
+        model_config(&args)?
+    };
+    let mut rng = crate::rng::Rng::new(0);
+    let mut net = crate::model::zoo::build::<f32>(&model, &mut rng)?;
+    println!("{}", crate::model::zoo::info_table(&model, &mut net)?);
+    Ok(())
+}
+
+impl TrainArgs {
+    /// Default arguments for an architecture.
+    pub fn parse_default(arch: &str) -> Self {
+        #[derive(Parser)]
+        struct W {
+            #[command(flatten)]
+            a: TrainArgs,
+        }
+        let mut a = W::parse_from(["empf"]).a;
+        a.arch = arch.to_string();
+        a
+    }
+}
