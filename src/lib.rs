@@ -7,8 +7,10 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod data;
 pub mod error;
 pub mod gradcheck;
+pub mod io;
 pub mod layers;
 pub mod metrics;
 pub mod model;
