@@ -210,25 +210,29 @@ fn train(a: TrainArgs) -> Result<()> {
     let model = model_config(&a)?;
     let cfg = train_config(&a, &model)?;
     let data_dir = a.data.clone().unwrap_or_else(crate::data::bundled_mnist_dir);
-    let (mut train_set, mut test_set) = crate::data::load_mnist_split(&data_dir)?;
+    let crate::data::idx::Mnist { train: mut train_set, test: mut test_set } = crate::data::idx::load_mnist(&data_dir)?;
     if let Some(n) = a.limit_train {
-        train_set = train_set.subset(0..n.min(train_set.len()));
+        train_set = train_set.subset(&(0..n.min(train_set.len())).collect::<Vec<_>>())?;
     }
     if let Some(n) = a.limit_test {
-        test_set = test_set.subset(0..n.min(test_set.len()));
+        test_set = test_set.subset(&(0..n.min(test_set.len())).collect::<Vec<_>>())?;
     }
-    let mut model = model;
-    model.input = train_set.image_shape();
-    model.classes = train_set.classes().max(model.classes);
     let out = cfg.out.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let resume_path = a.resume.as_ref().map(|p| if p.as_os_str().is_empty() { out.join("last.npz") } else { p.clone() });
+    let mut model = model;
+    model.input = train_set.shape();
+    model.classes = train_set.classes().max(model.classes);
+    if let Some(p) = &resume_path {
+        // the network is rebuilt exactly as the checkpoint describes it
+        model = crate::train::checkpoint::peek_model_config(p)?;
+    }
     let mut rng = crate::rng::Rng::derive(cfg.seed, 0x1417);
     let net = crate::model::zoo::build::<f32>(&model, &mut rng)?;
     let mut trainer = Trainer::new(cfg, model, net);
     let mut log = MetricsLog::open(&out, resume_path.is_some())?;
     if let Some(p) = &resume_path {
-        crate::io::checkpoint::load_training(p, &mut trainer)?;
+        crate::train::checkpoint::load_training(p, &mut trainer)?;
         log.truncate(trainer.pos.epoch, trainer.pos.global_step)?;
         eprintln!("resumed from {} at epoch {} batch {} (step {})", p.display(), trainer.pos.epoch + 1, trainer.pos.batch, trainer.pos.global_step);
     }
@@ -247,12 +251,12 @@ fn train(a: TrainArgs) -> Result<()> {
     let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy_hard(o, y);
     let mut save = |t: &mut Trainer, name: &str| -> Result<()> {
         let p = t.cfg.out.join(format!("{name}.npz"));
-        crate::io::checkpoint::save_training(&p, t)
+        crate::train::checkpoint::save_training(&p, t)
     };
     let ev = trainer.fit(&train_set, Some(&test_set), &loss, &mut log, &mut save)?;
     if trainer.pos.epoch >= trainer.cfg.epochs {
         let model_path = out.join("model.npz");
-        crate::io::checkpoint::save_model(&model_path, &mut trainer)?;
+        crate::train::checkpoint::save_model(&model_path, &mut trainer)?;
         if let Some(ev) = ev {
             println!("test accuracy {:.2}% ({} images, T = {}); per t: {}", ev.acc, ev.n, trainer.model_cfg.steps, fmt_list(&ev.acc_per_t));
         }
@@ -268,9 +272,9 @@ fn fmt_list(v: &[f64]) -> String {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let (model, mut net) = crate::io::checkpoint::load_model(&a.checkpoint)?;
+    let (model, mut net) = crate::train::checkpoint::load_model(&a.checkpoint)?;
     let dir = a.data.clone().unwrap_or_else(crate::data::bundled_mnist_dir);
-    let (train_set, test_set) = crate::data::load_mnist_split(&dir)?;
+    let crate::data::idx::Mnist { train: train_set, test: test_set } = crate::data::idx::load_mnist(&dir)?;
     let data = match a.split.as_str() {
         "test" => test_set,
         "train" => train_set,
@@ -295,7 +299,7 @@ fn eval(a: EvalArgs) -> Result<()> {
 
 fn info(a: InfoArgs) -> Result<()> {
     let model = if Path::new(&a.model).exists() {
-        crate::io::checkpoint::load_model(Path::new(&a.model))?.0
+        crate::train::checkpoint::peek_model_config(Path::new(&a.model))?
     } else {
         let args = TrainArgs::parse_default(&a.model);
         model_config(&args)?

@@ -152,7 +152,7 @@ impl<R: Real> BinaryConv2d<R> {
             name: name.to_string(),
             weight: Param::new(
                 format!("{name}.weight"),
-                ParamKind::Weight,
+                ParamKind::BinaryWeight,
                 from_vec(&shape, w),
             ),
             core: ConvCore::new(spec),
@@ -303,7 +303,7 @@ impl<R: Real> BinaryLinear<R> {
             out_features,
             weight: Param::new(
                 format!("{name}.weight"),
-                ParamKind::Weight,
+                ParamKind::BinaryWeight,
                 from_vec(&[out_features, in_features], w),
             ),
             wb: Vec::new(),

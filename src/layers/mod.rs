@@ -73,6 +73,8 @@ impl StepCtx {
 pub enum ParamKind {
     /// Synaptic / linear / conv weights (weight decay applies by default).
     Weight,
+    /// Latent weights of a binary synaptic layer (deployed as 1 bit + α per channel; weight decay applies).
+    BinaryWeight,
     /// Biases (no weight decay by default).
     Bias,
     /// BatchNorm affine γ, β (no weight decay by default).

@@ -4,6 +4,7 @@
 //! trainer sees a network as one layer and the time loop stays in `train/` and `infer/`.
 
 pub mod config;
+pub mod zoo;
 pub use config::{ModelConfig, NeuronKind};
 
 use crate::error::Result;

@@ -1,5 +1,6 @@
 //! Training: the time loop (online, random back-propagation, BPTT), optimisers, schedules.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod step;
 pub mod trainer;

@@ -30,6 +30,15 @@ pub trait BatchSource: Sync {
     fn batch(&self, idx: &[usize]) -> Result<(Tensor<f32>, Vec<usize>)>;
 }
 
+impl BatchSource for crate::data::Dataset {
+    fn len(&self) -> usize {
+        crate::data::Dataset::len(self)
+    }
+    fn batch(&self, idx: &[usize]) -> Result<(Tensor<f32>, Vec<usize>)> {
+        crate::data::Dataset::batch(self, idx)
+    }
+}
+
 /// Everything about a training run except the model architecture.
 #[derive(Clone, Debug)]
 pub struct TrainConfig {
