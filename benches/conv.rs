@@ -1,0 +1,120 @@
+//! Forward + backward of the target net's convolutions at batch 64 in f32, in GFLOP/s, so the
+//! trainer's time budget (~400 images/s at T = 4 on 2 threads, i.e. 1600 sample-steps/s for the
+//! whole net) can be split by layer:
+//!
+//! * stem  Conv2d 3x3 1 -> 32, 28x28, padding 1
+//! * bconv1 BinaryConv2d 3x3 32 -> 64, 28x28, padding 1
+//! * bconv2 BinaryConv2d 3x3 64 -> 128, 14x14, padding 1
+//!
+//! One "step" = one forward (with cache) + one backward over the batch; FLOPs counted as
+//! `2·N·O·K·P` for forward and twice that for backward (dW and dX GEMMs). Also prints the im2col
+//! block budget's effect (1 sample per GEMM vs the default side-by-side batching).
+//!
+//! Run: `cargo bench --bench conv` (about 15 s); `EMPF_BENCH_SECS` sets the time per case (1.0).
+
+use empf::layers::{
+    BinaryConv2d, BinaryInit, Cache, Conv2d, ConvSpec, GradMode, Layer, State, StepCtx,
+};
+use empf::rng::Rng;
+use empf::tensor::{Tensor, from_vec, workers};
+use std::time::Instant;
+
+fn input(rng: &mut Rng, shape: &[usize]) -> Tensor<f32> {
+    // spike-like: about half the entries are zero, the rest positive floats
+    from_vec(
+        shape,
+        (0..shape.iter().product())
+            .map(|_| (rng.normal() as f32).max(0.0))
+            .collect(),
+    )
+}
+
+fn bench(name: &str, layer: &mut dyn Layer<f32>, x: &Tensor<f32>, secs: f64) -> f64 {
+    let ctx = StepCtx::train(0, 4, GradMode::Online);
+    let mut cache = Cache::new();
+    let y = layer
+        .forward(x, &ctx, &mut State::Empty, Some(&mut cache))
+        .expect("forward");
+    let dy = y.mapv(|v| (v * 0.1).sin());
+    // check before timing: the output and the input gradient are finite and not all zero
+    let dx = layer
+        .backward(&dy, &ctx, &cache, &mut State::Empty)
+        .expect("backward");
+    assert!(y.iter().all(|v| v.is_finite()) && y.iter().any(|&v| v != 0.0));
+    assert!(dx.iter().all(|v| v.is_finite()));
+    let (n, o, oh, ow) = (y.shape()[0], y.shape()[1], y.shape()[2], y.shape()[3]);
+    let k = x.shape()[1] * 9;
+    let fwd_flops = 2.0 * (n * o * k * oh * ow) as f64;
+    let (mut tf, mut tb) = (f64::INFINITY, f64::INFINITY);
+    let start = Instant::now();
+    let mut reps = 0;
+    while reps < 3 || start.elapsed().as_secs_f64() < secs {
+        let t0 = Instant::now();
+        let y = layer
+            .forward(x, &ctx, &mut State::Empty, Some(&mut cache))
+            .expect("forward");
+        let t1 = Instant::now();
+        let dx = layer
+            .backward(&dy, &ctx, &cache, &mut State::Empty)
+            .expect("backward");
+        let t2 = Instant::now();
+        std::hint::black_box((y, dx));
+        tf = tf.min((t1 - t0).as_secs_f64());
+        tb = tb.min((t2 - t1).as_secs_f64());
+        reps += 1;
+    }
+    println!(
+        "{name:<34} fwd {:>7.2} ms {:>5.1} GFLOP/s | bwd {:>7.2} ms {:>5.1} GFLOP/s | fwd+bwd {:>7.2} ms = {:>6.0} samples/s",
+        tf * 1e3,
+        fwd_flops / tf / 1e9,
+        tb * 1e3,
+        2.0 * fwd_flops / tb / 1e9,
+        (tf + tb) * 1e3,
+        n as f64 / (tf + tb)
+    );
+    tf + tb
+}
+
+fn main() {
+    let secs: f64 = std::env::var("EMPF_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let n = 64;
+    let mut rng = Rng::new(1);
+    println!("batch {n}, f32, {} worker chunk(s)", workers());
+    let x0 = input(&mut rng, &[n, 1, 28, 28]);
+    let x1 = input(&mut rng, &[n, 32, 28, 28]);
+    let x2 = input(&mut rng, &[n, 64, 14, 14]);
+    let mut stem = Conv2d::<f32>::new("stem", ConvSpec::new(1, 32, 3).padding(1), false, &mut rng);
+    let mut b1 = BinaryConv2d::<f32>::new(
+        "bconv1",
+        ConvSpec::new(32, 64, 3).padding(1),
+        BinaryInit::Kaiming,
+        &mut rng,
+    );
+    let mut b2 = BinaryConv2d::<f32>::new(
+        "bconv2",
+        ConvSpec::new(64, 128, 3).padding(1),
+        BinaryInit::Kaiming,
+        &mut rng,
+    );
+    // the stem's input is the image: no input gradient needed
+    stem.set_input_grad(false);
+    let mut total = 0.0;
+    total += bench("stem 1->32 28x28 (no dx)", &mut stem, &x0, secs);
+    total += bench("bconv1 32->64 28x28", &mut b1, &x1, secs);
+    total += bench("bconv2 64->128 14x14", &mut b2, &x2, secs);
+    println!(
+        "three convs: {:.2} ms per step of 64 samples -> at T=4, {:.0} images/s from the convs alone",
+        total * 1e3,
+        n as f64 / (4.0 * total)
+    );
+    // the im2col block budget: 1 = one sample per GEMM; larger = samples side by side
+    for budget in [1usize, 1 << 17, 1 << 18, 1 << 19, 1 << 20] {
+        b1.set_col_budget(budget);
+        b2.set_col_budget(budget);
+        bench(&format!("bconv1 budget {budget}"), &mut b1, &x1, secs);
+        bench(&format!("bconv2 budget {budget}"), &mut b2, &x2, secs);
+    }
+}
