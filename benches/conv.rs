@@ -110,6 +110,24 @@ fn main() {
         total * 1e3,
         n as f64 / (4.0 * total)
     );
+    // W_b = α·sign(W) is recomputed at every forward and backward: what that costs
+    let w = b2
+        .weight
+        .value
+        .as_slice()
+        .expect("standard layout")
+        .to_vec();
+    let mut wb = vec![0.0f32; w.len()];
+    let reps = 200;
+    let t = Instant::now();
+    for _ in 0..reps {
+        empf::layers::binary::binarize(std::hint::black_box(&w), 64 * 9, &mut wb);
+    }
+    let tb = t.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "binarize bconv2 weights (128 x 576): {:.1} us per call, x2 per step",
+        tb * 1e6
+    );
     // the im2col block budget: 1 = one sample per GEMM; larger = samples side by side
     for budget in [1usize, 1 << 17, 1 << 18, 1 << 19, 1 << 20] {
         b1.set_col_budget(budget);

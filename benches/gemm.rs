@@ -173,6 +173,14 @@ fn main() {
             tb: true,
         },
         Case {
+            what: "bconv1 dWT=col·dYT(NN) x1",
+            m: 288,
+            k: 784,
+            n: 64,
+            ta: false,
+            tb: false,
+        },
+        Case {
             what: "bconv1 dcol=WT·dY x4",
             m: 288,
             k: 64,
@@ -211,6 +219,14 @@ fn main() {
             n: 128,
             ta: false,
             tb: true,
+        },
+        Case {
+            what: "bconv2 dWT=col·dYT(NN) x2",
+            m: 576,
+            k: 392,
+            n: 128,
+            ta: false,
+            tb: false,
         },
         Case {
             what: "bconv2 dcol=WT·dY x9",
