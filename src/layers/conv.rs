@@ -834,6 +834,24 @@ mod tests {
     }
 
     #[test]
+    fn conv2d_unrolled_gradients_match_in_bptt_and_online_with_one_cache_per_step() {
+        // T forwards before T backwards: each step's cache must keep its own input while the
+        // layer's scratch buffers are reused by every call.
+        let mut rng = Rng::new(21);
+        let spec = ConvSpec::new(2, 3, 3).padding(1).stride(2);
+        let mut l = Conv2d::<f64>::new("c", spec, true, &mut rng);
+        let xs: Vec<Tensor<f64>> = (0..3)
+            .map(|_| rand_input(&mut rng, &[2, 2, 5, 4]))
+            .collect();
+        for mode in [GradMode::Bptt, GradMode::Online] {
+            let opts = GradCheckOpts::default();
+            let rep = crate::gradcheck::check_unrolled(&mut l, &xs, true, mode, &opts).unwrap();
+            assert!(rep.checked > 0);
+            rep.assert_ok(&opts, "Conv2d unrolled");
+        }
+    }
+
+    #[test]
     fn strided_im2col_lays_samples_side_by_side() {
         let mut rng = Rng::new(9);
         for &(c, h, w, k, s, p) in &[(2, 5, 7, 3, 1, 1), (3, 6, 5, 3, 2, 0), (1, 4, 4, 1, 2, 0)] {
