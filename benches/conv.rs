@@ -110,6 +110,7 @@ fn main() {
         total * 1e3,
         n as f64 / (4.0 * total)
     );
+    sparse_experiment(&mut b1, secs);
     // W_b = α·sign(W) is recomputed at every forward and backward: what that costs
     let w = b2
         .weight
@@ -134,5 +135,112 @@ fn main() {
         b2.set_col_budget(budget);
         bench(&format!("bconv1 budget {budget}"), &mut b1, &x1, secs);
         bench(&format!("bconv2 budget {budget}"), &mut b2, &x2, secs);
+    }
+}
+
+/// Experiment (not library code): a spike-sparse forward that skips zero inputs, scattering
+/// `x[c,i,j] · W_b[:, c, u, v]` into a channels-last accumulator (an axpy of length O per nonzero
+/// input and tap), in plain safe Rust (SSE2 auto-vectorised, no FMA). Prints its time against the
+/// dense im2col + GEMM forward at several input densities, to locate the break-even density a
+/// SIMD sparse kernel (in `empf-simd`) would have to beat. 3x3, stride 1, padding 1 only.
+fn sparse_experiment(layer: &mut BinaryConv2d<f32>, secs: f64) {
+    use rayon::prelude::*;
+    let spec = layer.spec();
+    let (n, c, h, w, o, k) = (64, spec.in_ch, 28, 28, spec.out_ch, spec.kernel);
+    let p = spec.padding;
+    let wb = layer.binary_weights();
+    let wbs = wb.as_slice().expect("standard layout");
+    // wt[(ci, u, v)][o]
+    let kk = c * k * k;
+    let mut wt = vec![0.0f32; kk * o];
+    for oc in 0..o {
+        for r in 0..kk {
+            wt[r * o + oc] = wbs[oc * kk + r];
+        }
+    }
+    let ctx = StepCtx::eval(0, 1);
+    let mut rng = Rng::new(7);
+    for density in [0.05, 0.1, 0.2, 0.5] {
+        let x = from_vec(
+            &[n, c, h, w],
+            (0..n * c * h * w)
+                .map(|_| {
+                    if rng.uniform() < density {
+                        rng.uniform() as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        );
+        let xs = x.as_slice().expect("standard layout");
+        let sparse = |y: &mut [f32]| {
+            y.par_chunks_mut(o * h * w).enumerate().for_each_init(
+                || vec![0.0f32; h * w * o],
+                |acc, (s, ys)| {
+                    acc.fill(0.0);
+                    let xsamp = &xs[s * c * h * w..(s + 1) * c * h * w];
+                    for ci in 0..c {
+                        for i in 0..h {
+                            for j in 0..w {
+                                let xv = xsamp[(ci * h + i) * w + j];
+                                if xv == 0.0 {
+                                    continue;
+                                }
+                                for u in 0..k {
+                                    let oi = (i + p) as isize - u as isize;
+                                    if oi < 0 || oi >= h as isize {
+                                        continue;
+                                    }
+                                    for v in 0..k {
+                                        let oj = (j + p) as isize - v as isize;
+                                        if oj < 0 || oj >= w as isize {
+                                            continue;
+                                        }
+                                        let q = oi as usize * w + oj as usize;
+                                        let a = &mut acc[q * o..(q + 1) * o];
+                                        let wr = &wt[((ci * k + u) * k + v) * o..][..o];
+                                        for (a, &wv) in a.iter_mut().zip(wr) {
+                                            *a += xv * wv;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // channels-last -> NCHW
+                    for q in 0..h * w {
+                        for oc in 0..o {
+                            ys[oc * h * w + q] = acc[q * o + oc];
+                        }
+                    }
+                },
+            )
+        };
+        let dense_y = layer
+            .forward(&x, &ctx, &mut State::Empty, None)
+            .expect("forward");
+        let mut y = vec![f32::NAN; dense_y.len()];
+        sparse(&mut y);
+        let scale = dense_y.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in y.iter().zip(dense_y.iter()) {
+            assert!((a - b).abs() <= 1e-4 * scale, "sparse experiment disagrees");
+        }
+        let (mut td, mut ts) = (f64::INFINITY, f64::INFINITY);
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < secs / 2.0 {
+            let t = Instant::now();
+            std::hint::black_box(layer.forward(&x, &ctx, &mut State::Empty, None).unwrap());
+            td = td.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            sparse(&mut y);
+            ts = ts.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "sparse-input forward experiment, bconv1, density {density:.2}: dense {:.2} ms, sparse {:.2} ms ({:.2}x)",
+            td * 1e3,
+            ts * 1e3,
+            td / ts
+        );
     }
 }
