@@ -834,6 +834,32 @@ mod tests {
     }
 
     #[test]
+    fn conv2d_gradients_match_on_every_kernel_stride_padding_combination() {
+        // the proptest samples these at random; this grid makes sure each one is always seen
+        let mut rng = Rng::new(31);
+        for k in [1, 3] {
+            for s in [1, 2] {
+                for p in [0, 1] {
+                    let spec = ConvSpec::new(3, 2, k).stride(s).padding(p);
+                    let mut l = Conv2d::<f64>::new("grid", spec, true, &mut rng);
+                    if let Some(b) = &mut l.bias {
+                        b.value.mapv_inplace(|_| rng.normal());
+                    }
+                    let x = rand_input(&mut rng, &[3, 3, 7, 5]);
+                    let opts = GradCheckOpts {
+                        full_max: 128,
+                        ..Default::default()
+                    };
+                    let ctx = StepCtx::train(0, 1, GradMode::Online);
+                    let rep = check_step(&mut l, &x, &ctx, &State::Empty, &opts).unwrap();
+                    assert!(rep.checked > 0);
+                    rep.assert_ok(&opts, &format!("Conv2d k{k} s{s} p{p}"));
+                }
+            }
+        }
+    }
+
+    #[test]
     fn conv2d_unrolled_gradients_match_in_bptt_and_online_with_one_cache_per_step() {
         // T forwards before T backwards: each step's cache must keep its own input while the
         // layer's scratch buffers are reused by every call.
