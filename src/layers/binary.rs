@@ -257,6 +257,7 @@ impl<R: Real> Layer<R> for BinaryConv2d<R> {
             &dys,
             &mut self.dwb,
             None,
+            true,
         );
         ste_accumulate(
             self.weight.value.as_slice().expect("standard layout"),

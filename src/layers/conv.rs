@@ -41,9 +41,10 @@ use crate::rng::Rng;
 use crate::tensor::{ConvGeom, Real, Tensor, as_slice, chunks, from_vec, gemm, workers};
 use rayon::prelude::*;
 
-/// Largest im2col block (in elements) one worker lays out before calling the GEMM: 1 Mi elements
-/// (4 MiB in f32). Several samples share one GEMM while their columns fit.
-pub const COL_BUDGET: usize = 1 << 20;
+/// Largest im2col block (in elements) one worker lays out before calling the GEMM: 256 Ki elements
+/// (1 MiB in f32, about one core's L2). Several samples share one GEMM while their columns fit
+/// (`benches/conv.rs` sweeps this: 1 sample to 4 MiB blocks are within 5% of each other).
+pub const COL_BUDGET: usize = 1 << 18;
 
 /// Hyper-parameters of a square-kernel 2-D convolution (NCHW).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,7 +281,8 @@ impl<R: Real> ConvCore<R> {
         y
     }
 
-    /// Backward: `dw += dL/dW`, `db += dL/db` (when given); returns `dL/dx`.
+    /// Backward: `dw += dL/dW`, `db += dL/db` (when given); returns `dL/dx` (zeros, not
+    /// computed, when `want_dx` is false).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
@@ -290,6 +292,7 @@ impl<R: Real> ConvCore<R> {
         dy: &[R],
         dw: &mut [R],
         db: Option<&mut [R]>,
+        want_dx: bool,
     ) -> Vec<R> {
         let n = shape[0];
         let g = self.spec.geom(shape[2], shape[3]);
@@ -318,6 +321,7 @@ impl<R: Real> ConvCore<R> {
                 sc,
                 sb,
                 want_db,
+                want_dx,
             )
         });
         // reduce the per-chunk gradients in chunk order (deterministic)
@@ -410,6 +414,7 @@ fn backward_chunk<R: Real>(
     sc: &mut Scratch<R>,
     sb: usize,
     want_db: bool,
+    want_dx: bool,
 ) {
     let (k, p) = (g.col_rows(), g.col_cols());
     let xs = g.c * g.h * g.w;
@@ -453,15 +458,17 @@ fn backward_chunk<R: Real>(
         }
         // dW += G · colᵀ   (O x ld) · (ld x K)
         gemm(o, ld, k, R::one(), gblk, false, colb, true, R::one(), dw);
-        // dcol = Wᵀ · G   (K x O) · (O x ld), written over the im2col block
-        gemm(k, o, ld, R::one(), w, true, gblk, false, R::zero(), colb);
-        for i in 0..nb {
-            col2im_add_ld(
-                g,
-                &colb[i * p..],
-                ld,
-                &mut dx[(s + i) * xs..(s + i + 1) * xs],
-            );
+        if want_dx {
+            // dcol = Wᵀ · G   (K x O) · (O x ld), written over the im2col block
+            gemm(k, o, ld, R::one(), w, true, gblk, false, R::zero(), colb);
+            for i in 0..nb {
+                col2im_add_ld(
+                    g,
+                    &colb[i * p..],
+                    ld,
+                    &mut dx[(s + i) * xs..(s + i + 1) * xs],
+                );
+            }
         }
         s += nb;
     }
@@ -569,6 +576,7 @@ pub struct Conv2d<R: Real> {
     /// `b`, shape `O` (absent when built without bias).
     pub bias: Option<Param<R>>,
     core: ConvCore<R>,
+    input_grad: bool,
 }
 
 impl<R: Real> Conv2d<R> {
@@ -602,12 +610,19 @@ impl<R: Real> Conv2d<R> {
                 )
             }),
             core: ConvCore::new(spec),
+            input_grad: true,
         }
     }
 
     /// The hyper-parameters.
     pub fn spec(&self) -> ConvSpec {
         self.core.spec
+    }
+
+    /// Whether backward computes `dL/dx` (default true). A stem fed with images has no use for it:
+    /// turning it off skips the `Wᵀ·dY` GEMM and col2im, and backward returns zeros.
+    pub fn set_input_grad(&mut self, on: bool) {
+        self.input_grad = on;
     }
 
     /// Largest im2col block per GEMM in elements (default [`COL_BUDGET`]); lower values trade GEMM
@@ -680,6 +695,7 @@ impl<R: Real> Layer<R> for Conv2d<R> {
             self.bias
                 .as_mut()
                 .map(|b| b.grad.as_slice_mut().expect("standard layout")),
+            self.input_grad,
         );
         Ok(from_vec(x.shape(), dx))
     }
@@ -814,6 +830,50 @@ mod tests {
             for (a, b) in y.iter().zip(&yr) {
                 prop_assert!((a - b).abs() < 1e-12 * (1.0 + b.abs()), "{} vs {}", a, b);
             }
+        }
+    }
+
+    #[test]
+    fn conv2d_gradients_match_on_every_kernel_stride_padding_combination() {
+        // the proptest samples these at random; this grid makes sure each one is always seen
+        let mut rng = Rng::new(31);
+        for k in [1, 3] {
+            for s in [1, 2] {
+                for p in [0, 1] {
+                    let spec = ConvSpec::new(3, 2, k).stride(s).padding(p);
+                    let mut l = Conv2d::<f64>::new("grid", spec, true, &mut rng);
+                    if let Some(b) = &mut l.bias {
+                        b.value.mapv_inplace(|_| rng.normal());
+                    }
+                    let x = rand_input(&mut rng, &[3, 3, 7, 5]);
+                    let opts = GradCheckOpts {
+                        full_max: 128,
+                        ..Default::default()
+                    };
+                    let ctx = StepCtx::train(0, 1, GradMode::Online);
+                    let rep = check_step(&mut l, &x, &ctx, &State::Empty, &opts).unwrap();
+                    assert!(rep.checked > 0);
+                    rep.assert_ok(&opts, &format!("Conv2d k{k} s{s} p{p}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conv2d_unrolled_gradients_match_in_bptt_and_online_with_one_cache_per_step() {
+        // T forwards before T backwards: each step's cache must keep its own input while the
+        // layer's scratch buffers are reused by every call.
+        let mut rng = Rng::new(21);
+        let spec = ConvSpec::new(2, 3, 3).padding(1).stride(2);
+        let mut l = Conv2d::<f64>::new("c", spec, true, &mut rng);
+        let xs: Vec<Tensor<f64>> = (0..3)
+            .map(|_| rand_input(&mut rng, &[2, 2, 5, 4]))
+            .collect();
+        for mode in [GradMode::Bptt, GradMode::Online] {
+            let opts = GradCheckOpts::default();
+            let rep = crate::gradcheck::check_unrolled(&mut l, &xs, true, mode, &opts).unwrap();
+            assert!(rep.checked > 0);
+            rep.assert_ok(&opts, "Conv2d unrolled");
         }
     }
 
@@ -1029,6 +1089,30 @@ mod tests {
         for (a, b) in y64.iter().zip(y32.iter()) {
             assert!((a - *b as f64).abs() <= 1e-5 * scale, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn stem_without_input_grad_keeps_parameter_gradients_and_returns_zeros() {
+        let spec = ConvSpec::new(2, 3, 3).padding(1);
+        let mut rng = Rng::new(12);
+        let mut a = Conv2d::<f64>::new("stem", spec, true, &mut Rng::new(4));
+        let mut b = Conv2d::<f64>::new("stem", spec, true, &mut Rng::new(4));
+        b.set_input_grad(false);
+        let x = rand_input(&mut rng, &[3, 2, 5, 6]);
+        let ctx = StepCtx::train(0, 1, GradMode::Online);
+        let (mut ca, mut cb) = (Cache::new(), Cache::new());
+        let y = a
+            .forward(&x, &ctx, &mut State::Empty, Some(&mut ca))
+            .unwrap();
+        b.forward(&x, &ctx, &mut State::Empty, Some(&mut cb))
+            .unwrap();
+        let dy = y.mapv(|v| v.cos());
+        let dxa = a.backward(&dy, &ctx, &ca, &mut State::Empty).unwrap();
+        let dxb = b.backward(&dy, &ctx, &cb, &mut State::Empty).unwrap();
+        assert!(dxa.iter().any(|&v| v != 0.0));
+        assert!(dxb.iter().all(|&v| v == 0.0) && dxb.shape() == x.shape());
+        assert_eq!(a.weight.grad, b.weight.grad);
+        assert_eq!(a.bias.unwrap().grad, b.bias.unwrap().grad);
     }
 
     #[test]
