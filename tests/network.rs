@@ -1,0 +1,62 @@
+//! Whole-network properties: gradients of a small spiking conv net against finite differences in
+//! both gradient modes, and the online-memory claim (no growth with T) against BPTT.
+
+use empf::gradcheck::{GradCheckOpts, check_unrolled};
+use empf::layers::GradMode;
+use empf::model::{ModelConfig, NeuronKind, zoo};
+use empf::rng::Rng;
+use empf::tensor::{Tensor, from_vec};
+use empf::train::step::{BpMode, StepInput, train_batch};
+
+fn tiny(neuron: NeuronKind, steps: usize) -> ModelConfig {
+    ModelConfig { arch: "mnist-cnn".into(), neuron, steps, widths: vec![3, 4, 5], input: [1, 8, 8], classes: 3 }
+}
+
+fn images<R: empf::Real>(n: usize, rng: &mut Rng) -> Tensor<R> {
+    from_vec(&[n, 1, 8, 8], (0..n * 64).map(|_| R::of(rng.uniform())).collect())
+}
+
+#[test]
+fn small_network_gradients_match_finite_differences_online_and_bptt() {
+    for neuron in [NeuronKind::V1, NeuronKind::V2, NeuronKind::V3] {
+        for mode in [GradMode::Online, GradMode::Bptt] {
+            let cfg = tiny(neuron, 3);
+            let mut rng = Rng::new(42);
+            let mut net = zoo::build::<f64>(&cfg, &mut rng).unwrap();
+            let x = images::<f64>(4, &mut rng);
+            let xs = vec![x.clone(), x.clone(), x];
+            // the latent binary weights follow the STE (checked per layer); everything else is exact
+            let opts = GradCheckOpts { skip_params: vec!["conv2.weight".into(), "conv3.weight".into()], directions: 3, max_rejected_fraction: 0.25, ..Default::default() };
+            let rep = check_unrolled(&mut net, &xs, true, mode, &opts).unwrap();
+            rep.assert_ok(&opts, &format!("mnist-cnn/{neuron}/{mode:?}"));
+            assert!(rep.checked > 20, "too few samples checked: {rep:?}");
+        }
+    }
+}
+
+fn peak_cache_bytes(mode: BpMode, steps: usize) -> usize {
+    let cfg = ModelConfig { steps, ..tiny(NeuronKind::V1, steps) };
+    let mut rng = Rng::new(1);
+    let mut net = zoo::build::<f32>(&cfg, &mut rng).unwrap();
+    let x = images::<f32>(8, &mut rng);
+    let y: Vec<usize> = (0..8).map(|i| i % 3).collect();
+    let mut peak = 0;
+    for _ in 0..3 {
+        let mut loss = |_t: usize, o: &Tensor<f32>| empf::loss::cross_entropy_hard(o, &y);
+        let r = train_batch(&mut net, StepInput::Static(&x), steps, mode, &mut rng, &mut loss, None).unwrap();
+        peak = peak.max(r.peak_cache_bytes);
+    }
+    peak
+}
+
+#[test]
+fn online_cache_memory_does_not_grow_with_time_steps_while_bptt_does() {
+    let on1 = peak_cache_bytes(BpMode::Online, 1);
+    let on16 = peak_cache_bytes(BpMode::Online, 16);
+    let bp1 = peak_cache_bytes(BpMode::Bptt, 1);
+    let bp16 = peak_cache_bytes(BpMode::Bptt, 16);
+    println!("peak step-cache bytes: online T=1 {on1}, T=16 {on16}; BPTT T=1 {bp1}, T=16 {bp16}");
+    assert!(on1 > 0);
+    assert_eq!(on1, on16, "online caches must not grow with T");
+    assert!(bp16 >= 10 * bp1, "BPTT caches must grow with T: {bp1} -> {bp16}");
+}
