@@ -30,6 +30,42 @@ pub enum Command {
     Eval(EvalArgs),
     /// Show a model's layers, shapes and parameter counts.
     Info(InfoArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+/// `empf bench ...`.
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Training images/s and peak memory over T and gradient modes (synthetic inputs).
+    Train(BenchTrainArgs),
+}
+
+/// `empf bench train`.
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Architecture.
+    #[arg(long, default_value = "mnist-cnn")]
+    pub arch: String,
+    /// Neuron.
+    #[arg(long, default_value = "v1")]
+    pub neuron: String,
+    /// Channel widths.
+    #[arg(long, value_delimiter = ',')]
+    pub widths: Option<Vec<usize>>,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Timed batches per configuration.
+    #[arg(long, default_value_t = 5)]
+    pub batches: usize,
+    /// Time-steps to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub steps: Vec<usize>,
+    /// Gradient modes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "online,random,bptt")]
+    pub modes: Vec<String>,
 }
 
 /// `empf train`.
@@ -151,6 +187,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
         Command::Info(a) => info(a),
+        Command::Bench(BenchCmd::Train(a)) => bench_train(a),
     }
 }
 
@@ -322,4 +359,19 @@ impl TrainArgs {
         a.arch = arch.to_string();
         a
     }
+}
+
+fn bench_train(a: BenchTrainArgs) -> Result<()> {
+    let mut ta = TrainArgs::parse_default(&a.arch);
+    ta.neuron = a.neuron.clone();
+    ta.widths = a.widths.clone();
+    let model = model_config(&ta)?;
+    let modes = a
+        .modes
+        .iter()
+        .map(|m| BpMode::parse(m).ok_or_else(|| Error::Config(format!("unknown mode `{m}` (expected online, random, random-K or bptt)"))))
+        .collect::<Result<Vec<_>>>()?;
+    let rows = crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0)?;
+    print!("{}", crate::bench::format_rows(&model, a.batch, &rows));
+    Ok(())
 }
