@@ -874,10 +874,11 @@ pub fn parse_npy(b: &[u8]) -> std::result::Result<NpyArray, String> {
                 ));
             }
             let s = if kind == b'U' {
-                items(data, big, u32::from_le_bytes)
-                    .into_iter()
-                    .take_while(|&u| u != 0)
-                    .map(|u| char::from_u32(u).ok_or_else(|| format!("invalid code point {u:#x}")))
+                let units = items(data, big, u32::from_le_bytes);
+                let end = units.iter().rposition(|&u| u != 0).map_or(0, |i| i + 1);
+                units[..end]
+                    .iter()
+                    .map(|&u| char::from_u32(u).ok_or_else(|| format!("invalid code point {u:#x}")))
                     .collect::<std::result::Result<String, _>>()?
             } else {
                 let end = data.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
