@@ -994,6 +994,42 @@ mod tests {
     }
 
     #[test]
+    fn bad_zip_directory_fields_are_named() {
+        let good = to_bytes(&sample()[..1]);
+        let eocd = good.len() - 22;
+        let patch = |at: usize, v: &[u8]| {
+            let mut b = good.clone();
+            b[at..at + v.len()].copy_from_slice(v);
+            parse_npz(&b, "z.npz").unwrap_err().to_string()
+        };
+        // Entry count far beyond what the central directory can hold.
+        let e = patch(eocd + 8, &[0x60, 0xea, 0x60, 0xea]);
+        assert!(e.contains("60000 entries cannot fit"), "{e}");
+        // Central directory offset past the end record.
+        let e = patch(eocd + 16, &u32::MAX.to_le_bytes()[..3]);
+        assert!(
+            e.contains("bad zip directory") && e.contains("runs past"),
+            "{e}"
+        );
+        // Local header offset (central directory field at +42) pointing at garbage.
+        let cd = eocd - (46 + "w.npy".len());
+        let e = patch(cd + 42, &[3, 0, 0, 0]);
+        assert!(
+            e.contains("`w.npy`") && e.contains("no local file header at offset 3"),
+            "{e}"
+        );
+        // Unsupported compression method (central directory field at +10).
+        let e = patch(cd + 10, &[14, 0]);
+        assert!(e.contains("compression method 14"), "{e}");
+        // An entry that is not a .npy file.
+        let e = patch(cd + 46 + 2, b"x");
+        assert!(
+            e.contains("`w.xpy`") && e.contains("not a .npy entry"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn structured_and_object_dtypes_are_rejected() {
         for dict in [
             "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }",
