@@ -336,7 +336,41 @@ struct CdEntry {
 /// Parse the bytes of an `.npz` archive; `path` only labels the errors. Keys are the entry
 /// names without their `.npy` suffix.
 pub fn parse_npz(bytes: &[u8], path: impl AsRef<Path>) -> Result<BTreeMap<String, NpyArray>> {
-    let path = path.as_ref();
+    parse_npz_checked(bytes, path.as_ref(), None, |_| Ok(()))
+}
+
+/// Like [`parse_npz`], but first reads the entry `first` (if given) alone and hands it to
+/// `check` (`None` when absent), so a caller can refuse a file (e.g. a newer format version)
+/// before the other entries are parsed.
+pub fn parse_npz_checked(
+    bytes: &[u8],
+    path: &Path,
+    first: Option<&str>,
+    check: impl FnOnce(Option<&NpyArray>) -> Result<()>,
+) -> Result<BTreeMap<String, NpyArray>> {
+    let entries = directory(bytes, path)?;
+    if let Some(key) = first {
+        let fname = format!("{key}.npy");
+        match entries.iter().find(|e| e.name == fname) {
+            Some(e) => check(Some(&read_entry(bytes, e, path)?.1))?,
+            None => check(None)?,
+        }
+    }
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let (key, arr) = read_entry(bytes, &e, path)?;
+        if out.insert(key, arr).is_some() {
+            return Err(Error::format(
+                path,
+                format!("entry `{}` appears twice", e.name),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Parse and validate the zip directory (end record, zip64 records, central directory).
+fn directory(bytes: &[u8], path: &Path) -> Result<Vec<CdEntry>> {
     let fmt = |msg: String| Error::format(path, msg);
     if bytes.is_empty() {
         return Err(fmt("empty file (expected a zip archive)".into()));
@@ -470,14 +504,7 @@ pub fn parse_npz(bytes: &[u8], path: impl AsRef<Path>) -> Result<BTreeMap<String
         entries.push(e);
         p = next;
     }
-    let mut out = BTreeMap::new();
-    for e in entries {
-        let (key, arr) = read_entry(bytes, &e, path)?;
-        if out.insert(key, arr).is_some() {
-            return Err(fmt(format!("entry `{}` appears twice", e.name)));
-        }
-    }
-    Ok(out)
+    Ok(entries)
 }
 
 fn read_entry(bytes: &[u8], e: &CdEntry, path: &Path) -> Result<(String, NpyArray)> {
