@@ -504,6 +504,27 @@ fn directory(bytes: &[u8], path: &Path) -> Result<Vec<CdEntry>> {
         entries.push(e);
         p = next;
     }
+    // Entries must not overlap (each spans at least its 30-byte local header and its compressed
+    // data): otherwise many directory entries could share one small deflate stream and inflate
+    // to far more than the file could hold (a "zip bomb"). With this check the inflated total
+    // is bounded by the deflate ratio times the file size.
+    let mut spans: Vec<(u64, u64, &str)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.offset,
+                e.offset.saturating_add(30).saturating_add(e.csize),
+                e.name.as_str(),
+            )
+        })
+        .collect();
+    spans.sort_unstable();
+    if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+        return Err(fmt(format!(
+            "bad zip directory: entry `{}` at offset {} overlaps entry `{}` at offset {}",
+            w[1].2, w[1].0, w[0].2, w[0].0
+        )));
+    }
     Ok(entries)
 }
 
@@ -1048,6 +1069,15 @@ mod tests {
         // Unsupported compression method (central directory field at +10).
         let e = patch(cd + 10, &[14, 0]);
         assert!(e.contains("compression method 14"), "{e}");
+        // Two directory entries sharing one local header (the zip-bomb layout).
+        let two = to_bytes(&sample()[..2]);
+        let eocd2 = two.len() - 22;
+        let cd_off = u32::from_le_bytes(two[eocd2 + 16..eocd2 + 20].try_into().unwrap()) as usize;
+        let second = cd_off + 46 + "w.npy".len();
+        let mut b = two.clone();
+        b[second + 42..second + 46].copy_from_slice(&[0, 0, 0, 0]);
+        let e = parse_npz(&b, "bomb.npz").unwrap_err().to_string();
+        assert!(e.contains("overlaps"), "{e}");
         // An entry that is not a .npy file.
         let e = patch(cd + 46 + 2, b"x");
         assert!(
