@@ -362,29 +362,40 @@ fn corrupt_and_truncated_checkpoints_error_cleanly() {
 /// A stored zip holding one `<name>.npy` entry with the given raw bytes and a valid CRC, so
 /// that what is tested is the check of the `.npy` header itself.
 fn zip_with_npy(name: &str, npy: &[u8]) -> Vec<u8> {
-    let fname = format!("{name}.npy");
-    let mut crc = flate2::Crc::new();
-    crc.update(npy);
+    zip_stored(&[(name, npy)])
+}
+
+/// A stored zip of `<name>.npy` entries holding the given raw bytes (valid CRCs).
+fn zip_stored(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
-    // Local header from "version needed" on: version 20, flags 0, stored, time 0, date 1980-01-01.
-    let mut lh = vec![20, 0, 0, 0, 0, 0, 0, 0, 0x21, 0];
-    lh.extend_from_slice(&crc.sum().to_le_bytes());
-    lh.extend_from_slice(&(npy.len() as u32).to_le_bytes());
-    lh.extend_from_slice(&(npy.len() as u32).to_le_bytes());
-    lh.extend_from_slice(&(fname.len() as u16).to_le_bytes());
-    lh.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&[0x50, 0x4b, 3, 4]);
-    out.extend_from_slice(&lh);
-    out.extend_from_slice(fname.as_bytes());
-    out.extend_from_slice(npy);
+    let mut central = Vec::new();
+    for (name, npy) in entries {
+        let fname = format!("{name}.npy");
+        let mut crc = flate2::Crc::new();
+        crc.update(npy);
+        // Header fields from "version needed": version 20, flags 0, stored, time 0, date 1980-01-01.
+        let mut lh = vec![20, 0, 0, 0, 0, 0, 0, 0, 0x21, 0];
+        lh.extend_from_slice(&crc.sum().to_le_bytes());
+        lh.extend_from_slice(&(npy.len() as u32).to_le_bytes());
+        lh.extend_from_slice(&(npy.len() as u32).to_le_bytes());
+        lh.extend_from_slice(&(fname.len() as u16).to_le_bytes());
+        lh.extend_from_slice(&[0, 0]);
+        let offset = out.len() as u32;
+        out.extend_from_slice(&[0x50, 0x4b, 3, 4]);
+        out.extend_from_slice(&lh);
+        out.extend_from_slice(fname.as_bytes());
+        out.extend_from_slice(npy);
+        central.extend_from_slice(&[0x50, 0x4b, 1, 2, 20, 0]);
+        central.extend_from_slice(&lh);
+        central.extend_from_slice(&[0; 10]); // comment length, disk, internal and external attributes
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(fname.as_bytes());
+    }
     let cd_off = out.len() as u32;
-    let mut cd = vec![0x50, 0x4b, 1, 2, 20, 0];
-    cd.extend_from_slice(&lh);
-    cd.extend_from_slice(&[0; 14]); // comment len, disk, attributes, local header offset 0
-    cd.extend_from_slice(fname.as_bytes());
-    out.extend_from_slice(&cd);
-    out.extend_from_slice(&[0x50, 0x4b, 5, 6, 0, 0, 0, 0, 1, 0, 1, 0]);
-    out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
+    out.extend_from_slice(&central);
+    let n = (entries.len() as u16).to_le_bytes();
+    out.extend_from_slice(&[0x50, 0x4b, 5, 6, 0, 0, 0, 0, n[0], n[1], n[0], n[1]]);
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
     out.extend_from_slice(&cd_off.to_le_bytes());
     out.extend_from_slice(&[0, 0]);
     out
@@ -457,6 +468,25 @@ fn newer_or_missing_format_version_is_rejected() {
             && e.contains("newer"),
         "{e}"
     );
+    // The version is checked before other entries are parsed: a newer file holding an entry
+    // this version cannot read is still reported as newer.
+    let mut v = Vec::new();
+    empf::io::npz::write_npy(&mut v, &newer).unwrap();
+    let exotic = npy(
+        "{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }",
+        &[0; 8],
+    );
+    let b = zip_stored(&[("a.exotic", &exotic), (VERSION_KEY, &v)]);
+    assert!(
+        npz::parse_npz(&b, "f2.npz")
+            .unwrap_err()
+            .to_string()
+            .contains("not supported")
+    );
+    let e = Checkpoint::from_bytes(&b, "f2.npz")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("newer"), "{e}");
     let zero = NpyArray::U64(ArrayD::from_elem(IxDyn(&[]), 0));
     let mut b = Vec::new();
     npz::write_npz(&mut b, [(VERSION_KEY, &zero)]).unwrap();

@@ -171,6 +171,37 @@ impl Checkpoint {
         }
     }
 
+    /// The tensor `name` converted to `f32` from `f32` or `f64` (e.g. weights saved by NumPy
+    /// with its default float64), checked to have shape `shape`.
+    pub fn tensor_as_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor<f32>> {
+        let t = match self.need(name)? {
+            NpyArray::F32(t) => t.clone(),
+            NpyArray::F64(t) => t.mapv(|x| x as f32),
+            a => return Err(self.wrong(name, a, "f32 or f64")),
+        };
+        if t.shape() != shape {
+            return Err(self.entry_err(
+                name,
+                format!("has shape {:?}, expected {shape:?}", t.shape()),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Store a random generator's full state (`u64[4]`).
+    pub fn put_rng(&mut self, name: impl Into<String>, rng: &crate::rng::Rng) {
+        self.put_u64s(name, &rng.state());
+    }
+
+    /// Restore a random generator saved by [`put_rng`](Self::put_rng).
+    pub fn rng(&self, name: &str) -> Result<crate::rng::Rng> {
+        let s = self.u64s(name)?;
+        let s: [u64; 4] = s.try_into().map_err(|_| {
+            self.entry_err(name, format!("has {} words, an RNG state has 4", s.len()))
+        })?;
+        Ok(crate::rng::Rng::from_state(s))
+    }
+
     /// The format version of a loaded checkpoint (`None` for one built in memory).
     pub fn format_version(&self) -> Option<u64> {
         match self.entries.get(VERSION_KEY) {
@@ -230,46 +261,10 @@ impl Checkpoint {
     /// entry, with a version in `1..=FORMAT_VERSION`.
     pub fn from_bytes(bytes: &[u8], path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let entries = npz::parse_npz(bytes, path)?;
-        let version = match entries.get(VERSION_KEY) {
-            None => {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "not an empf checkpoint: no entry `{VERSION_KEY}` (use Checkpoint::from_npz or io::npz::read_npz for plain .npz files)"
-                    ),
-                ));
-            }
-            Some(NpyArray::U64(a)) if a.len() == 1 => a.iter().next().copied().unwrap_or(0),
-            Some(NpyArray::I64(a)) if a.len() == 1 => {
-                u64::try_from(a.iter().next().copied().unwrap_or(0)).unwrap_or(0)
-            }
-            Some(a) => {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "entry `{VERSION_KEY}`: is {} of shape {:?}, expected a u64 scalar",
-                        a.type_name(),
-                        a.shape()
-                    ),
-                ));
-            }
-        };
-        if version > FORMAT_VERSION {
-            return Err(Error::format(
-                path,
-                format!(
-                    "checkpoint format version {version} is newer than this empf {} supports (version {FORMAT_VERSION}); upgrade empf to read it",
-                    env!("CARGO_PKG_VERSION")
-                ),
-            ));
-        }
-        if version == 0 {
-            return Err(Error::format(
-                path,
-                format!("entry `{VERSION_KEY}`: unknown checkpoint format version 0"),
-            ));
-        }
+        // The version entry is read and checked before any other entry is parsed, so a file
+        // from a newer empf is refused as such, not for some entry this version cannot read.
+        let entries =
+            npz::parse_npz_checked(bytes, path, Some(VERSION_KEY), |v| check_version(v, path))?;
         Ok(Checkpoint {
             entries,
             source: Some(path.to_path_buf()),
@@ -285,6 +280,50 @@ impl Checkpoint {
             source: Some(path.to_path_buf()),
         })
     }
+}
+
+/// Refuse a missing, malformed, zero or newer format version.
+fn check_version(v: Option<&NpyArray>, path: &Path) -> Result<()> {
+    let version = match v {
+        None => {
+            return Err(Error::format(
+                path,
+                format!(
+                    "not an empf checkpoint: no entry `{VERSION_KEY}` (use Checkpoint::from_npz or io::npz::read_npz for plain .npz files)"
+                ),
+            ));
+        }
+        Some(NpyArray::U64(a)) if a.len() == 1 => a.iter().next().copied().unwrap_or(0),
+        Some(NpyArray::I64(a)) if a.len() == 1 => {
+            u64::try_from(a.iter().next().copied().unwrap_or(0)).unwrap_or(0)
+        }
+        Some(a) => {
+            return Err(Error::format(
+                path,
+                format!(
+                    "entry `{VERSION_KEY}`: is {} of shape {:?}, expected a u64 scalar",
+                    a.type_name(),
+                    a.shape()
+                ),
+            ));
+        }
+    };
+    if version > FORMAT_VERSION {
+        return Err(Error::format(
+            path,
+            format!(
+                "checkpoint format version {version} is newer than this empf {} supports (version {FORMAT_VERSION}); upgrade empf to read it",
+                env!("CARGO_PKG_VERSION")
+            ),
+        ));
+    }
+    if version == 0 {
+        return Err(Error::format(
+            path,
+            format!("entry `{VERSION_KEY}`: unknown checkpoint format version 0"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -306,6 +345,36 @@ mod tests {
         let e = c.tensor_shaped("w", &[4]).unwrap_err().to_string();
         assert!(e.contains("has shape [2, 2], expected [4]"), "{e}");
         assert_eq!(c.u64s("rng").unwrap(), &[1, 2, 3, 4]);
+        assert!(c.rng("w").is_err());
+    }
+
+    #[test]
+    fn rng_state_survives_a_save_and_load() {
+        let mut r = crate::rng::Rng::new(7);
+        r.next_u64();
+        let mut c = Checkpoint::new();
+        c.put_rng("rng/data", &r);
+        c.put_u64s("short", &[1, 2, 3]);
+        let back = Checkpoint::from_bytes(&c.to_bytes().unwrap(), "r.npz").unwrap();
+        let mut r2 = back.rng("rng/data").unwrap();
+        assert_eq!(r2.next_u64(), r.next_u64());
+        let e = back.rng("short").unwrap_err().to_string();
+        assert!(
+            e.contains("r.npz") && e.contains("`short`") && e.contains("3 words"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn f64_weights_convert_to_f32_with_shape_check() {
+        let mut c = Checkpoint::new();
+        c.insert("w", NpyArray::F64(ArrayD::from_elem(IxDyn(&[2]), 0.1)));
+        assert_eq!(
+            c.tensor_as_f32("w", &[2]).unwrap().as_slice().unwrap(),
+            &[0.1f32, 0.1]
+        );
+        assert!(c.tensor_as_f32("w", &[3]).is_err());
+        assert!(c.tensor("w").is_err(), "tensor() does not silently convert");
     }
 
     #[test]

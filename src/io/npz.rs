@@ -336,7 +336,41 @@ struct CdEntry {
 /// Parse the bytes of an `.npz` archive; `path` only labels the errors. Keys are the entry
 /// names without their `.npy` suffix.
 pub fn parse_npz(bytes: &[u8], path: impl AsRef<Path>) -> Result<BTreeMap<String, NpyArray>> {
-    let path = path.as_ref();
+    parse_npz_checked(bytes, path.as_ref(), None, |_| Ok(()))
+}
+
+/// Like [`parse_npz`], but first reads the entry `first` (if given) alone and hands it to
+/// `check` (`None` when absent), so a caller can refuse a file (e.g. a newer format version)
+/// before the other entries are parsed.
+pub fn parse_npz_checked(
+    bytes: &[u8],
+    path: &Path,
+    first: Option<&str>,
+    check: impl FnOnce(Option<&NpyArray>) -> Result<()>,
+) -> Result<BTreeMap<String, NpyArray>> {
+    let entries = directory(bytes, path)?;
+    if let Some(key) = first {
+        let fname = format!("{key}.npy");
+        match entries.iter().find(|e| e.name == fname) {
+            Some(e) => check(Some(&read_entry(bytes, e, path)?.1))?,
+            None => check(None)?,
+        }
+    }
+    let mut out = BTreeMap::new();
+    for e in entries {
+        let (key, arr) = read_entry(bytes, &e, path)?;
+        if out.insert(key, arr).is_some() {
+            return Err(Error::format(
+                path,
+                format!("entry `{}` appears twice", e.name),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Parse and validate the zip directory (end record, zip64 records, central directory).
+fn directory(bytes: &[u8], path: &Path) -> Result<Vec<CdEntry>> {
     let fmt = |msg: String| Error::format(path, msg);
     if bytes.is_empty() {
         return Err(fmt("empty file (expected a zip archive)".into()));
@@ -470,14 +504,28 @@ pub fn parse_npz(bytes: &[u8], path: impl AsRef<Path>) -> Result<BTreeMap<String
         entries.push(e);
         p = next;
     }
-    let mut out = BTreeMap::new();
-    for e in entries {
-        let (key, arr) = read_entry(bytes, &e, path)?;
-        if out.insert(key, arr).is_some() {
-            return Err(fmt(format!("entry `{}` appears twice", e.name)));
-        }
+    // Entries must not overlap (each spans at least its 30-byte local header and its compressed
+    // data): otherwise many directory entries could share one small deflate stream and inflate
+    // to far more than the file could hold (a "zip bomb"). With this check the inflated total
+    // is bounded by the deflate ratio times the file size.
+    let mut spans: Vec<(u64, u64, &str)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.offset,
+                e.offset.saturating_add(30).saturating_add(e.csize),
+                e.name.as_str(),
+            )
+        })
+        .collect();
+    spans.sort_unstable();
+    if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+        return Err(fmt(format!(
+            "bad zip directory: entry `{}` at offset {} overlaps entry `{}` at offset {}",
+            w[1].2, w[1].0, w[0].2, w[0].0
+        )));
     }
-    Ok(out)
+    Ok(entries)
 }
 
 fn read_entry(bytes: &[u8], e: &CdEntry, path: &Path) -> Result<(String, NpyArray)> {
@@ -874,10 +922,11 @@ pub fn parse_npy(b: &[u8]) -> std::result::Result<NpyArray, String> {
                 ));
             }
             let s = if kind == b'U' {
-                items(data, big, u32::from_le_bytes)
-                    .into_iter()
-                    .take_while(|&u| u != 0)
-                    .map(|u| char::from_u32(u).ok_or_else(|| format!("invalid code point {u:#x}")))
+                let units = items(data, big, u32::from_le_bytes);
+                let end = units.iter().rposition(|&u| u != 0).map_or(0, |i| i + 1);
+                units[..end]
+                    .iter()
+                    .map(|&u| char::from_u32(u).ok_or_else(|| format!("invalid code point {u:#x}")))
                     .collect::<std::result::Result<String, _>>()?
             } else {
                 let end = data.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
@@ -988,6 +1037,51 @@ mod tests {
         let e = parse_npz(&b, "c.npz").unwrap_err().to_string();
         assert!(
             e.contains("c.npz") && e.contains("`w.npy`") && e.contains("CRC"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_zip_directory_fields_are_named() {
+        let good = to_bytes(&sample()[..1]);
+        let eocd = good.len() - 22;
+        let patch = |at: usize, v: &[u8]| {
+            let mut b = good.clone();
+            b[at..at + v.len()].copy_from_slice(v);
+            parse_npz(&b, "z.npz").unwrap_err().to_string()
+        };
+        // Entry count far beyond what the central directory can hold.
+        let e = patch(eocd + 8, &[0x60, 0xea, 0x60, 0xea]);
+        assert!(e.contains("60000 entries cannot fit"), "{e}");
+        // Central directory offset past the end record.
+        let e = patch(eocd + 16, &u32::MAX.to_le_bytes()[..3]);
+        assert!(
+            e.contains("bad zip directory") && e.contains("runs past"),
+            "{e}"
+        );
+        // Local header offset (central directory field at +42) pointing at garbage.
+        let cd = eocd - (46 + "w.npy".len());
+        let e = patch(cd + 42, &[3, 0, 0, 0]);
+        assert!(
+            e.contains("`w.npy`") && e.contains("no local file header at offset 3"),
+            "{e}"
+        );
+        // Unsupported compression method (central directory field at +10).
+        let e = patch(cd + 10, &[14, 0]);
+        assert!(e.contains("compression method 14"), "{e}");
+        // Two directory entries sharing one local header (the zip-bomb layout).
+        let two = to_bytes(&sample()[..2]);
+        let eocd2 = two.len() - 22;
+        let cd_off = u32::from_le_bytes(two[eocd2 + 16..eocd2 + 20].try_into().unwrap()) as usize;
+        let second = cd_off + 46 + "w.npy".len();
+        let mut b = two.clone();
+        b[second + 42..second + 46].copy_from_slice(&[0, 0, 0, 0]);
+        let e = parse_npz(&b, "bomb.npz").unwrap_err().to_string();
+        assert!(e.contains("overlaps"), "{e}");
+        // An entry that is not a .npy file.
+        let e = patch(cd + 46 + 2, b"x");
+        assert!(
+            e.contains("`w.xpy`") && e.contains("not a .npy entry"),
             "{e}"
         );
     }
