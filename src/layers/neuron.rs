@@ -1000,3 +1000,480 @@ impl<R: Real> Layer<R> for Lif<R> {
     }
     fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{GradCheckOpts, check_step, check_unrolled};
+    use crate::rng::Rng;
+    use proptest::prelude::*;
+
+    fn shape_of(rank4: bool, n: usize, c: usize, h: usize, w: usize) -> Vec<usize> {
+        if rank4 { vec![n, c, h, w] } else { vec![n, c] }
+    }
+
+    /// Inputs around the thresholds (θ ∈ (0, 1)) at a random scale, so some neurons fire and
+    /// some do not.
+    fn input(shape: &[usize], scale: f64, rng: &mut Rng) -> Tensor<f64> {
+        let n = shape.iter().product();
+        from_vec(shape, (0..n).map(|_| scale * rng.normal() + 0.4).collect())
+    }
+
+    /// Random a, b, c, d (so λ, θ, α vary) and random BN affine and running statistics.
+    fn randomise<R: Real>(layer: &mut dyn Layer<R>, rng: &mut Rng) {
+        layer.visit_params(&mut |p| {
+            let name = p.name.clone();
+            p.value.mapv_inplace(|_| {
+                R::of(if name.ends_with("running_var") {
+                    rng.uniform_range(0.3, 2.0)
+                } else if name.ends_with("weight") {
+                    rng.uniform_range(0.5, 1.5)
+                } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                    0.5 * rng.normal()
+                } else {
+                    1.5 * rng.normal()
+                })
+            })
+        });
+    }
+
+    /// Step checks (online with and without a carried state, BPTT with a carried state so
+    /// dL/dstate is checked) and unrolled checks in both modes.
+    fn check_all(
+        layer: &mut dyn Layer<f64>,
+        shape: &[usize],
+        steps: usize,
+        train: bool,
+        scale: f64,
+        seed: u64,
+    ) {
+        let mut rng = Rng::new(seed ^ 0x5eed);
+        let opts = GradCheckOpts {
+            seed,
+            ..Default::default()
+        };
+        let t = rng.below(steps);
+        let x = input(shape, scale, &mut rng);
+        // stateless layers (V3) get no carried state
+        let state = if layer.kind() == "EmpfV3" {
+            State::Empty
+        } else {
+            State::Tensor(input(shape, 1.0, &mut rng))
+        };
+        for (grad, st) in [
+            (GradMode::Online, State::Empty),
+            (GradMode::Online, state.clone()),
+            (GradMode::Bptt, state),
+        ] {
+            let ctx = StepCtx {
+                t,
+                steps,
+                train,
+                grad,
+            };
+            let what = format!("{} step {grad:?}", layer.kind());
+            check_step(layer, &x, &ctx, &st, &opts)
+                .unwrap()
+                .assert_ok(&opts, &what);
+        }
+        let xs: Vec<_> = (0..steps).map(|_| input(shape, scale, &mut rng)).collect();
+        for grad in [GradMode::Online, GradMode::Bptt] {
+            let what = format!("{} unrolled {grad:?}", layer.kind());
+            check_unrolled(layer, &xs, train, grad, &opts)
+                .unwrap()
+                .assert_ok(&opts, &what);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn v1_gradients_match_finite_differences(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, scale in prop::sample::select(vec![0.3, 1.0, 3.0]), seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let mut l = EmpfV1::<f64>::new("n1", steps);
+            randomise(&mut l, &mut rng);
+            check_all(&mut l, &shape_of(rank4, n, c, h, w), steps, true, scale, seed);
+        }
+
+        #[test]
+        fn v2_gradients_match_finite_differences_in_train_and_eval(
+            rank4 in any::<bool>(), n in 2usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, train in any::<bool>(), scale in prop::sample::select(vec![0.3, 1.0, 3.0]),
+            seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let mut l = EmpfV2::<f64>::new("n2", c, steps);
+            randomise(&mut l, &mut rng);
+            check_all(&mut l, &shape_of(rank4, n, c, h, w), steps, train, scale, seed);
+        }
+
+        #[test]
+        fn v3_gradients_match_finite_differences(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, scale in prop::sample::select(vec![0.3, 1.0, 3.0]), seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let mut l = EmpfV3::<f64>::new("n3", steps);
+            randomise(&mut l, &mut rng);
+            check_all(&mut l, &shape_of(rank4, n, c, h, w), steps, true, scale, seed);
+        }
+
+        #[test]
+        fn lif_surrogate_backward_is_the_exact_derivative_of_the_smooth_spike(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, hard in any::<bool>(), seed in 0u64..10_000,
+        ) {
+            let mut l = Lif::<f64>::new("lif");
+            l.spike = SpikeFn::SmoothTriangle;
+            l.reset = if hard { Reset::Hard } else { Reset::Soft };
+            // inputs around θ = 1 so the surrogate is mostly non-zero
+            let shape = shape_of(rank4, n, c, h, w);
+            let mut rng = Rng::new(seed);
+            let opts = GradCheckOpts { seed, ..Default::default() };
+            let xs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng).mapv(|v| v + 0.4)).collect();
+            for grad in [GradMode::Online, GradMode::Bptt] {
+                let st = State::Tensor(input(&shape, 1.0, &mut rng));
+                check_step(&mut l, &xs[0], &StepCtx::train(0, steps, grad), &st, &opts).unwrap().assert_ok(&opts, "Lif step");
+                check_unrolled(&mut l, &xs, true, grad, &opts).unwrap().assert_ok(&opts, "Lif unrolled");
+            }
+        }
+
+        #[test]
+        fn v3_batched_equals_stepwise(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..5, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let shape = shape_of(rank4, n, c, h, w);
+            let mut l = EmpfV3::<f64>::new("n3", steps);
+            randomise(&mut l, &mut rng);
+            let xs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+            let dys: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+            let (mut ys, mut dxs) = (Vec::new(), Vec::new());
+            for t in 0..steps {
+                let ctx = StepCtx::train(t, steps, GradMode::Online);
+                let mut cache = Cache::new();
+                ys.push(l.forward(&xs[t], &ctx, &mut State::Empty, Some(&mut cache)).unwrap());
+                dxs.push(l.backward(&dys[t], &ctx, &cache, &mut State::Empty).unwrap());
+            }
+            let gstep = l.b.grad.clone();
+            l.b.zero_grad();
+            let cat = |v: &[Tensor<f64>]| {
+                let views: Vec<_> = v.iter().map(|t| t.view()).collect();
+                ndarray::concatenate(ndarray::Axis(0), &views).unwrap()
+            };
+            let mut cache = Cache::new();
+            let y = l.forward_all(&cat(&xs), Some(&mut cache)).unwrap();
+            let dx = l.backward_all(&cat(&dys), &cache).unwrap();
+            prop_assert_eq!(y, cat(&ys));
+            prop_assert_eq!(dx, cat(&dxs));
+            prop_assert_eq!(&l.b.grad, &gstep);
+        }
+    }
+
+    fn v2_eval_equals_folded<R: Real>(seed: u64, rank4: bool, tol: f64) {
+        let mut rng = Rng::new(seed);
+        let (n, c, steps) = (3, 4, 4);
+        let shape = shape_of(rank4, n, c, 3, 2);
+        let mut v2 = EmpfV2::<R>::new("n2", c, steps);
+        randomise(&mut v2, &mut rng);
+        let mut folded = v2.to_folded();
+        let (mut s2, mut sf) = (State::Empty, State::Empty);
+        let mut fired = 0;
+        for t in 0..steps {
+            let x = input(&shape, 1.0, &mut rng).mapv(R::of);
+            let ctx = StepCtx::eval(t, steps);
+            let y2 = v2.forward(&x, &ctx, &mut s2, None).unwrap();
+            let yf = folded.forward(&x, &ctx, &mut sf, None).unwrap();
+            for (a, b) in y2.iter().zip(yf.iter()) {
+                assert!(
+                    (a.f64() - b.f64()).abs() <= tol * (1.0 + a.f64().abs()),
+                    "t={t}: {a} vs {b}"
+                );
+                fired += usize::from(a.f64() > 0.0);
+            }
+            let (v2s, vfs) = (s2.tensor().unwrap(), sf.tensor().unwrap());
+            for (a, b) in v2s.iter().zip(vfs.iter()) {
+                assert!((a.f64() - b.f64()).abs() <= tol * (1.0 + a.f64().abs()));
+            }
+        }
+        assert!(fired > 0 && fired < steps * shape.iter().product::<usize>());
+    }
+
+    #[test]
+    fn v2_eval_equals_folded_v1_in_f64_and_f32() {
+        for seed in 0..6 {
+            v2_eval_equals_folded::<f64>(seed, seed % 2 == 0, 1e-10);
+            v2_eval_equals_folded::<f32>(seed, seed % 2 == 1, 1e-5);
+        }
+    }
+
+    /// A V1 whose backward is deliberately wrong in one way.
+    struct Broken {
+        inner: EmpfV1<f64>,
+        drop_temporal: bool,
+        drop_lambda: bool,
+    }
+    impl Layer<f64> for Broken {
+        fn name(&self) -> &str {
+            "broken"
+        }
+        fn kind(&self) -> &'static str {
+            "Broken"
+        }
+        fn output_shape(&self, i: &[usize]) -> Result<Vec<usize>> {
+            self.inner.output_shape(i)
+        }
+        fn forward(
+            &mut self,
+            x: &Tensor<f64>,
+            c: &StepCtx,
+            s: &mut State<f64>,
+            k: Option<&mut Cache>,
+        ) -> Result<Tensor<f64>> {
+            self.inner.forward(x, c, s, k)
+        }
+        fn backward(
+            &mut self,
+            dy: &Tensor<f64>,
+            c: &StepCtx,
+            k: &Cache,
+            s: &mut State<f64>,
+        ) -> Result<Tensor<f64>> {
+            let r = self.inner.backward(dy, c, k, s);
+            if self.drop_temporal {
+                // forget λ·dL/dm in the gradient passed to step t−1
+                s.visit_tensors_mut(&mut |t| t.fill(0.0));
+            }
+            if self.drop_lambda {
+                self.inner.a.zero_grad();
+            }
+            r
+        }
+        fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<f64>)) {
+            self.inner.visit_params(f)
+        }
+    }
+
+    #[test]
+    fn gradcheck_catches_a_wrong_empf_backward() {
+        let mut rng = Rng::new(11);
+        let shape = [3, 5];
+        let xs: Vec<_> = (0..3).map(|_| input(&shape, 1.0, &mut rng)).collect();
+        let opts = GradCheckOpts::default();
+        for (drop_temporal, drop_lambda, mode, what) in [
+            (true, false, GradMode::Bptt, "x[0]"),
+            (false, true, GradMode::Online, "n1.a"),
+            (false, true, GradMode::Bptt, "n1.a"),
+        ] {
+            let mut l = Broken {
+                inner: EmpfV1::new("n1", 3),
+                drop_temporal,
+                drop_lambda,
+            };
+            randomise(&mut l, &mut Rng::new(4));
+            let rep = check_unrolled(&mut l, &xs, true, mode, &opts).unwrap();
+            assert!(!rep.passed(&opts), "{what} {mode:?}");
+            assert!(
+                rep.failures.iter().any(|f| f.contains(what)),
+                "{:?}",
+                rep.failures
+            );
+            // the intact layer passes the same check
+            check_unrolled(&mut l.inner, &xs, true, mode, &opts)
+                .unwrap()
+                .assert_ok(&opts, "intact");
+        }
+    }
+
+    /// Gradients of a T-step V1 run in one mode: (dL/dx[t], a.grad, b.grad).
+    fn v1_grads(
+        l: &mut EmpfV1<f64>,
+        xs: &[Tensor<f64>],
+        rs: &[Tensor<f64>],
+        grad: GradMode,
+    ) -> (Vec<Tensor<f64>>, Tensor<f64>, Tensor<f64>) {
+        let steps = xs.len();
+        l.a.zero_grad();
+        l.b.zero_grad();
+        let mut st = State::Empty;
+        let mut caches: Vec<Cache> = (0..steps).map(|_| Cache::new()).collect();
+        for t in 0..steps {
+            l.forward(
+                &xs[t],
+                &StepCtx::train(t, steps, grad),
+                &mut st,
+                Some(&mut caches[t]),
+            )
+            .unwrap();
+        }
+        let mut dxs = vec![Tensor::zeros(ndarray::IxDyn(&[0])); steps];
+        let mut ds = State::Empty;
+        for t in (0..steps).rev() {
+            if grad == GradMode::Online {
+                ds = State::Empty;
+            }
+            dxs[t] = l
+                .backward(&rs[t], &StepCtx::train(t, steps, grad), &caches[t], &mut ds)
+                .unwrap();
+        }
+        (dxs, l.a.grad.clone(), l.b.grad.clone())
+    }
+
+    #[test]
+    fn theorem_4_2_always_firing_online_equals_bptt_except_threshold() {
+        let mut rng = Rng::new(7);
+        let steps = 4;
+        let shape = [3, 2, 2, 2];
+        let mut l = EmpfV1::<f64>::new("n1", steps);
+        randomise(&mut l, &mut rng);
+        // always firing: I ≥ 1 > θ; always silent: λ v + I < θ with v ≤ θ needs I < (1 − λ) θ
+        let fire: Vec<_> = (0..steps)
+            .map(|_| input(&shape, 0.2, &mut rng).mapv(|v| v.abs() + 1.0))
+            .collect();
+        let rs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+        let (dx_o, da_o, db_o) = v1_grads(&mut l, &fire, &rs, GradMode::Online);
+        let (dx_b, da_b, db_b) = v1_grads(&mut l, &fire, &rs, GradMode::Bptt);
+        assert_eq!(dx_o, dx_b);
+        assert_eq!(da_o, da_b);
+        // θ[t] reaches m[t+1] through λ[t+1]·v[t] only in BPTT: the last step agrees, earlier differ
+        assert_eq!(db_o[[steps - 1]], db_b[[steps - 1]]);
+        for t in 0..steps - 1 {
+            assert!((db_o[[t]] - db_b[[t]]).abs() > 1e-6, "t={t}");
+        }
+        let silent: Vec<_> = (0..steps)
+            .map(|_| input(&shape, 0.2, &mut rng).mapv(|v| -v.abs() - 0.1))
+            .collect();
+        for grad in [GradMode::Online, GradMode::Bptt] {
+            let (dx, da, db) = v1_grads(&mut l, &silent, &rs, grad);
+            assert!(dx.iter().all(|d| d.iter().all(|&v| v == 0.0)));
+            assert!(da.iter().chain(db.iter()).all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn lif_heaviside_uses_the_same_surrogate_backward() {
+        let shape = [4, 6];
+        for reset in [Reset::Soft, Reset::Hard] {
+            let mut outs = Vec::new();
+            for spike in [SpikeFn::Heaviside, SpikeFn::SmoothTriangle] {
+                let mut l = Lif::<f64>::new("lif");
+                l.spike = spike;
+                l.reset = reset;
+                let mut r2 = Rng::new(9);
+                let x = input(&shape, 1.0, &mut r2).mapv(|v| v + 0.5);
+                let dy = input(&shape, 1.0, &mut r2);
+                let ctx = StepCtx::train(0, 1, GradMode::Online);
+                let mut cache = Cache::new();
+                let y = l
+                    .forward(&x, &ctx, &mut State::Empty, Some(&mut cache))
+                    .unwrap();
+                if spike == SpikeFn::Heaviside {
+                    assert!(y.iter().all(|&s| s == 0.0 || s == 1.0));
+                    assert!(y.iter().any(|&s| s == 1.0) && y.iter().any(|&s| s == 0.0));
+                }
+                outs.push(l.backward(&dy, &ctx, &cache, &mut State::Empty).unwrap());
+            }
+            assert_eq!(outs[0], outs[1]);
+        }
+        // the surrogate is the triangle of width γ = 1 around θ = 1
+        let l = Lif::<f64>::new("lif");
+        assert_eq!(l.surrogate(1.0), 1.0);
+        assert_eq!(l.surrogate(1.5), 0.5);
+        assert_eq!(l.surrogate(-0.25), 0.0);
+        assert_eq!(l.surrogate(2.0), 0.0);
+        // soft reset subtracts θ, hard reset zeroes
+        let mut l = Lif::<f64>::new("lif");
+        let mut st = State::Empty;
+        let x = from_vec(&[1, 2], vec![1.5, 0.5]);
+        l.forward(&x, &StepCtx::eval(0, 1), &mut st, None).unwrap();
+        assert_eq!(st.tensor().unwrap().as_slice().unwrap(), &[0.5, 0.5]);
+        l.reset = Reset::Hard;
+        let mut st = State::Empty;
+        l.forward(&x, &StepCtx::eval(0, 1), &mut st, None).unwrap();
+        assert_eq!(st.tensor().unwrap().as_slice().unwrap(), &[0.0, 0.5]);
+    }
+
+    #[test]
+    fn online_caches_keep_only_a_bit_mask_and_the_previous_potential() {
+        let shape = [8, 16, 4, 4];
+        let len: usize = shape.iter().product();
+        let mut rng = Rng::new(1);
+        let x = input(&shape, 1.0, &mut rng).mapv(|v| v as f32);
+        let mut l = EmpfV1::<f32>::new("n1", 2);
+        let mut cache = Cache::new();
+        let mut st = State::Empty;
+        l.forward(
+            &x,
+            &StepCtx::train(0, 2, GradMode::Online),
+            &mut st,
+            Some(&mut cache),
+        )
+        .unwrap();
+        assert_eq!(cache.bytes(), len / 8, "t = 0 keeps only the mask");
+        l.forward(
+            &x,
+            &StepCtx::train(1, 2, GradMode::Online),
+            &mut st,
+            Some(&mut cache),
+        )
+        .unwrap();
+        assert_eq!(cache.bytes(), len / 8 + len * 4);
+        let mut l3 = EmpfV3::<f32>::new("n3", 2);
+        l3.forward(
+            &x,
+            &StepCtx::train(1, 2, GradMode::Online),
+            &mut st,
+            Some(&mut cache),
+        )
+        .unwrap();
+        assert_eq!(cache.bytes(), len / 8);
+    }
+
+    #[test]
+    fn bad_shapes_are_shape_errors_naming_the_layer() {
+        let ctx = StepCtx::eval(0, 2);
+        let mut layers: Vec<Box<dyn Layer<f32>>> = vec![
+            Box::new(EmpfV1::new("nA", 2)),
+            Box::new(EmpfV2::new("nB", 3, 2)),
+            Box::new(EmpfV3::new("nC", 2)),
+            Box::new(Lif::new("nD")),
+            Box::new(EmpfV2::<f32>::new("nE", 3, 2).to_folded()),
+        ];
+        for l in &mut layers {
+            for shape in [vec![2, 3, 4], vec![6], vec![2, 0]] {
+                let x = crate::tensor::zeros::<f32>(&shape);
+                let e = l.forward(&x, &ctx, &mut State::Empty, None).unwrap_err();
+                assert!(matches!(e, Error::Shape { .. }), "{e}");
+                assert!(e.to_string().contains(l.name()), "{e}");
+            }
+            // a carried state of another shape
+            let x = crate::tensor::zeros::<f32>(&[2, 3]);
+            let mut st = State::Tensor(crate::tensor::zeros::<f32>(&[2, 4]));
+            let e = l.forward(&x, &ctx, &mut st, None);
+            if l.kind() != "EmpfV3" {
+                assert!(matches!(e.unwrap_err(), Error::Shape { .. }));
+            }
+        }
+        // channel count mismatch for the BN neuron
+        let mut v2 = EmpfV2::<f32>::new("nB", 3, 2);
+        let e = v2
+            .forward(
+                &crate::tensor::zeros(&[2, 4, 2, 2]),
+                &ctx,
+                &mut State::Empty,
+                None,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }));
+        // T·N rows for the batched V3
+        let mut v3 = EmpfV3::<f32>::new("nC", 2);
+        let e = v3
+            .forward_all(&crate::tensor::zeros(&[3, 4]), None)
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }));
+    }
+}
