@@ -18,12 +18,16 @@ use crate::tensor::{Real, Tensor, zeros};
 use ndarray::IxDyn;
 use std::any::Any;
 
+pub mod batchnorm;
 pub mod binary;
 pub mod conv;
 pub mod linear;
+pub mod neuron;
+pub use batchnorm::BatchNorm;
 pub use binary::{BinaryConv2d, BinaryInit, BinaryLinear};
 pub use conv::{Conv2d, ConvSpec};
 pub use linear::Linear;
+pub use neuron::{EmpfFolded, EmpfV1, EmpfV2, EmpfV3, Lif};
 
 /// How gradients flow through time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,0 +1,1479 @@
+//! Spiking neurons (EMPF.md §1, §3, §5, §6): the EM-PF neuron in its three versions, its folded
+//! inference form, and the LIF baseline.
+//!
+//! All neurons take `N x F` or `N x C x H x W` inputs (the input current `I[t]`), return the spike
+//! tensor of the same shape, and carry the residual potential `v[t]` in their [`State`]
+//! (`State::Empty` = `v[0] = 0`). Per-step parameters are one scalar per layer per time-step, so
+//! the constructors take `T` and `StepCtx::t` indexes them.
+//!
+//! Gradient modes (see `layers` module docs): in [`GradMode::Online`] the charging uses
+//! `sg(v[t−1])`, so the backward covers the step alone (it still yields `dL/dλ[t] = Σ dL/dm·v[t−1]`,
+//! `v[t−1]` being a constant input of the step); in [`GradMode::Bptt`] `dstate` brings `dL/dv[t]` in
+//! and takes `dL/dv[t−1] = λ[t]·dL/dm[t]` out.
+
+use crate::error::{Error, Result};
+use crate::layers::batchnorm::{BatchNorm, BnCache, BnGeom};
+use crate::layers::{Cache, CacheBytes, GradMode, Layer, Param, ParamKind, State, StepCtx};
+use crate::tensor::{Real, Tensor, as_slice, from_vec};
+
+/// `1 / (1 + e^{−x})`.
+#[inline]
+pub fn sigmoid<R: Real>(x: R) -> R {
+    R::one() / (R::one() + (-x).exp())
+}
+
+/// A packed bit per element (`H(m − θ)`, "fired"): what most neuron backwards need.
+#[derive(Clone, Debug, Default)]
+pub struct BitMask {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl BitMask {
+    /// Clear to `len` zero bits (reusing the allocation).
+    pub fn reset(&mut self, len: usize) {
+        self.words.clear();
+        self.words.resize(len.div_ceil(64), 0);
+        self.len = len;
+    }
+    /// Set bit `i`.
+    #[inline]
+    pub fn set(&mut self, i: usize) {
+        self.words[i >> 6] |= 1u64 << (i & 63);
+    }
+    /// Bit `i`.
+    #[inline]
+    pub fn get(&self, i: usize) -> bool {
+        (self.words[i >> 6] >> (i & 63)) & 1 == 1
+    }
+    /// Number of bits.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether there are no bits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl CacheBytes for BitMask {
+    fn cache_bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+fn check_neuron_shape(layer: &str, shape: &[usize]) -> Result<()> {
+    if matches!(shape.len(), 2 | 4) && shape.iter().all(|&d| d > 0) {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            layer,
+            "expected N x F or N x C x H x W",
+            shape,
+        ))
+    }
+}
+
+fn step_index(layer: &str, ctx: &StepCtx, steps: usize) -> Result<usize> {
+    if ctx.t < steps {
+        Ok(ctx.t)
+    } else {
+        Err(Error::Config(format!(
+            "layer `{layer}`: time-step {} out of range (built for T = {steps})",
+            ctx.t
+        )))
+    }
+}
+
+/// Take `v[t−1]` out of the state (None = zero), checking it is shaped like the input.
+fn take_prev<R: Real>(
+    layer: &str,
+    state: &mut State<R>,
+    shape: &[usize],
+) -> Result<Option<Tensor<R>>> {
+    match std::mem::take(state) {
+        State::Empty => Ok(None),
+        State::Tensor(v) if v.shape() == shape => Ok(Some(crate::tensor::standard(v))),
+        State::Tensor(v) => Err(Error::shape(
+            layer,
+            format!("residual potential shaped like the input {shape:?}"),
+            v.shape(),
+        )),
+        State::Children(_) => Err(Error::shape(
+            layer,
+            "a single residual-potential tensor, got a composite state",
+            shape,
+        )),
+    }
+}
+
+/// `dL/dv[t]` from `dstate` in BPTT mode (None = zero), shape-checked.
+fn take_dv<R: Real>(
+    layer: &str,
+    ctx: &StepCtx,
+    dstate: &mut State<R>,
+    shape: &[usize],
+) -> Result<Option<Tensor<R>>> {
+    if ctx.grad == GradMode::Bptt {
+        take_prev(layer, dstate, shape)
+    } else {
+        *dstate = State::Empty;
+        Ok(None)
+    }
+}
+
+fn param_t<R: Real>(p: &Param<R>, t: usize) -> R {
+    p.value.as_slice().expect("standard")[t]
+}
+
+fn add_grad<R: Real>(p: &mut Param<R>, t: usize, g: f64) {
+    p.grad.as_slice_mut().expect("standard")[t] += R::of(g);
+}
+
+fn step_param<R: Real>(name: &str, suffix: &str, steps: usize) -> Param<R> {
+    Param::new(
+        format!("{name}.{suffix}"),
+        ParamKind::Neuron,
+        from_vec(&[steps], vec![R::zero(); steps]),
+    )
+}
+
+fn check_dy<R: Real>(layer: &str, dy: &Tensor<R>, shape: &[usize]) -> Result<()> {
+    if dy.shape() == shape {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            layer,
+            format!("output gradient shaped like the forward input {shape:?}"),
+            dy.shape(),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version I
+// ---------------------------------------------------------------------------------------------
+
+/// EM-PF Version I (EMPF.md §3, Eq. 5): learnable leak and threshold, float spikes.
+///
+/// ```text
+/// λ[t] = sigmoid(a[t]),  θ[t] = sigmoid(b[t])          (a = b = 0 at init)
+/// m[t] = λ[t]·sg(v[t−1]) + I[t]
+/// s[t] = ReLU(m[t] − θ[t])                               (output)
+/// v[t] = m[t] − s[t] = min(m[t], θ[t])                   (state)
+/// ```
+/// Backward, with `H = H(m − θ)` (strict: `m > θ`), `dy = dL/ds[t]`, `dv = dL/dv[t]` (BPTT only,
+/// from `dstate`; 0 online):
+/// * `ds/dm = H`, `dv/dm = 1 − H`  ⇒  `dm = dy·H + dv·(1 − H)`; `dL/dI = dm`.
+/// * `ds/dθ = −H`, `dv/dθ = H`  ⇒  `dL/dθ[t] = Σ (dv − dy)·H` (the `dv` part is the θ exception of
+///   Theorem 4.2: it only exists in BPTT).
+/// * `dm/dλ = v[t−1]`  ⇒  `dL/dλ[t] = Σ dm·v[t−1]` (both modes; `v[t−1]` is kept in the cache).
+/// * `dm/dv[t−1] = λ`  ⇒  BPTT returns `dL/dv[t−1] = λ·dm` in `dstate`.
+/// * chain through the sigmoids: `dL/da = dL/dλ·λ(1 − λ)`, `dL/db = dL/dθ·θ(1 − θ)`.
+pub struct EmpfV1<R: Real> {
+    name: String,
+    /// Time-steps `T` the per-step parameters cover.
+    pub steps: usize,
+    /// `a[t]`, λ = sigmoid(a), shape `[T]`.
+    pub a: Param<R>,
+    /// `b[t]`, θ = sigmoid(b), shape `[T]`.
+    pub b: Param<R>,
+}
+
+/// V1 backward needs which neurons fired and `v[t−1]` (absent at `t = 0`).
+#[derive(Default)]
+pub struct EmpfV1Cache<R: Real> {
+    fired: BitMask,
+    v_prev: Option<Tensor<R>>,
+    shape: Vec<usize>,
+}
+crate::impl_cache!(EmpfV1Cache<R> { fired, v_prev });
+
+impl<R: Real> EmpfV1<R> {
+    /// `a = b = 0` (λ = θ = 0.5) for `steps` time-steps.
+    pub fn new(name: &str, steps: usize) -> Self {
+        EmpfV1 {
+            name: name.to_string(),
+            steps,
+            a: step_param(name, "a", steps),
+            b: step_param(name, "b", steps),
+        }
+    }
+    /// λ[t].
+    pub fn leak(&self, t: usize) -> R {
+        sigmoid(param_t(&self.a, t))
+    }
+    /// θ[t].
+    pub fn threshold(&self, t: usize) -> R {
+        sigmoid(param_t(&self.b, t))
+    }
+}
+
+impl<R: Real> Layer<R> for EmpfV1<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "EmpfV1"
+    }
+    fn describe(&self) -> String {
+        format!("EmpfV1(T = {})", self.steps)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        check_neuron_shape(&self.name, input)?;
+        Ok(input.to_vec())
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<R>,
+        ctx: &StepCtx,
+        state: &mut State<R>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor<R>> {
+        check_neuron_shape(&self.name, x.shape())?;
+        let t = step_index(&self.name, ctx, self.steps)?;
+        let (lam, th) = (self.leak(t), self.threshold(t));
+        let prev = take_prev(&self.name, state, x.shape())?;
+        let xs = as_slice(x);
+        let mut s = vec![R::zero(); xs.len()];
+        let mut v = vec![R::zero(); xs.len()];
+        let mut c = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>());
+        if let Some(c) = c.as_mut() {
+            c.fired.reset(xs.len());
+        }
+        let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
+        for i in 0..xs.len() {
+            let m = match pv {
+                Some(p) => lam * p[i] + xs[i],
+                None => xs[i],
+            };
+            if m > th {
+                s[i] = m - th;
+                v[i] = th;
+                if let Some(c) = c.as_mut() {
+                    c.fired.set(i);
+                }
+            } else {
+                v[i] = m;
+            }
+        }
+        if let Some(c) = c {
+            c.v_prev = prev;
+            c.shape = x.shape().to_vec();
+        }
+        *state = State::Tensor(from_vec(x.shape(), v));
+        Ok(from_vec(x.shape(), s))
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<R>,
+        ctx: &StepCtx,
+        cache: &Cache,
+        dstate: &mut State<R>,
+    ) -> Result<Tensor<R>> {
+        let c = cache.get::<EmpfV1Cache<R>>(&self.name)?;
+        check_dy(&self.name, dy, &c.shape)?;
+        let t = step_index(&self.name, ctx, self.steps)?;
+        let (lam, th) = (self.leak(t), self.threshold(t));
+        let dv = take_dv(&self.name, ctx, dstate, &c.shape)?;
+        let dvs = dv.as_ref().map(|d| d.as_slice().expect("standard"));
+        let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
+        let dys = as_slice(dy);
+        let mut dm = vec![R::zero(); dys.len()];
+        let (mut dlam, mut dth) = (0.0f64, 0.0f64);
+        for i in 0..dys.len() {
+            let dvi = dvs.map_or(R::zero(), |d| d[i]);
+            if c.fired.get(i) {
+                dm[i] = dys[i];
+                dth += (dvi - dys[i]).f64();
+            } else {
+                dm[i] = dvi;
+            }
+            if let Some(p) = pv {
+                dlam += (dm[i] * p[i]).f64();
+            }
+        }
+        add_grad(&mut self.a, t, dlam * (lam * (R::one() - lam)).f64());
+        add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
+        *dstate = if ctx.grad == GradMode::Bptt && pv.is_some() {
+            State::Tensor(from_vec(&c.shape, dm.iter().map(|&d| lam * d).collect()))
+        } else {
+            State::Empty
+        };
+        Ok(from_vec(&c.shape, dm))
+    }
+    fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
+        f(&mut self.a);
+        f(&mut self.b);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version II (membrane-potential BatchNorm) and its fold
+// ---------------------------------------------------------------------------------------------
+
+/// EM-PF Version II (EMPF.md §5, Eqs. 6-8): membrane-potential BatchNorm, one BN per time-step.
+///
+/// ```text
+/// m[t]  = λ[t]·sg(v[t−1]) + I[t]
+/// m̂[t] = α1[t]·BN_t(m[t]) + α2[t]·m[t],     α1 = sigmoid(c[t]), α2 = sigmoid(d[t])
+/// s[t]  = ReLU(m̂[t] − θ[t]),                 v[t] = m̂[t] − s[t] = min(m̂[t], θ[t])
+/// ```
+/// Backward, `H = H(m̂ − θ)`, `dy = dL/ds`, `dv = dL/dv[t]` (BPTT only):
+/// * `dm̂ = dy·H + dv·(1 − H)`; `dL/dθ = Σ (dv − dy)·H`;
+/// * `dL/dα1 = Σ dm̂·BN_t(m)`, `dL/dα2 = Σ dm̂·m`;
+/// * `dm = BN_t.backward(α1·dm̂) + α2·dm̂` (train: full batch-statistics derivative; eval: `γ s`),
+///   which also adds `dγ`, `dβ` of `BN_t`; `dL/dI = dm`;
+/// * `dL/dλ = Σ dm·v[t−1]`; BPTT: `dL/dv[t−1] = λ·dm`;
+/// * chain through the sigmoids of a, b, c, d.
+///
+/// Parameters `{name}.a`, `.b`, `.c`, `.d` (shape `[T]`) and BN `{name}.bn{t}.weight|bias|
+/// running_mean|running_var`.
+pub struct EmpfV2<R: Real> {
+    name: String,
+    /// Channels (features) of the input.
+    pub channels: usize,
+    /// Time-steps `T`.
+    pub steps: usize,
+    /// λ = sigmoid(a).
+    pub a: Param<R>,
+    /// θ = sigmoid(b).
+    pub b: Param<R>,
+    /// α1 = sigmoid(c).
+    pub c: Param<R>,
+    /// α2 = sigmoid(d).
+    pub d: Param<R>,
+    /// One BatchNorm per time-step.
+    pub bns: Vec<BatchNorm<R>>,
+}
+
+/// V2 backward needs the firing mask, `v[t−1]`, `m` (for α2) and the BN cache (x̂, s).
+#[derive(Default)]
+pub struct EmpfV2Cache<R: Real> {
+    fired: BitMask,
+    v_prev: Option<Tensor<R>>,
+    m: Vec<R>,
+    bn: BnCache<R>,
+    shape: Vec<usize>,
+}
+crate::impl_cache!(EmpfV2Cache<R> { fired, v_prev, m, bn });
+
+impl<R: Real> EmpfV2<R> {
+    /// a = b = c = d = 0, fresh BatchNorms, for `channels` channels and `steps` time-steps.
+    pub fn new(name: &str, channels: usize, steps: usize) -> Self {
+        EmpfV2 {
+            name: name.to_string(),
+            channels,
+            steps,
+            a: step_param(name, "a", steps),
+            b: step_param(name, "b", steps),
+            c: step_param(name, "c", steps),
+            d: step_param(name, "d", steps),
+            bns: (0..steps)
+                .map(|t| BatchNorm::new(&format!("{name}.bn{t}"), channels))
+                .collect(),
+        }
+    }
+
+    /// The exact inference fold of the eval-mode step `t` (per channel):
+    /// `k = α1·γ/sqrt(σ² + eps) + α2`, `b = α1·(β − γ·μ/sqrt(σ² + eps))`, so `m̂ = k ⊙ m + b`.
+    /// Returns `(k[t][ch], b[t][ch])`.
+    pub fn fold(&self) -> (Vec<Vec<R>>, Vec<Vec<R>>) {
+        let mut ks = Vec::with_capacity(self.steps);
+        let mut bs = Vec::with_capacity(self.steps);
+        for t in 0..self.steps {
+            let a1 = sigmoid(param_t(&self.c, t));
+            let a2 = sigmoid(param_t(&self.d, t));
+            let (scale, shift) = self.bns[t].fold_affine();
+            ks.push(scale.iter().map(|&k| a1 * k + a2).collect());
+            bs.push(shift.iter().map(|&b| a1 * b).collect());
+        }
+        (ks, bs)
+    }
+
+    /// The folded inference neuron: `λ̂[t][ch] = k·λ[t]`, `Î = k ⊙ I + b`, `θ̂ = θ`.
+    pub fn to_folded(&self) -> EmpfFolded<R> {
+        let (k, b) = self.fold();
+        let leak = (0..self.steps)
+            .map(|t| {
+                let lam = sigmoid(param_t(&self.a, t));
+                k[t].iter().map(|&k| k * lam).collect()
+            })
+            .collect();
+        EmpfFolded {
+            name: self.name.clone(),
+            channels: self.channels,
+            leak,
+            scale: k,
+            shift: b,
+            threshold: (0..self.steps)
+                .map(|t| sigmoid(param_t(&self.b, t)))
+                .collect(),
+        }
+    }
+}
+
+impl<R: Real> Layer<R> for EmpfV2<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "EmpfV2"
+    }
+    fn describe(&self) -> String {
+        format!("EmpfV2({} channels, T = {})", self.channels, self.steps)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        BnGeom::of(&self.name, input, self.channels)?;
+        Ok(input.to_vec())
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<R>,
+        ctx: &StepCtx,
+        state: &mut State<R>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor<R>> {
+        let g = BnGeom::of(&self.name, x.shape(), self.channels)?;
+        let t = step_index(&self.name, ctx, self.steps)?;
+        let lam = sigmoid(param_t(&self.a, t));
+        let th = sigmoid(param_t(&self.b, t));
+        let a1 = sigmoid(param_t(&self.c, t));
+        let a2 = sigmoid(param_t(&self.d, t));
+        let prev = take_prev(&self.name, state, x.shape())?;
+        let xs = as_slice(x);
+        let m: Vec<R> = match prev.as_ref() {
+            Some(p) => p
+                .as_slice()
+                .expect("standard")
+                .iter()
+                .zip(xs.iter())
+                .map(|(&v, &i)| lam * v + i)
+                .collect(),
+            None => xs.to_vec(),
+        };
+        let mut c = cache.map(|c| c.get_or_default::<EmpfV2Cache<R>>());
+        let bn = self.bns[t].forward_slice(&m, g, ctx.train, c.as_mut().map(|c| &mut c.bn))?;
+        let mut s = vec![R::zero(); m.len()];
+        let mut v = vec![R::zero(); m.len()];
+        if let Some(c) = c.as_mut() {
+            c.fired.reset(m.len());
+        }
+        for i in 0..m.len() {
+            let mh = a1 * bn[i] + a2 * m[i];
+            if mh > th {
+                s[i] = mh - th;
+                v[i] = th;
+                if let Some(c) = c.as_mut() {
+                    c.fired.set(i);
+                }
+            } else {
+                v[i] = mh;
+            }
+        }
+        if let Some(c) = c {
+            c.v_prev = prev;
+            c.m = m;
+            c.shape = x.shape().to_vec();
+        }
+        *state = State::Tensor(from_vec(x.shape(), v));
+        Ok(from_vec(x.shape(), s))
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<R>,
+        ctx: &StepCtx,
+        cache: &Cache,
+        dstate: &mut State<R>,
+    ) -> Result<Tensor<R>> {
+        let c = cache.get::<EmpfV2Cache<R>>(&self.name)?;
+        check_dy(&self.name, dy, &c.shape)?;
+        let g = BnGeom::of(&self.name, &c.shape, self.channels)?;
+        let t = step_index(&self.name, ctx, self.steps)?;
+        let lam = sigmoid(param_t(&self.a, t));
+        let th = sigmoid(param_t(&self.b, t));
+        let a1 = sigmoid(param_t(&self.c, t));
+        let a2 = sigmoid(param_t(&self.d, t));
+        let dv = take_dv(&self.name, ctx, dstate, &c.shape)?;
+        let dvs = dv.as_ref().map(|d| d.as_slice().expect("standard"));
+        let dys = as_slice(dy);
+        let xhat = c.bn.xhat();
+        let gamma = self.bns[t].weight.value.as_slice().expect("standard");
+        let beta = self.bns[t].bias.value.as_slice().expect("standard");
+        let mut dmh = vec![R::zero(); dys.len()];
+        let (mut dth, mut da1, mut da2) = (0.0f64, 0.0f64, 0.0f64);
+        for i in 0..dys.len() {
+            let dvi = dvs.map_or(R::zero(), |d| d[i]);
+            if c.fired.get(i) {
+                dmh[i] = dys[i];
+                dth += (dvi - dys[i]).f64();
+            } else {
+                dmh[i] = dvi;
+            }
+            let ch = (i / g.hw) % g.c;
+            let bn = gamma[ch] * xhat[i] + beta[ch];
+            da1 += (dmh[i] * bn).f64();
+            da2 += (dmh[i] * c.m[i]).f64();
+        }
+        let dbn: Vec<R> = dmh.iter().map(|&d| a1 * d).collect();
+        let mut dm = self.bns[t].backward_slice(&dbn, g, &c.bn)?;
+        let mut dlam = 0.0f64;
+        let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
+        for i in 0..dm.len() {
+            dm[i] += a2 * dmh[i];
+            if let Some(p) = pv {
+                dlam += (dm[i] * p[i]).f64();
+            }
+        }
+        let sd = |x: R| (x * (R::one() - x)).f64();
+        add_grad(&mut self.a, t, dlam * sd(lam));
+        add_grad(&mut self.b, t, dth * sd(th));
+        add_grad(&mut self.c, t, da1 * sd(a1));
+        add_grad(&mut self.d, t, da2 * sd(a2));
+        *dstate = if ctx.grad == GradMode::Bptt && pv.is_some() {
+            State::Tensor(from_vec(&c.shape, dm.iter().map(|&d| lam * d).collect()))
+        } else {
+            State::Empty
+        };
+        Ok(from_vec(&c.shape, dm))
+    }
+    fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
+        f(&mut self.a);
+        f(&mut self.b);
+        f(&mut self.c);
+        f(&mut self.d);
+        for bn in &mut self.bns {
+            bn.visit_params(f);
+        }
+    }
+}
+
+/// The folded Version II neuron for inference (EMPF.md §5): a Version I neuron with a per-channel
+/// leak and an input affine,
+/// ```text
+/// m[t] = λ̂[t][ch]·v[t−1] + k[t][ch]·I[t] + b[t][ch],   s = ReLU(m − θ[t]),   v = min(m, θ[t])
+/// ```
+/// equal to the eval-mode [`EmpfV2`] it was folded from. The input affine `(k, b)` is kept apart so
+/// that a deployment can fold it into the preceding BatchNorm. Inference only: `backward` errors.
+pub struct EmpfFolded<R: Real> {
+    name: String,
+    /// Channels.
+    pub channels: usize,
+    /// `λ̂[t][ch] = k[t][ch]·λ[t]`.
+    pub leak: Vec<Vec<R>>,
+    /// Input scale `k[t][ch]`.
+    pub scale: Vec<Vec<R>>,
+    /// Input shift `b[t][ch]`.
+    pub shift: Vec<Vec<R>>,
+    /// `θ[t]`.
+    pub threshold: Vec<R>,
+}
+
+impl<R: Real> Layer<R> for EmpfFolded<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "EmpfFolded"
+    }
+    fn describe(&self) -> String {
+        format!(
+            "EmpfFolded({} channels, T = {})",
+            self.channels,
+            self.threshold.len()
+        )
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        BnGeom::of(&self.name, input, self.channels)?;
+        Ok(input.to_vec())
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<R>,
+        ctx: &StepCtx,
+        state: &mut State<R>,
+        _cache: Option<&mut Cache>,
+    ) -> Result<Tensor<R>> {
+        let g = BnGeom::of(&self.name, x.shape(), self.channels)?;
+        let t = step_index(&self.name, ctx, self.threshold.len())?;
+        let th = self.threshold[t];
+        let (leak, k, b) = (&self.leak[t], &self.scale[t], &self.shift[t]);
+        let prev = take_prev(&self.name, state, x.shape())?;
+        let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
+        let xs = as_slice(x);
+        let mut s = vec![R::zero(); xs.len()];
+        let mut v = vec![R::zero(); xs.len()];
+        for i in 0..xs.len() {
+            let ch = (i / g.hw) % g.c;
+            let mut m = k[ch] * xs[i] + b[ch];
+            if let Some(p) = pv {
+                m += leak[ch] * p[i];
+            }
+            if m > th {
+                s[i] = m - th;
+                v[i] = th;
+            } else {
+                v[i] = m;
+            }
+        }
+        *state = State::Tensor(from_vec(x.shape(), v));
+        Ok(from_vec(x.shape(), s))
+    }
+    fn backward(
+        &mut self,
+        _dy: &Tensor<R>,
+        _ctx: &StepCtx,
+        _cache: &Cache,
+        _dstate: &mut State<R>,
+    ) -> Result<Tensor<R>> {
+        Err(Error::Config(format!(
+            "layer `{}`: the folded EM-PF neuron is inference-only (train the EmpfV2 it came from)",
+            self.name
+        )))
+    }
+    fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version III (parallel)
+// ---------------------------------------------------------------------------------------------
+
+/// EM-PF Version III (EMPF.md §6): the parallel neuron, `s[t] = ReLU(I[t] − θ[t])`, θ = sigmoid(b[t]).
+///
+/// No leak and no membrane state, so all `T` steps are independent and can run as one batched call
+/// ([`EmpfV3::forward_all`] / [`EmpfV3::backward_all`]). Backward: `dL/dI = dy·H(I − θ)`,
+/// `dL/dθ[t] = −Σ dy·H(I − θ)`, `dL/db = dL/dθ·θ(1 − θ)`; `dstate` stays empty in both modes.
+pub struct EmpfV3<R: Real> {
+    name: String,
+    /// Time-steps `T`.
+    pub steps: usize,
+    /// θ = sigmoid(b), shape `[T]`.
+    pub b: Param<R>,
+}
+
+/// V3 backward needs only the firing mask.
+#[derive(Default)]
+pub struct EmpfV3Cache {
+    fired: BitMask,
+    shape: Vec<usize>,
+    /// Time-steps covered by the cache (1 for a step-wise forward, T for `forward_all`) and the
+    /// first step index.
+    steps: usize,
+    t0: usize,
+}
+crate::impl_cache!(EmpfV3Cache { fired });
+
+impl<R: Real> EmpfV3<R> {
+    /// `b = 0` (θ = 0.5) for `steps` time-steps.
+    pub fn new(name: &str, steps: usize) -> Self {
+        EmpfV3 {
+            name: name.to_string(),
+            steps,
+            b: step_param(name, "b", steps),
+        }
+    }
+
+    /// Forward over `nsteps` consecutive equal chunks of `x`, chunk `j` using θ[t0 + j].
+    fn run(&self, x: &[R], t0: usize, nsteps: usize, mut fired: Option<&mut BitMask>) -> Vec<R> {
+        let per = x.len() / nsteps;
+        let mut s = vec![R::zero(); x.len()];
+        if let Some(f) = fired.as_mut() {
+            f.reset(x.len());
+        }
+        for j in 0..nsteps {
+            let th = sigmoid(param_t(&self.b, t0 + j));
+            for i in j * per..(j + 1) * per {
+                if x[i] > th {
+                    s[i] = x[i] - th;
+                    if let Some(f) = fired.as_mut() {
+                        f.set(i);
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    fn run_back(&mut self, dy: &[R], c: &EmpfV3Cache) -> Vec<R> {
+        let per = dy.len() / c.steps;
+        let mut dx = vec![R::zero(); dy.len()];
+        for j in 0..c.steps {
+            let t = c.t0 + j;
+            let th = sigmoid(param_t(&self.b, t));
+            let mut dth = 0.0f64;
+            for i in j * per..(j + 1) * per {
+                if c.fired.get(i) {
+                    dx[i] = dy[i];
+                    dth -= dy[i].f64();
+                }
+            }
+            add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
+        }
+        dx
+    }
+
+    /// All `T` steps in one call. Layout: `x` is `[T·N, ...]` in **step-major** order — rows
+    /// `t·N..(t+1)·N` are step `t` (the step tensors concatenated along axis 0). Returns the spikes
+    /// in the same layout; fills `cache` for [`EmpfV3::backward_all`].
+    pub fn forward_all(&mut self, x: &Tensor<R>, cache: Option<&mut Cache>) -> Result<Tensor<R>> {
+        check_neuron_shape(&self.name, x.shape())?;
+        if x.shape()[0] % self.steps != 0 {
+            return Err(Error::shape(
+                &self.name,
+                format!(
+                    "a batch of T·N rows (T = {}) in step-major order",
+                    self.steps
+                ),
+                x.shape(),
+            ));
+        }
+        let xs = as_slice(x);
+        let c = cache.map(|c| c.get_or_default::<EmpfV3Cache>());
+        let s = match c {
+            Some(c) => {
+                c.shape = x.shape().to_vec();
+                c.steps = self.steps;
+                c.t0 = 0;
+                self.run(&xs, 0, self.steps, Some(&mut c.fired))
+            }
+            None => self.run(&xs, 0, self.steps, None),
+        };
+        Ok(from_vec(x.shape(), s))
+    }
+
+    /// Backward of [`EmpfV3::forward_all`]: `dy` in the same `[T·N, ...]` layout; returns `dL/dI`
+    /// and adds into `b`'s gradient (bit-identical to running the steps one by one).
+    pub fn backward_all(&mut self, dy: &Tensor<R>, cache: &Cache) -> Result<Tensor<R>> {
+        let c = cache.get::<EmpfV3Cache>(&self.name)?;
+        check_dy(&self.name, dy, &c.shape)?;
+        let dys = as_slice(dy);
+        let dx = self.run_back(&dys, c);
+        Ok(from_vec(&c.shape, dx))
+    }
+}
+
+impl<R: Real> Layer<R> for EmpfV3<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "EmpfV3"
+    }
+    fn describe(&self) -> String {
+        format!("EmpfV3(T = {}, parallel)", self.steps)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        check_neuron_shape(&self.name, input)?;
+        Ok(input.to_vec())
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<R>,
+        ctx: &StepCtx,
+        _state: &mut State<R>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor<R>> {
+        check_neuron_shape(&self.name, x.shape())?;
+        let t = step_index(&self.name, ctx, self.steps)?;
+        let xs = as_slice(x);
+        let c = cache.map(|c| c.get_or_default::<EmpfV3Cache>());
+        let s = match c {
+            Some(c) => {
+                c.shape = x.shape().to_vec();
+                c.steps = 1;
+                c.t0 = t;
+                self.run(&xs, t, 1, Some(&mut c.fired))
+            }
+            None => self.run(&xs, t, 1, None),
+        };
+        Ok(from_vec(x.shape(), s))
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<R>,
+        _ctx: &StepCtx,
+        cache: &Cache,
+        dstate: &mut State<R>,
+    ) -> Result<Tensor<R>> {
+        *dstate = State::Empty;
+        self.backward_all(dy, cache)
+    }
+    fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
+        f(&mut self.b);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LIF baseline
+// ---------------------------------------------------------------------------------------------
+
+/// The spike function of [`Lif`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpikeFn {
+    /// `s = H(m − θ) ∈ {0, 1}` (the real LIF); backward uses the triangle surrogate.
+    Heaviside,
+    /// `s = S(m − θ)`, the antiderivative of the triangle surrogate (`S(−∞) = 0`, `S(+∞) = 1`):
+    /// for tests only, so that the surrogate backward is the exact derivative and can be checked
+    /// against finite differences through the very same backward code.
+    SmoothTriangle,
+}
+
+/// The reset of [`Lif`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reset {
+    /// `v = m − θ·s` (EMPF.md §1 Decision).
+    Soft,
+    /// `v = m·(1 − s)`.
+    Hard,
+}
+
+/// The LIF baseline (EMPF.md §1): fixed leak λ and threshold θ, binary spikes, triangle surrogate.
+///
+/// ```text
+/// m = λ·v[t−1] + I,  s = H(m − θ),  v = m − θ·s (soft) or m·(1 − s) (hard)
+/// surrogate ds/dm = g(m) = (1/γ²)·max(γ − |m − θ|, 0)
+/// ```
+/// Backward, `dy = dL/ds`, `dv = dL/dv[t]` (BPTT only):
+/// * `dv/dm = 1 − θ·g` (soft) or `(1 − s) − m·g` (hard);
+/// * `dm = dy·g + dv·dv/dm`; `dL/dI = dm`; BPTT: `dL/dv[t−1] = λ·dm`.
+///
+/// With [`SpikeFn::SmoothTriangle`] `s = S(m − θ)` with `S' = g`, so the same formulas are the
+/// exact derivative.
+pub struct Lif<R: Real> {
+    name: String,
+    /// λ (default 0.5).
+    pub leak: R,
+    /// θ (default 1.0).
+    pub threshold: R,
+    /// Surrogate width γ (default 1).
+    pub gamma: R,
+    /// Spike function (default Heaviside).
+    pub spike: SpikeFn,
+    /// Reset (default soft).
+    pub reset: Reset,
+}
+
+/// LIF backward needs `m` (for the surrogate and the hard reset) and whether `v[t−1]` existed.
+#[derive(Default)]
+pub struct LifCache<R: Real> {
+    m: Vec<R>,
+    has_prev: bool,
+    shape: Vec<usize>,
+}
+crate::impl_cache!(LifCache<R> { m });
+
+impl<R: Real> Lif<R> {
+    /// λ = 0.5, θ = 1, γ = 1, Heaviside spikes, soft reset.
+    pub fn new(name: &str) -> Self {
+        Lif {
+            name: name.to_string(),
+            leak: R::of(0.5),
+            threshold: R::one(),
+            gamma: R::one(),
+            spike: SpikeFn::Heaviside,
+            reset: Reset::Soft,
+        }
+    }
+
+    /// The spike value for membrane potential `m`.
+    pub fn spike_of(&self, m: R) -> R {
+        let x = m - self.threshold;
+        match self.spike {
+            SpikeFn::Heaviside => {
+                if x >= R::zero() {
+                    R::one()
+                } else {
+                    R::zero()
+                }
+            }
+            SpikeFn::SmoothTriangle => {
+                let g = self.gamma;
+                let half = R::of(0.5);
+                if x <= -g {
+                    R::zero()
+                } else if x <= R::zero() {
+                    half * (x + g) * (x + g) / (g * g)
+                } else if x < g {
+                    R::one() - half * (g - x) * (g - x) / (g * g)
+                } else {
+                    R::one()
+                }
+            }
+        }
+    }
+
+    /// The triangle surrogate `g(m) = (1/γ²)·max(γ − |m − θ|, 0)`.
+    pub fn surrogate(&self, m: R) -> R {
+        let g = self.gamma;
+        (g - (m - self.threshold).abs()).max(R::zero()) / (g * g)
+    }
+}
+
+impl<R: Real> Layer<R> for Lif<R> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> &'static str {
+        "Lif"
+    }
+    fn describe(&self) -> String {
+        format!(
+            "Lif(λ = {}, θ = {}, {:?} reset)",
+            self.leak, self.threshold, self.reset
+        )
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        check_neuron_shape(&self.name, input)?;
+        Ok(input.to_vec())
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<R>,
+        _ctx: &StepCtx,
+        state: &mut State<R>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor<R>> {
+        check_neuron_shape(&self.name, x.shape())?;
+        let prev = take_prev(&self.name, state, x.shape())?;
+        let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
+        let xs = as_slice(x);
+        let mut c = cache.map(|c| c.get_or_default::<LifCache<R>>());
+        if let Some(c) = c.as_mut() {
+            c.m.clear();
+            c.has_prev = pv.is_some();
+            c.shape = x.shape().to_vec();
+        }
+        let mut s = vec![R::zero(); xs.len()];
+        let mut v = vec![R::zero(); xs.len()];
+        for i in 0..xs.len() {
+            let m = match pv {
+                Some(p) => self.leak * p[i] + xs[i],
+                None => xs[i],
+            };
+            s[i] = self.spike_of(m);
+            v[i] = match self.reset {
+                Reset::Soft => m - self.threshold * s[i],
+                Reset::Hard => m * (R::one() - s[i]),
+            };
+            if let Some(c) = c.as_mut() {
+                c.m.push(m);
+            }
+        }
+        *state = State::Tensor(from_vec(x.shape(), v));
+        Ok(from_vec(x.shape(), s))
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<R>,
+        ctx: &StepCtx,
+        cache: &Cache,
+        dstate: &mut State<R>,
+    ) -> Result<Tensor<R>> {
+        let c = cache.get::<LifCache<R>>(&self.name)?;
+        check_dy(&self.name, dy, &c.shape)?;
+        let dv = take_dv(&self.name, ctx, dstate, &c.shape)?;
+        let dvs = dv.as_ref().map(|d| d.as_slice().expect("standard"));
+        let dys = as_slice(dy);
+        let mut dm = vec![R::zero(); dys.len()];
+        for i in 0..dys.len() {
+            let m = c.m[i];
+            let g = self.surrogate(m);
+            let mut d = dys[i] * g;
+            if let Some(dv) = dvs {
+                let dvdm = match self.reset {
+                    Reset::Soft => R::one() - self.threshold * g,
+                    Reset::Hard => R::one() - self.spike_of(m) - m * g,
+                };
+                d += dv[i] * dvdm;
+            }
+            dm[i] = d;
+        }
+        *dstate = if ctx.grad == GradMode::Bptt && c.has_prev {
+            State::Tensor(from_vec(
+                &c.shape,
+                dm.iter().map(|&d| self.leak * d).collect(),
+            ))
+        } else {
+            State::Empty
+        };
+        Ok(from_vec(&c.shape, dm))
+    }
+    fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{GradCheckOpts, check_step, check_unrolled};
+    use crate::rng::Rng;
+    use proptest::prelude::*;
+
+    fn shape_of(rank4: bool, n: usize, c: usize, h: usize, w: usize) -> Vec<usize> {
+        if rank4 { vec![n, c, h, w] } else { vec![n, c] }
+    }
+
+    /// Inputs around the thresholds (θ ∈ (0, 1)) at a random scale, so some neurons fire and
+    /// some do not.
+    fn input(shape: &[usize], scale: f64, rng: &mut Rng) -> Tensor<f64> {
+        let n = shape.iter().product();
+        from_vec(shape, (0..n).map(|_| scale * rng.normal() + 0.4).collect())
+    }
+
+    /// Random a, b, c, d (so λ, θ, α vary) and random BN affine and running statistics.
+    fn randomise<R: Real>(layer: &mut dyn Layer<R>, rng: &mut Rng) {
+        layer.visit_params(&mut |p| {
+            let name = p.name.clone();
+            p.value.mapv_inplace(|_| {
+                R::of(if name.ends_with("running_var") {
+                    rng.uniform_range(0.3, 2.0)
+                } else if name.ends_with("weight") {
+                    rng.uniform_range(0.5, 1.5)
+                } else if name.ends_with("running_mean") || name.ends_with("bias") {
+                    0.5 * rng.normal()
+                } else {
+                    1.5 * rng.normal()
+                })
+            })
+        });
+    }
+
+    /// Step checks (online with and without a carried state, BPTT with a carried state so
+    /// dL/dstate is checked) and unrolled checks in both modes.
+    fn check_all(
+        layer: &mut dyn Layer<f64>,
+        shape: &[usize],
+        steps: usize,
+        train: bool,
+        scale: f64,
+        seed: u64,
+    ) {
+        let mut rng = Rng::new(seed ^ 0x5eed);
+        let opts = GradCheckOpts {
+            seed,
+            ..Default::default()
+        };
+        let t = rng.below(steps);
+        let x = input(shape, scale, &mut rng);
+        // stateless layers (V3) get no carried state
+        let state = if layer.kind() == "EmpfV3" {
+            State::Empty
+        } else {
+            State::Tensor(input(shape, 1.0, &mut rng))
+        };
+        for (grad, st) in [
+            (GradMode::Online, State::Empty),
+            (GradMode::Online, state.clone()),
+            (GradMode::Bptt, state),
+        ] {
+            let ctx = StepCtx {
+                t,
+                steps,
+                train,
+                grad,
+            };
+            let what = format!("{} step {grad:?}", layer.kind());
+            check_step(layer, &x, &ctx, &st, &opts)
+                .unwrap()
+                .assert_ok(&opts, &what);
+        }
+        let xs: Vec<_> = (0..steps).map(|_| input(shape, scale, &mut rng)).collect();
+        for grad in [GradMode::Online, GradMode::Bptt] {
+            let what = format!("{} unrolled {grad:?}", layer.kind());
+            check_unrolled(layer, &xs, train, grad, &opts)
+                .unwrap()
+                .assert_ok(&opts, &what);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn v1_gradients_match_finite_differences(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, scale in prop::sample::select(vec![0.3, 1.0, 3.0]), seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let mut l = EmpfV1::<f64>::new("n1", steps);
+            randomise(&mut l, &mut rng);
+            check_all(&mut l, &shape_of(rank4, n, c, h, w), steps, true, scale, seed);
+        }
+
+        #[test]
+        fn v2_gradients_match_finite_differences_in_train_and_eval(
+            rank4 in any::<bool>(), n in 2usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, train in any::<bool>(), scale in prop::sample::select(vec![0.3, 1.0, 3.0]),
+            seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let mut l = EmpfV2::<f64>::new("n2", c, steps);
+            randomise(&mut l, &mut rng);
+            check_all(&mut l, &shape_of(rank4, n, c, h, w), steps, train, scale, seed);
+        }
+
+        #[test]
+        fn v3_gradients_match_finite_differences(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, scale in prop::sample::select(vec![0.3, 1.0, 3.0]), seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let mut l = EmpfV3::<f64>::new("n3", steps);
+            randomise(&mut l, &mut rng);
+            check_all(&mut l, &shape_of(rank4, n, c, h, w), steps, true, scale, seed);
+        }
+
+        #[test]
+        fn lif_surrogate_backward_is_the_exact_derivative_of_the_smooth_spike(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, hard in any::<bool>(), seed in 0u64..10_000,
+        ) {
+            let mut l = Lif::<f64>::new("lif");
+            l.spike = SpikeFn::SmoothTriangle;
+            l.reset = if hard { Reset::Hard } else { Reset::Soft };
+            // inputs around θ = 1 so the surrogate is mostly non-zero
+            let shape = shape_of(rank4, n, c, h, w);
+            let mut rng = Rng::new(seed);
+            let opts = GradCheckOpts { seed, ..Default::default() };
+            let xs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng).mapv(|v| v + 0.4)).collect();
+            for grad in [GradMode::Online, GradMode::Bptt] {
+                let st = State::Tensor(input(&shape, 1.0, &mut rng));
+                check_step(&mut l, &xs[0], &StepCtx::train(0, steps, grad), &st, &opts).unwrap().assert_ok(&opts, "Lif step");
+                check_unrolled(&mut l, &xs, true, grad, &opts).unwrap().assert_ok(&opts, "Lif unrolled");
+            }
+        }
+
+        #[test]
+        fn v3_batched_equals_stepwise(
+            rank4 in any::<bool>(), n in 1usize..4, c in 1usize..5, h in 1usize..4, w in 1usize..4,
+            steps in 1usize..5, seed in 0u64..10_000,
+        ) {
+            let mut rng = Rng::new(seed);
+            let shape = shape_of(rank4, n, c, h, w);
+            let mut l = EmpfV3::<f64>::new("n3", steps);
+            randomise(&mut l, &mut rng);
+            let xs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+            let dys: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+            let (mut ys, mut dxs) = (Vec::new(), Vec::new());
+            for t in 0..steps {
+                let ctx = StepCtx::train(t, steps, GradMode::Online);
+                let mut cache = Cache::new();
+                ys.push(l.forward(&xs[t], &ctx, &mut State::Empty, Some(&mut cache)).unwrap());
+                dxs.push(l.backward(&dys[t], &ctx, &cache, &mut State::Empty).unwrap());
+            }
+            let gstep = l.b.grad.clone();
+            l.b.zero_grad();
+            let cat = |v: &[Tensor<f64>]| {
+                let views: Vec<_> = v.iter().map(|t| t.view()).collect();
+                ndarray::concatenate(ndarray::Axis(0), &views).unwrap()
+            };
+            let mut cache = Cache::new();
+            let y = l.forward_all(&cat(&xs), Some(&mut cache)).unwrap();
+            let dx = l.backward_all(&cat(&dys), &cache).unwrap();
+            prop_assert_eq!(y, cat(&ys));
+            prop_assert_eq!(dx, cat(&dxs));
+            prop_assert_eq!(&l.b.grad, &gstep);
+        }
+    }
+
+    fn v2_eval_equals_folded<R: Real>(seed: u64, rank4: bool, tol: f64) {
+        let mut rng = Rng::new(seed);
+        let (n, c, steps) = (3, 4, 4);
+        let shape = shape_of(rank4, n, c, 3, 2);
+        let mut v2 = EmpfV2::<R>::new("n2", c, steps);
+        randomise(&mut v2, &mut rng);
+        let mut folded = v2.to_folded();
+        let (mut s2, mut sf) = (State::Empty, State::Empty);
+        let mut fired = 0;
+        for t in 0..steps {
+            let x = input(&shape, 1.0, &mut rng).mapv(R::of);
+            let ctx = StepCtx::eval(t, steps);
+            let y2 = v2.forward(&x, &ctx, &mut s2, None).unwrap();
+            let yf = folded.forward(&x, &ctx, &mut sf, None).unwrap();
+            for (a, b) in y2.iter().zip(yf.iter()) {
+                assert!(
+                    (a.f64() - b.f64()).abs() <= tol * (1.0 + a.f64().abs()),
+                    "t={t}: {a} vs {b}"
+                );
+                fired += usize::from(a.f64() > 0.0);
+            }
+            let (v2s, vfs) = (s2.tensor().unwrap(), sf.tensor().unwrap());
+            for (a, b) in v2s.iter().zip(vfs.iter()) {
+                assert!((a.f64() - b.f64()).abs() <= tol * (1.0 + a.f64().abs()));
+            }
+        }
+        assert!(fired > 0 && fired < steps * shape.iter().product::<usize>());
+    }
+
+    #[test]
+    fn v2_eval_equals_folded_v1_in_f64_and_f32() {
+        for seed in 0..6 {
+            v2_eval_equals_folded::<f64>(seed, seed % 2 == 0, 1e-10);
+            v2_eval_equals_folded::<f32>(seed, seed % 2 == 1, 1e-5);
+        }
+    }
+
+    /// A V1 whose backward is deliberately wrong in one way.
+    struct Broken {
+        inner: EmpfV1<f64>,
+        drop_temporal: bool,
+        drop_lambda: bool,
+    }
+    impl Layer<f64> for Broken {
+        fn name(&self) -> &str {
+            "broken"
+        }
+        fn kind(&self) -> &'static str {
+            "Broken"
+        }
+        fn output_shape(&self, i: &[usize]) -> Result<Vec<usize>> {
+            self.inner.output_shape(i)
+        }
+        fn forward(
+            &mut self,
+            x: &Tensor<f64>,
+            c: &StepCtx,
+            s: &mut State<f64>,
+            k: Option<&mut Cache>,
+        ) -> Result<Tensor<f64>> {
+            self.inner.forward(x, c, s, k)
+        }
+        fn backward(
+            &mut self,
+            dy: &Tensor<f64>,
+            c: &StepCtx,
+            k: &Cache,
+            s: &mut State<f64>,
+        ) -> Result<Tensor<f64>> {
+            let r = self.inner.backward(dy, c, k, s);
+            if self.drop_temporal {
+                // forget λ·dL/dm in the gradient passed to step t−1
+                s.visit_tensors_mut(&mut |t| t.fill(0.0));
+            }
+            if self.drop_lambda {
+                self.inner.a.zero_grad();
+            }
+            r
+        }
+        fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<f64>)) {
+            self.inner.visit_params(f)
+        }
+    }
+
+    #[test]
+    fn gradcheck_catches_a_wrong_empf_backward() {
+        let mut rng = Rng::new(11);
+        let shape = [3, 5];
+        let xs: Vec<_> = (0..3).map(|_| input(&shape, 1.0, &mut rng)).collect();
+        let opts = GradCheckOpts::default();
+        for (drop_temporal, drop_lambda, mode, what) in [
+            (true, false, GradMode::Bptt, "x[0]"),
+            (false, true, GradMode::Online, "n1.a"),
+            (false, true, GradMode::Bptt, "n1.a"),
+        ] {
+            let mut l = Broken {
+                inner: EmpfV1::new("n1", 3),
+                drop_temporal,
+                drop_lambda,
+            };
+            randomise(&mut l, &mut Rng::new(4));
+            let rep = check_unrolled(&mut l, &xs, true, mode, &opts).unwrap();
+            assert!(!rep.passed(&opts), "{what} {mode:?}");
+            assert!(
+                rep.failures.iter().any(|f| f.contains(what)),
+                "{:?}",
+                rep.failures
+            );
+            // the intact layer passes the same check
+            check_unrolled(&mut l.inner, &xs, true, mode, &opts)
+                .unwrap()
+                .assert_ok(&opts, "intact");
+        }
+    }
+
+    /// Gradients of a T-step V1 run in one mode: (dL/dx[t], a.grad, b.grad).
+    fn v1_grads(
+        l: &mut EmpfV1<f64>,
+        xs: &[Tensor<f64>],
+        rs: &[Tensor<f64>],
+        grad: GradMode,
+    ) -> (Vec<Tensor<f64>>, Tensor<f64>, Tensor<f64>) {
+        let steps = xs.len();
+        l.a.zero_grad();
+        l.b.zero_grad();
+        let mut st = State::Empty;
+        let mut caches: Vec<Cache> = (0..steps).map(|_| Cache::new()).collect();
+        for t in 0..steps {
+            l.forward(
+                &xs[t],
+                &StepCtx::train(t, steps, grad),
+                &mut st,
+                Some(&mut caches[t]),
+            )
+            .unwrap();
+        }
+        let mut dxs = vec![Tensor::zeros(ndarray::IxDyn(&[0])); steps];
+        let mut ds = State::Empty;
+        for t in (0..steps).rev() {
+            if grad == GradMode::Online {
+                ds = State::Empty;
+            }
+            dxs[t] = l
+                .backward(&rs[t], &StepCtx::train(t, steps, grad), &caches[t], &mut ds)
+                .unwrap();
+        }
+        (dxs, l.a.grad.clone(), l.b.grad.clone())
+    }
+
+    #[test]
+    fn theorem_4_2_always_firing_online_equals_bptt_except_threshold() {
+        let mut rng = Rng::new(7);
+        let steps = 4;
+        let shape = [3, 2, 2, 2];
+        let mut l = EmpfV1::<f64>::new("n1", steps);
+        randomise(&mut l, &mut rng);
+        // always firing: I ≥ 1 > θ; always silent: λ v + I < θ with v ≤ θ needs I < (1 − λ) θ
+        let fire: Vec<_> = (0..steps)
+            .map(|_| input(&shape, 0.2, &mut rng).mapv(|v| v.abs() + 1.0))
+            .collect();
+        let rs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+        let (dx_o, da_o, db_o) = v1_grads(&mut l, &fire, &rs, GradMode::Online);
+        let (dx_b, da_b, db_b) = v1_grads(&mut l, &fire, &rs, GradMode::Bptt);
+        assert_eq!(dx_o, dx_b);
+        assert_eq!(da_o, da_b);
+        // θ[t] reaches m[t+1] through λ[t+1]·v[t] only in BPTT: the last step agrees, earlier differ
+        assert_eq!(db_o[[steps - 1]], db_b[[steps - 1]]);
+        for t in 0..steps - 1 {
+            assert!((db_o[[t]] - db_b[[t]]).abs() > 1e-6, "t={t}");
+        }
+        let silent: Vec<_> = (0..steps)
+            .map(|_| input(&shape, 0.2, &mut rng).mapv(|v| -v.abs() - 0.1))
+            .collect();
+        for grad in [GradMode::Online, GradMode::Bptt] {
+            let (dx, da, db) = v1_grads(&mut l, &silent, &rs, grad);
+            assert!(dx.iter().all(|d| d.iter().all(|&v| v == 0.0)));
+            assert!(da.iter().chain(db.iter()).all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn lif_heaviside_uses_the_same_surrogate_backward() {
+        let shape = [4, 6];
+        for reset in [Reset::Soft, Reset::Hard] {
+            let mut outs = Vec::new();
+            for spike in [SpikeFn::Heaviside, SpikeFn::SmoothTriangle] {
+                let mut l = Lif::<f64>::new("lif");
+                l.spike = spike;
+                l.reset = reset;
+                let mut r2 = Rng::new(9);
+                let x = input(&shape, 1.0, &mut r2).mapv(|v| v + 0.5);
+                let dy = input(&shape, 1.0, &mut r2);
+                let ctx = StepCtx::train(0, 1, GradMode::Online);
+                let mut cache = Cache::new();
+                let y = l
+                    .forward(&x, &ctx, &mut State::Empty, Some(&mut cache))
+                    .unwrap();
+                if spike == SpikeFn::Heaviside {
+                    assert!(y.iter().all(|&s| s == 0.0 || s == 1.0));
+                    assert!(y.iter().any(|&s| s == 1.0) && y.iter().any(|&s| s == 0.0));
+                }
+                outs.push(l.backward(&dy, &ctx, &cache, &mut State::Empty).unwrap());
+            }
+            assert_eq!(outs[0], outs[1]);
+        }
+        // the surrogate is the triangle of width γ = 1 around θ = 1
+        let l = Lif::<f64>::new("lif");
+        assert_eq!(l.surrogate(1.0), 1.0);
+        assert_eq!(l.surrogate(1.5), 0.5);
+        assert_eq!(l.surrogate(-0.25), 0.0);
+        assert_eq!(l.surrogate(2.0), 0.0);
+        // soft reset subtracts θ, hard reset zeroes
+        let mut l = Lif::<f64>::new("lif");
+        let mut st = State::Empty;
+        let x = from_vec(&[1, 2], vec![1.5, 0.5]);
+        l.forward(&x, &StepCtx::eval(0, 1), &mut st, None).unwrap();
+        assert_eq!(st.tensor().unwrap().as_slice().unwrap(), &[0.5, 0.5]);
+        l.reset = Reset::Hard;
+        let mut st = State::Empty;
+        l.forward(&x, &StepCtx::eval(0, 1), &mut st, None).unwrap();
+        assert_eq!(st.tensor().unwrap().as_slice().unwrap(), &[0.0, 0.5]);
+    }
+
+    #[test]
+    fn online_caches_keep_only_a_bit_mask_and_the_previous_potential() {
+        let shape = [8, 16, 4, 4];
+        let len: usize = shape.iter().product();
+        let mut rng = Rng::new(1);
+        let x = input(&shape, 1.0, &mut rng).mapv(|v| v as f32);
+        let mut l = EmpfV1::<f32>::new("n1", 2);
+        let mut cache = Cache::new();
+        let mut st = State::Empty;
+        l.forward(
+            &x,
+            &StepCtx::train(0, 2, GradMode::Online),
+            &mut st,
+            Some(&mut cache),
+        )
+        .unwrap();
+        assert_eq!(cache.bytes(), len / 8, "t = 0 keeps only the mask");
+        l.forward(
+            &x,
+            &StepCtx::train(1, 2, GradMode::Online),
+            &mut st,
+            Some(&mut cache),
+        )
+        .unwrap();
+        assert_eq!(cache.bytes(), len / 8 + len * 4);
+        let mut l3 = EmpfV3::<f32>::new("n3", 2);
+        l3.forward(
+            &x,
+            &StepCtx::train(1, 2, GradMode::Online),
+            &mut st,
+            Some(&mut cache),
+        )
+        .unwrap();
+        assert_eq!(cache.bytes(), len / 8);
+    }
+
+    #[test]
+    fn bad_shapes_are_shape_errors_naming_the_layer() {
+        let ctx = StepCtx::eval(0, 2);
+        let mut layers: Vec<Box<dyn Layer<f32>>> = vec![
+            Box::new(EmpfV1::new("nA", 2)),
+            Box::new(EmpfV2::new("nB", 3, 2)),
+            Box::new(EmpfV3::new("nC", 2)),
+            Box::new(Lif::new("nD")),
+            Box::new(EmpfV2::<f32>::new("nE", 3, 2).to_folded()),
+        ];
+        for l in &mut layers {
+            for shape in [vec![2, 3, 4], vec![6], vec![2, 0]] {
+                let x = crate::tensor::zeros::<f32>(&shape);
+                let e = l.forward(&x, &ctx, &mut State::Empty, None).unwrap_err();
+                assert!(matches!(e, Error::Shape { .. }), "{e}");
+                assert!(e.to_string().contains(l.name()), "{e}");
+            }
+            // a carried state of another shape
+            let x = crate::tensor::zeros::<f32>(&[2, 3]);
+            let mut st = State::Tensor(crate::tensor::zeros::<f32>(&[2, 4]));
+            let e = l.forward(&x, &ctx, &mut st, None);
+            if l.kind() != "EmpfV3" {
+                assert!(matches!(e.unwrap_err(), Error::Shape { .. }));
+            }
+        }
+        // channel count mismatch for the BN neuron
+        let mut v2 = EmpfV2::<f32>::new("nB", 3, 2);
+        let e = v2
+            .forward(
+                &crate::tensor::zeros(&[2, 4, 2, 2]),
+                &ctx,
+                &mut State::Empty,
+                None,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }));
+        // T·N rows for the batched V3
+        let mut v3 = EmpfV3::<f32>::new("nC", 2);
+        let e = v3
+            .forward_all(&crate::tensor::zeros(&[3, 4]), None)
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }));
+    }
+}
