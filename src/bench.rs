@@ -47,7 +47,7 @@ pub fn bench_train(model: &ModelConfig, batch: usize, batches: usize, modes: &[B
             let mut opt = Optimizer::new(OptimConfig::default());
             let mut run = |net: &mut crate::model::Sequential<f32>, rng: &mut Rng| -> Result<usize> {
                 zero_grads(net);
-                let mut loss = |_t: usize, o: &Tensor<f32>| crate::loss::cross_entropy_hard(o, &y);
+                let mut loss = |_t: usize, o: &Tensor<f32>| crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0);
                 let r = train_batch(net, StepInput::Static(&x), t, mode, rng, &mut loss, None)?;
                 opt.update(net, 0.01);
                 Ok(r.peak_cache_bytes)

@@ -285,7 +285,7 @@ fn train(a: TrainArgs) -> Result<()> {
         trainer.cfg.bp.name(),
         out.display()
     );
-    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy_hard(o, y);
+    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0);
     let mut save = |t: &mut Trainer, name: &str| -> Result<()> {
         let p = t.cfg.out.join(format!("{name}.npz"));
         crate::train::checkpoint::save_training(&p, t)
@@ -317,7 +317,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         "train" => train_set,
         s => return Err(Error::Config(format!("unknown split `{s}` (expected test or train)"))),
     };
-    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy_hard(o, y);
+    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0);
     let ev = crate::train::trainer::evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
     println!(
         "{}: {} split of {}: accuracy {:.2}% loss {:.4} ({} images, T = {}, {:.1}s); accuracy per t: {}",

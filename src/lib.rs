@@ -8,6 +8,8 @@
 #![warn(missing_docs)]
 
 pub mod data;
+pub mod bench;
+pub mod cli;
 pub mod error;
 pub mod gradcheck;
 pub mod io;

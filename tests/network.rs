@@ -42,7 +42,7 @@ fn peak_cache_bytes(mode: BpMode, steps: usize) -> usize {
     let y: Vec<usize> = (0..8).map(|i| i % 3).collect();
     let mut peak = 0;
     for _ in 0..3 {
-        let mut loss = |_t: usize, o: &Tensor<f32>| empf::loss::cross_entropy_hard(o, &y);
+        let mut loss = |_t: usize, o: &Tensor<f32>| empf::loss::cross_entropy(o, empf::loss::Targets::Hard(&y), 0.0);
         let r = train_batch(&mut net, StepInput::Static(&x), steps, mode, &mut rng, &mut loss, None).unwrap();
         peak = peak.max(r.peak_cache_bytes);
     }

@@ -58,11 +58,11 @@ fn build_cnn<R: Real>(cfg: &ModelConfig, rng: &mut Rng) -> Result<Sequential<R>>
     net.push(BinaryConv2d::new("conv2", ConvSpec::new(w0, w1, 3).padding(1), BinaryInit::Kaiming, rng));
     net.push(BatchNorm::new("bn2", w1));
     net.push_boxed(neuron(cfg.neuron, "sn2", w1, t));
-    net.push(AvgPool2d::new("pool2", 2, 2));
+    net.push(AvgPool2d::new("pool2", 2, 2, 0)?);
     net.push(BinaryConv2d::new("conv3", ConvSpec::new(w1, w2, 3).padding(1), BinaryInit::Kaiming, rng));
     net.push(BatchNorm::new("bn3", w2));
     net.push_boxed(neuron(cfg.neuron, "sn3", w2, t));
-    net.push(AvgPool2d::new("pool3", 2, 2));
+    net.push(AvgPool2d::new("pool3", 2, 2, 0)?);
     net.push(GlobalAvgPool::new("gap"));
     net.push(Linear::new("fc", w2, cfg.classes, true, rng));
     net.output_shape(&[1, c, h, w])?;
