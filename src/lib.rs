@@ -10,6 +10,7 @@
 pub mod error;
 pub mod gradcheck;
 pub mod layers;
+pub mod loss;
 pub mod rng;
 pub mod tensor;
 

@@ -20,6 +20,12 @@ use std::any::Any;
 
 pub mod linear;
 pub use linear::Linear;
+pub mod misc;
+pub mod pool;
+pub mod seca;
+pub use misc::Flatten;
+pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
+pub use seca::Seca;
 
 /// How gradients flow through time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
