@@ -31,27 +31,47 @@ fn reset_peak_rss() -> bool {
 
 /// Measure training throughput of `model` at batch `batch` for each (mode, T), `batches` timed
 /// batches after one warm-up batch.
-pub fn bench_train(model: &ModelConfig, batch: usize, batches: usize, modes: &[BpMode], steps: &[usize], seed: u64) -> Result<Vec<TrainBenchRow>> {
+pub fn bench_train(
+    model: &ModelConfig,
+    batch: usize,
+    batches: usize,
+    modes: &[BpMode],
+    steps: &[usize],
+    seed: u64,
+) -> Result<Vec<TrainBenchRow>> {
     if batch < 2 || batches == 0 {
-        return Err(Error::Config("bench needs --batch >= 2 and --batches >= 1".into()));
+        return Err(Error::Config(
+            "bench needs --batch >= 2 and --batches >= 1".into(),
+        ));
     }
     let mut rows = Vec::new();
     for &t in steps {
         for &mode in modes {
-            let cfg = ModelConfig { steps: t, ..model.clone() };
+            let cfg = ModelConfig {
+                steps: t,
+                ..model.clone()
+            };
             let mut rng = Rng::new(seed);
             let mut net = zoo::build::<f32>(&cfg, &mut rng)?;
             let [c, h, w] = cfg.input;
-            let x: Tensor<f32> = from_vec(&[batch, c, h, w], (0..batch * c * h * w).map(|_| rng.uniform() as f32).collect());
+            let x: Tensor<f32> = from_vec(
+                &[batch, c, h, w],
+                (0..batch * c * h * w)
+                    .map(|_| rng.uniform() as f32)
+                    .collect(),
+            );
             let y: Vec<usize> = (0..batch).map(|i| i % cfg.classes).collect();
             let mut opt = Optimizer::new(OptimConfig::default());
-            let mut run = |net: &mut crate::model::Sequential<f32>, rng: &mut Rng| -> Result<usize> {
-                zero_grads(net);
-                let mut loss = |_t: usize, o: &Tensor<f32>| crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0);
-                let r = train_batch(net, StepInput::Static(&x), t, mode, rng, &mut loss, None)?;
-                opt.update(net, 0.01);
-                Ok(r.peak_cache_bytes)
-            };
+            let mut run =
+                |net: &mut crate::model::Sequential<f32>, rng: &mut Rng| -> Result<usize> {
+                    zero_grads(net);
+                    let mut loss = |_t: usize, o: &Tensor<f32>| {
+                        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0)
+                    };
+                    let r = train_batch(net, StepInput::Static(&x), t, mode, rng, &mut loss, None)?;
+                    opt.update(net, 0.01);
+                    Ok(r.peak_cache_bytes)
+                };
             run(&mut net, &mut rng)?; // warm-up: allocations, caches
             let can_reset = reset_peak_rss();
             let t0 = Instant::now();
@@ -64,7 +84,11 @@ pub fn bench_train(model: &ModelConfig, batch: usize, batches: usize, modes: &[B
                 mode,
                 steps: t,
                 images_per_s: (batches * batch) as f64 / secs,
-                peak_rss: if can_reset { crate::metrics::peak_rss_bytes() } else { None },
+                peak_rss: if can_reset {
+                    crate::metrics::peak_rss_bytes()
+                } else {
+                    None
+                },
                 peak_cache_bytes: peak_cache,
             });
         }
@@ -92,7 +116,10 @@ pub fn format_rows(model: &ModelConfig, batch: usize, rows: &[TrainBenchRow]) ->
             r.mode.name(),
             r.steps,
             r.images_per_s,
-            r.peak_rss.map_or("n/a".to_string(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64)),
+            r.peak_rss.map_or("n/a".to_string(), |b| format!(
+                "{:.1}",
+                b as f64 / (1 << 20) as f64
+            )),
             r.peak_cache_bytes as f64 / (1 << 20) as f64
         );
     }

@@ -181,7 +181,10 @@ pub fn run(cli: Cli) -> Result<()> {
         if n == 0 {
             return Err(Error::Config("--threads must be at least 1".into()));
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| Error::Config(format!("thread pool: {e}")))?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| Error::Config(format!("thread pool: {e}")))?;
     }
     match cli.cmd {
         Command::Train(a) => train(a),
@@ -196,7 +199,11 @@ pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
     let mut m = match a.arch.as_str() {
         "mnist-cnn" => ModelConfig::mnist_cnn(),
         "small" => crate::model::zoo::small_config(),
-        other => return Err(Error::Config(format!("unknown architecture `{other}` (expected small or mnist-cnn)"))),
+        other => {
+            return Err(Error::Config(format!(
+                "unknown architecture `{other}` (expected small or mnist-cnn)"
+            )));
+        }
     };
     m.neuron = NeuronKind::parse(&a.neuron)?;
     if let Some(t) = a.steps {
@@ -204,7 +211,12 @@ pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
     }
     if let Some(w) = &a.widths {
         if w.len() != m.widths.len() {
-            return Err(Error::Config(format!("--widths: `{}` takes {} widths, got {}", m.arch, m.widths.len(), w.len())));
+            return Err(Error::Config(format!(
+                "--widths: `{}` takes {} widths, got {}",
+                m.arch,
+                m.widths.len(),
+                w.len()
+            )));
         }
         m.widths = w.clone();
     }
@@ -215,27 +227,56 @@ pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
 /// The run configuration `train` builds from its arguments.
 pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
     let kind = match a.optim.as_str() {
-        "sgd" => OptimKind::Sgd { momentum: a.momentum, nesterov: !a.no_nesterov },
-        "adam" => OptimKind::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
-        o => return Err(Error::Config(format!("unknown optimiser `{o}` (expected sgd or adam)"))),
+        "sgd" => OptimKind::Sgd {
+            momentum: a.momentum,
+            nesterov: !a.no_nesterov,
+        },
+        "adam" => OptimKind::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        o => {
+            return Err(Error::Config(format!(
+                "unknown optimiser `{o}` (expected sgd or adam)"
+            )));
+        }
     };
-    let bp = BpMode::parse(&a.bp).ok_or_else(|| Error::Config(format!("unknown --bp `{}` (expected online, random, random-K or bptt)", a.bp)))?;
+    let bp = BpMode::parse(&a.bp).ok_or_else(|| {
+        Error::Config(format!(
+            "unknown --bp `{}` (expected online, random, random-K or bptt)",
+            a.bp
+        ))
+    })?;
     if a.batch < 2 {
-        return Err(Error::Config("--batch must be at least 2 (BatchNorm needs batch statistics)".into()));
+        return Err(Error::Config(
+            "--batch must be at least 2 (BatchNorm needs batch statistics)".into(),
+        ));
     }
     let default_epochs = if a.arch == "small" { 2 } else { 1 };
     Ok(TrainConfig {
         epochs: a.epochs.unwrap_or(default_epochs),
         batch: a.batch,
         eval_batch: 256,
-        lr: a.lr.unwrap_or(if matches!(kind, OptimKind::Adam { .. }) { 1e-3 } else { 0.1 }),
+        lr: a.lr.unwrap_or(if matches!(kind, OptimKind::Adam { .. }) {
+            1e-3
+        } else {
+            0.1
+        }),
         warmup_epochs: a.warmup,
         cosine: !a.no_cosine,
-        optim: OptimConfig { kind, weight_decay: a.wd, decay_all: a.decay_all },
+        optim: OptimConfig {
+            kind,
+            weight_decay: a.wd,
+            decay_all: a.decay_all,
+        },
         bp,
         per_step_update: a.per_step_update,
         seed: a.seed,
-        out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&model.arch)),
+        out: a
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&model.arch)),
         checkpoint_every: a.checkpoint_every,
         log_every: a.log_every,
         quiet: a.quiet,
@@ -246,8 +287,14 @@ pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
 fn train(a: TrainArgs) -> Result<()> {
     let model = model_config(&a)?;
     let cfg = train_config(&a, &model)?;
-    let data_dir = a.data.clone().unwrap_or_else(crate::data::bundled_mnist_dir);
-    let crate::data::idx::Mnist { train: mut train_set, test: mut test_set } = crate::data::idx::load_mnist(&data_dir)?;
+    let data_dir = a
+        .data
+        .clone()
+        .unwrap_or_else(crate::data::bundled_mnist_dir);
+    let crate::data::idx::Mnist {
+        train: mut train_set,
+        test: mut test_set,
+    } = crate::data::idx::load_mnist(&data_dir)?;
     if let Some(n) = a.limit_train {
         train_set = train_set.subset(&(0..n.min(train_set.len())).collect::<Vec<_>>())?;
     }
@@ -256,7 +303,13 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let out = cfg.out.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let resume_path = a.resume.as_ref().map(|p| if p.as_os_str().is_empty() { out.join("last.npz") } else { p.clone() });
+    let resume_path = a.resume.as_ref().map(|p| {
+        if p.as_os_str().is_empty() {
+            out.join("last.npz")
+        } else {
+            p.clone()
+        }
+    });
     let mut model = model;
     model.input = train_set.shape();
     model.classes = train_set.classes().max(model.classes);
@@ -271,7 +324,13 @@ fn train(a: TrainArgs) -> Result<()> {
     if let Some(p) = &resume_path {
         crate::train::checkpoint::load_training(p, &mut trainer)?;
         log.truncate(trainer.pos.epoch, trainer.pos.global_step)?;
-        eprintln!("resumed from {} at epoch {} batch {} (step {})", p.display(), trainer.pos.epoch + 1, trainer.pos.batch, trainer.pos.global_step);
+        eprintln!(
+            "resumed from {} at epoch {} batch {} (step {})",
+            p.display(),
+            trainer.pos.epoch + 1,
+            trainer.pos.batch,
+            trainer.pos.global_step
+        );
     }
     eprintln!(
         "training {} ({} neurons, T = {}) on {} ({} train / {} test images) with {} threads; bp {}; output {}",
@@ -285,7 +344,9 @@ fn train(a: TrainArgs) -> Result<()> {
         trainer.cfg.bp.name(),
         out.display()
     );
-    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0);
+    let loss = |o: &crate::Tensor<f32>, y: &[usize]| {
+        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0)
+    };
     let mut save = |t: &mut Trainer, name: &str| -> Result<()> {
         let p = t.cfg.out.join(format!("{name}.npz"));
         crate::train::checkpoint::save_training(&p, t)
@@ -295,29 +356,60 @@ fn train(a: TrainArgs) -> Result<()> {
         let model_path = out.join("model.npz");
         crate::train::checkpoint::save_model(&model_path, &mut trainer)?;
         if let Some(ev) = ev {
-            println!("test accuracy {:.2}% ({} images, T = {}); per t: {}", ev.acc, ev.n, trainer.model_cfg.steps, fmt_list(&ev.acc_per_t));
+            println!(
+                "test accuracy {:.2}% ({} images, T = {}); per t: {}",
+                ev.acc,
+                ev.n,
+                trainer.model_cfg.steps,
+                fmt_list(&ev.acc_per_t)
+            );
         }
-        println!("model: {}  metrics: {}  plot: {}", model_path.display(), out.join("metrics.jsonl").display(), out.join("curves.svg").display());
+        println!(
+            "model: {}  metrics: {}  plot: {}",
+            model_path.display(),
+            out.join("metrics.jsonl").display(),
+            out.join("curves.svg").display()
+        );
     } else {
-        println!("stopped at epoch {} batch {}; resume with --resume {}", trainer.pos.epoch + 1, trainer.pos.batch, out.join("last.npz").display());
+        println!(
+            "stopped at epoch {} batch {}; resume with --resume {}",
+            trainer.pos.epoch + 1,
+            trainer.pos.batch,
+            out.join("last.npz").display()
+        );
     }
     Ok(())
 }
 
 fn fmt_list(v: &[f64]) -> String {
-    v.iter().map(|a| format!("{a:.2}")).collect::<Vec<_>>().join(" ")
+    v.iter()
+        .map(|a| format!("{a:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
     let (model, mut net) = crate::train::checkpoint::load_model(&a.checkpoint)?;
-    let dir = a.data.clone().unwrap_or_else(crate::data::bundled_mnist_dir);
-    let crate::data::idx::Mnist { train: train_set, test: test_set } = crate::data::idx::load_mnist(&dir)?;
+    let dir = a
+        .data
+        .clone()
+        .unwrap_or_else(crate::data::bundled_mnist_dir);
+    let crate::data::idx::Mnist {
+        train: train_set,
+        test: test_set,
+    } = crate::data::idx::load_mnist(&dir)?;
     let data = match a.split.as_str() {
         "test" => test_set,
         "train" => train_set,
-        s => return Err(Error::Config(format!("unknown split `{s}` (expected test or train)"))),
+        s => {
+            return Err(Error::Config(format!(
+                "unknown split `{s}` (expected test or train)"
+            )));
+        }
     };
-    let loss = |o: &crate::Tensor<f32>, y: &[usize]| crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0);
+    let loss = |o: &crate::Tensor<f32>, y: &[usize]| {
+        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0)
+    };
     let ev = crate::train::trainer::evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
     println!(
         "{}: {} split of {}: accuracy {:.2}% loss {:.4} ({} images, T = {}, {:.1}s); accuracy per t: {}",
@@ -369,7 +461,13 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let modes = a
         .modes
         .iter()
-        .map(|m| BpMode::parse(m).ok_or_else(|| Error::Config(format!("unknown mode `{m}` (expected online, random, random-K or bptt)"))))
+        .map(|m| {
+            BpMode::parse(m).ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown mode `{m}` (expected online, random, random-K or bptt)"
+                ))
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     let rows = crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0)?;
     print!("{}", crate::bench::format_rows(&model, a.batch, &rows));

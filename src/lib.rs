@@ -7,13 +7,14 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod data;
 pub mod bench;
 pub mod cli;
+pub mod data;
 pub mod error;
 pub mod gradcheck;
 pub mod io;
 pub mod layers;
+pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod rng;

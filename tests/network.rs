@@ -9,11 +9,21 @@ use empf::tensor::{Tensor, from_vec};
 use empf::train::step::{BpMode, StepInput, train_batch};
 
 fn tiny(neuron: NeuronKind, steps: usize) -> ModelConfig {
-    ModelConfig { arch: "mnist-cnn".into(), neuron, steps, widths: vec![3, 4, 5], input: [1, 8, 8], classes: 3 }
+    ModelConfig {
+        arch: "mnist-cnn".into(),
+        neuron,
+        steps,
+        widths: vec![3, 4, 5],
+        input: [1, 8, 8],
+        classes: 3,
+    }
 }
 
 fn images<R: empf::Real>(n: usize, rng: &mut Rng) -> Tensor<R> {
-    from_vec(&[n, 1, 8, 8], (0..n * 64).map(|_| R::of(rng.uniform())).collect())
+    from_vec(
+        &[n, 1, 8, 8],
+        (0..n * 64).map(|_| R::of(rng.uniform())).collect(),
+    )
 }
 
 #[test]
@@ -26,7 +36,12 @@ fn small_network_gradients_match_finite_differences_online_and_bptt() {
             let x = images::<f64>(4, &mut rng);
             let xs = vec![x.clone(), x.clone(), x];
             // the latent binary weights follow the STE (checked per layer); everything else is exact
-            let opts = GradCheckOpts { skip_params: vec!["conv2.weight".into(), "conv3.weight".into()], directions: 3, max_rejected_fraction: 0.25, ..Default::default() };
+            let opts = GradCheckOpts {
+                skip_params: vec!["conv2.weight".into(), "conv3.weight".into()],
+                directions: 3,
+                max_rejected_fraction: 0.25,
+                ..Default::default()
+            };
             let rep = check_unrolled(&mut net, &xs, true, mode, &opts).unwrap();
             rep.assert_ok(&opts, &format!("mnist-cnn/{neuron}/{mode:?}"));
             assert!(rep.checked > 20, "too few samples checked: {rep:?}");
@@ -35,15 +50,29 @@ fn small_network_gradients_match_finite_differences_online_and_bptt() {
 }
 
 fn peak_cache_bytes(mode: BpMode, steps: usize) -> usize {
-    let cfg = ModelConfig { steps, ..tiny(NeuronKind::V1, steps) };
+    let cfg = ModelConfig {
+        steps,
+        ..tiny(NeuronKind::V1, steps)
+    };
     let mut rng = Rng::new(1);
     let mut net = zoo::build::<f32>(&cfg, &mut rng).unwrap();
     let x = images::<f32>(8, &mut rng);
     let y: Vec<usize> = (0..8).map(|i| i % 3).collect();
     let mut peak = 0;
     for _ in 0..3 {
-        let mut loss = |_t: usize, o: &Tensor<f32>| empf::loss::cross_entropy(o, empf::loss::Targets::Hard(&y), 0.0);
-        let r = train_batch(&mut net, StepInput::Static(&x), steps, mode, &mut rng, &mut loss, None).unwrap();
+        let mut loss = |_t: usize, o: &Tensor<f32>| {
+            empf::loss::cross_entropy(o, empf::loss::Targets::Hard(&y), 0.0)
+        };
+        let r = train_batch(
+            &mut net,
+            StepInput::Static(&x),
+            steps,
+            mode,
+            &mut rng,
+            &mut loss,
+            None,
+        )
+        .unwrap();
         peak = peak.max(r.peak_cache_bytes);
     }
     peak
@@ -58,5 +87,8 @@ fn online_cache_memory_does_not_grow_with_time_steps_while_bptt_does() {
     println!("peak step-cache bytes: online T=1 {on1}, T=16 {on16}; BPTT T=1 {bp1}, T=16 {bp16}");
     assert!(on1 > 0);
     assert_eq!(on1, on16, "online caches must not grow with T");
-    assert!(bp16 >= 10 * bp1, "BPTT caches must grow with T: {bp1} -> {bp16}");
+    assert!(
+        bp16 >= 10 * bp1,
+        "BPTT caches must grow with T: {bp1} -> {bp16}"
+    );
 }

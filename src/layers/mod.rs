@@ -28,6 +28,12 @@ pub use binary::{BinaryConv2d, BinaryInit, BinaryLinear};
 pub use conv::{Conv2d, ConvSpec};
 pub use linear::Linear;
 pub use neuron::{EmpfFolded, EmpfV1, EmpfV2, EmpfV3, Lif};
+pub mod misc;
+pub mod pool;
+pub mod seca;
+pub use misc::Flatten;
+pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
+pub use seca::Seca;
 
 /// How gradients flow through time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -19,11 +19,20 @@ use std::fmt::Write as _;
 
 /// The quick-start configuration (`small`).
 pub fn small_config() -> ModelConfig {
-    ModelConfig { arch: "small".into(), widths: vec![16, 32, 64], ..ModelConfig::mnist_cnn() }
+    ModelConfig {
+        arch: "small".into(),
+        widths: vec![16, 32, 64],
+        ..ModelConfig::mnist_cnn()
+    }
 }
 
 /// A spiking neuron layer of the configured kind for `channels` channels.
-pub fn neuron<R: Real>(kind: NeuronKind, name: &str, channels: usize, steps: usize) -> Box<dyn Layer<R>> {
+pub fn neuron<R: Real>(
+    kind: NeuronKind,
+    name: &str,
+    channels: usize,
+    steps: usize,
+) -> Box<dyn Layer<R>> {
     match kind {
         NeuronKind::V1 => Box::new(EmpfV1::new(name, steps)),
         NeuronKind::V2 => Box::new(EmpfV2::new(name, channels, steps)),
@@ -37,29 +46,52 @@ pub fn build<R: Real>(cfg: &ModelConfig, rng: &mut Rng) -> Result<Sequential<R>>
     cfg.validate()?;
     match cfg.arch.as_str() {
         "mnist-cnn" | "small" => build_cnn(cfg, rng),
-        other => Err(Error::Config(format!("unknown architecture `{other}` (expected small or mnist-cnn)"))),
+        other => Err(Error::Config(format!(
+            "unknown architecture `{other}` (expected small or mnist-cnn)"
+        ))),
     }
 }
 
 fn build_cnn<R: Real>(cfg: &ModelConfig, rng: &mut Rng) -> Result<Sequential<R>> {
     if cfg.widths.len() != 3 {
-        return Err(Error::Config(format!("`{}` takes 3 widths, got {:?}", cfg.arch, cfg.widths)));
+        return Err(Error::Config(format!(
+            "`{}` takes 3 widths, got {:?}",
+            cfg.arch, cfg.widths
+        )));
     }
     let [c, h, w] = cfg.input;
     if h < 4 || w < 4 {
-        return Err(Error::Config(format!("`{}` needs inputs of at least 4x4 pixels, got {h}x{w}", cfg.arch)));
+        return Err(Error::Config(format!(
+            "`{}` needs inputs of at least 4x4 pixels, got {h}x{w}",
+            cfg.arch
+        )));
     }
     let (w0, w1, w2) = (cfg.widths[0], cfg.widths[1], cfg.widths[2]);
     let t = cfg.steps;
     let mut net = Sequential::new("net");
-    net.push(Conv2d::new("conv1", ConvSpec::new(c, w0, 3).padding(1), false, rng));
+    net.push(Conv2d::new(
+        "conv1",
+        ConvSpec::new(c, w0, 3).padding(1),
+        false,
+        rng,
+    ));
     net.push(BatchNorm::new("bn1", w0));
     net.push_boxed(neuron(cfg.neuron, "sn1", w0, t));
-    net.push(BinaryConv2d::new("conv2", ConvSpec::new(w0, w1, 3).padding(1), BinaryInit::Kaiming, rng));
+    net.push(BinaryConv2d::new(
+        "conv2",
+        ConvSpec::new(w0, w1, 3).padding(1),
+        BinaryInit::Kaiming,
+        rng,
+    ));
     net.push(BatchNorm::new("bn2", w1));
     net.push_boxed(neuron(cfg.neuron, "sn2", w1, t));
     net.push(AvgPool2d::new("pool2", 2, 2, 0)?);
-    net.push(BinaryConv2d::new("conv3", ConvSpec::new(w1, w2, 3).padding(1), BinaryInit::Kaiming, rng));
+    net.push(BinaryConv2d::new(
+        "conv3",
+        ConvSpec::new(w1, w2, 3).padding(1),
+        BinaryInit::Kaiming,
+        rng,
+    ));
     net.push(BatchNorm::new("bn3", w2));
     net.push_boxed(neuron(cfg.neuron, "sn3", w2, t));
     net.push(AvgPool2d::new("pool3", 2, 2, 0)?);
@@ -91,8 +123,16 @@ pub fn param_memory<R: Real>(net: &mut dyn Layer<R>) -> (f64, f64) {
 pub fn info_table<R: Real>(cfg: &ModelConfig, net: &mut Sequential<R>) -> Result<String> {
     let mut s = String::new();
     let input = [1, cfg.input[0], cfg.input[1], cfg.input[2]];
-    let _ = writeln!(s, "model {} ({} neurons, T = {}, input {:?}, {} classes)", cfg.arch, cfg.neuron, cfg.steps, cfg.input, cfg.classes);
-    let _ = writeln!(s, "{:<10} {:<52} {:<18} {:>10}", "layer", "kind", "output (N=1)", "params");
+    let _ = writeln!(
+        s,
+        "model {} ({} neurons, T = {}, input {:?}, {} classes)",
+        cfg.arch, cfg.neuron, cfg.steps, cfg.input, cfg.classes
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:<52} {:<18} {:>10}",
+        "layer", "kind", "output (N=1)", "params"
+    );
     let rows = net.summary(&input)?;
     for ((name, desc, shape), layer) in rows.iter().zip(net.layers.iter_mut()) {
         let mut n = 0;
@@ -101,7 +141,14 @@ pub fn info_table<R: Real>(cfg: &ModelConfig, net: &mut Sequential<R>) -> Result
                 n += p.value.len()
             }
         });
-        let _ = writeln!(s, "{:<10} {:<52} {:<18} {:>10}", name, desc, format!("{shape:?}"), n);
+        let _ = writeln!(
+            s,
+            "{:<10} {:<52} {:<18} {:>10}",
+            name,
+            desc,
+            format!("{shape:?}"),
+            n
+        );
     }
     let (mut total, mut binary, mut other, mut norm) = (0usize, 0usize, 0usize, 0usize);
     net.visit_params(&mut |p| match p.kind {
@@ -112,8 +159,19 @@ pub fn info_table<R: Real>(cfg: &ModelConfig, net: &mut Sequential<R>) -> Result
     });
     total += binary + other + norm;
     let (two, one) = param_memory(net);
-    let _ = writeln!(s, "parameters: {total} ({binary} binary weights, {other} full-precision weights and biases, {norm} BatchNorm and neuron parameters)");
-    let _ = writeln!(s, "parameter memory: {:.4} MB by the paper's rule (2 bits per binary weight, 4 bytes per other weight; BN and neuron parameters excluded)", two / 1e6);
-    let _ = writeln!(s, "parameter memory: {:.4} MB at 1 bit per binary weight (same exclusions)", one / 1e6);
+    let _ = writeln!(
+        s,
+        "parameters: {total} ({binary} binary weights, {other} full-precision weights and biases, {norm} BatchNorm and neuron parameters)"
+    );
+    let _ = writeln!(
+        s,
+        "parameter memory: {:.4} MB by the paper's rule (2 bits per binary weight, 4 bytes per other weight; BN and neuron parameters excluded)",
+        two / 1e6
+    );
+    let _ = writeln!(
+        s,
+        "parameter memory: {:.4} MB at 1 bit per binary weight (same exclusions)",
+        one / 1e6
+    );
     Ok(s)
 }

@@ -28,7 +28,15 @@ pub fn save_training(path: &Path, t: &mut Trainer) -> Result<()> {
         let n = data.len();
         ck.put_tensor(name, from_vec(&[n], data));
     }
-    ck.put_u64s("train.position", &[t.pos.epoch as u64, t.pos.batch as u64, t.pos.global_step, t.opt.step]);
+    ck.put_u64s(
+        "train.position",
+        &[
+            t.pos.epoch as u64,
+            t.pos.batch as u64,
+            t.pos.global_step,
+            t.opt.step,
+        ],
+    );
     ck.put_u64s("train.seed", &[t.cfg.seed]);
     ck.put_str("train.bp", t.cfg.bp.name());
     ck.save(path)
@@ -44,7 +52,8 @@ pub fn save_model(path: &Path, t: &mut Trainer) -> Result<()> {
 
 /// The model configuration stored in a checkpoint or model file.
 pub fn model_config_of(ck: &Checkpoint, path: &Path) -> Result<ModelConfig> {
-    ModelConfig::from_text(ck.str("model.config")?).map_err(|e| Error::format(path, format!("entry `model.config`: {e}")))
+    ModelConfig::from_text(ck.str("model.config")?)
+        .map_err(|e| Error::format(path, format!("entry `model.config`: {e}")))
 }
 
 fn load_params(ck: &Checkpoint, net: &mut Sequential<f32>, path: &Path) -> Result<()> {
@@ -59,26 +68,58 @@ fn load_params(ck: &Checkpoint, net: &mut Sequential<f32>, path: &Path) -> Resul
 pub fn load_training(path: &Path, t: &mut Trainer) -> Result<()> {
     let ck = Checkpoint::load(path)?;
     if ck.str("kind").ok() != Some("training") {
-        return Err(Error::format(path, "not a training checkpoint (no optimiser state); `last.npz` in the run directory is one"));
+        return Err(Error::format(
+            path,
+            "not a training checkpoint (no optimiser state); `last.npz` in the run directory is one",
+        ));
     }
     let mc = model_config_of(&ck, path)?;
     if mc != t.model_cfg {
-        return Err(Error::format(path, format!("the checkpoint's model ({}) differs from the one requested ({})", mc.to_text().replace('\n', " "), t.model_cfg.to_text().replace('\n', " "))));
+        return Err(Error::format(
+            path,
+            format!(
+                "the checkpoint's model ({}) differs from the one requested ({})",
+                mc.to_text().replace('\n', " "),
+                t.model_cfg.to_text().replace('\n', " ")
+            ),
+        ));
     }
     load_params(&ck, &mut t.net, path)?;
-    for name in ck.names().filter(|n| n.starts_with("optim.")).map(str::to_string).collect::<Vec<_>>() {
+    for name in ck
+        .names()
+        .filter(|n| n.starts_with("optim."))
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    {
         let v: Vec<f32> = ck.tensor(&name)?.iter().copied().collect();
-        t.opt.load_state_tensor(&name, v).map_err(|e| Error::format(path, e.to_string()))?;
+        t.opt
+            .load_state_tensor(&name, v)
+            .map_err(|e| Error::format(path, e.to_string()))?;
     }
     let pos = ck.u64s("train.position")?;
     if pos.len() != 4 {
-        return Err(Error::format(path, format!("entry `train.position`: expected 4 numbers, got {}", pos.len())));
+        return Err(Error::format(
+            path,
+            format!(
+                "entry `train.position`: expected 4 numbers, got {}",
+                pos.len()
+            ),
+        ));
     }
-    t.pos = Position { epoch: pos[0] as usize, batch: pos[1] as usize, global_step: pos[2] };
+    t.pos = Position {
+        epoch: pos[0] as usize,
+        batch: pos[1] as usize,
+        global_step: pos[2],
+    };
     t.opt.step = pos[3];
     let seed = ck.u64s("train.seed")?;
     if seed.first() != Some(&t.cfg.seed) {
-        eprintln!("warning: {}: resuming with --seed {} but the run used seed {:?}; the data order changes", path.display(), t.cfg.seed, seed.first());
+        eprintln!(
+            "warning: {}: resuming with --seed {} but the run used seed {:?}; the data order changes",
+            path.display(),
+            t.cfg.seed,
+            seed.first()
+        );
     }
     Ok(())
 }

@@ -125,7 +125,9 @@ impl Optimizer {
             if !p.trainable() {
                 return;
             }
-            let wd = if cfg.weight_decay != 0.0 && (cfg.decay_all || matches!(p.kind, ParamKind::Weight | ParamKind::BinaryWeight)) {
+            let wd = if cfg.weight_decay != 0.0
+                && (cfg.decay_all || matches!(p.kind, ParamKind::Weight | ParamKind::BinaryWeight))
+            {
                 cfg.weight_decay
             } else {
                 0.0
