@@ -367,10 +367,10 @@ impl<R: Real> Layer<R> for MaxPool2d {
                     let mut bi = r0 * w + c0;
                     for r in r0..r1 {
                         for (c, &v) in xp[r * w + c0..r * w + c1].iter().enumerate() {
-                            if v > best {
-                                best = v;
-                                bi = r * w + c0 + c;
-                            }
+                            // branch-free select (random data would mispredict a branch)
+                            let gt = v > best;
+                            best = if gt { v } else { best };
+                            bi = if gt { r * w + c0 + c } else { bi };
                         }
                     }
                     // all −∞ or NaN: take the first pixel so a NaN propagates visibly
