@@ -201,9 +201,13 @@ mod tests {
         )
     }
 
-    /// Central differences of the loss in every logit against the analytic gradient.
-    fn fd_check(x: &Tensor<f64>, t: Targets<'_, f64>, eps: f64) {
-        let (_, g) = cross_entropy(x, t, eps).unwrap();
+    /// Central differences of the loss in every logit against a claimed gradient `g`.
+    fn fd_mismatch(
+        x: &Tensor<f64>,
+        t: Targets<'_, f64>,
+        eps: f64,
+        g: &Tensor<f64>,
+    ) -> Option<String> {
         let gmax = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let h = 1e-5;
         for i in 0..x.len() {
@@ -215,10 +219,17 @@ mod tests {
                 - cross_entropy(&xm, t, eps).unwrap().0)
                 / (2.0 * h);
             let a = g.as_slice().unwrap()[i];
-            assert!(
-                (a - fd).abs() <= 1e-7 * (gmax + 1e-2) + 1e-6 * a.abs(),
-                "logit {i}: analytic {a:e} vs fd {fd:e}"
-            );
+            if (a - fd).abs() > 1e-7 * (gmax + 1e-2) + 1e-6 * a.abs() {
+                return Some(format!("logit {i}: analytic {a:e} vs fd {fd:e}"));
+            }
+        }
+        None
+    }
+
+    fn fd_check(x: &Tensor<f64>, t: Targets<'_, f64>, eps: f64) {
+        let (_, g) = cross_entropy(x, t, eps).unwrap();
+        if let Some(m) = fd_mismatch(x, t, eps, &g) {
+            panic!("{m}");
         }
     }
 
@@ -301,22 +312,29 @@ mod tests {
 
     #[test]
     fn a_wrong_gradient_is_caught_by_the_finite_difference_check() {
-        // the check used above must fail for p − q without the 1/N factor
+        // the checker used above rejects gradients missing the 1/N factor, the label-smoothing
+        // term, or the soft-target weighting
         let mut rng = Rng::new(8);
         let x = randn(&[3, 4], &mut rng, 1.0);
         let labels = [1, 1, 0];
-        let (_, g) = cross_entropy(&x, Targets::Hard(&labels), 0.0).unwrap();
-        let wrong = g.mapv(|v| v * 3.0);
-        let h = 1e-5;
-        let mut xp = x.clone();
-        xp.as_slice_mut().unwrap()[0] += h;
-        let mut xm = x.clone();
-        xm.as_slice_mut().unwrap()[0] -= h;
-        let fd = (cross_entropy(&xp, Targets::Hard(&labels), 0.0).unwrap().0
-            - cross_entropy(&xm, Targets::Hard(&labels), 0.0).unwrap().0)
-            / (2.0 * h);
-        assert!((g.as_slice().unwrap()[0] - fd).abs() < 1e-8);
-        assert!((wrong.as_slice().unwrap()[0] - fd).abs() > 1e-3);
+        let (_, g) = cross_entropy(&x, Targets::Hard(&labels), 0.1).unwrap();
+        assert!(fd_mismatch(&x, Targets::Hard(&labels), 0.1, &g).is_none());
+        assert!(fd_mismatch(&x, Targets::Hard(&labels), 0.1, &g.mapv(|v| v * 3.0)).is_some());
+        let (_, g_unsmoothed) = cross_entropy(&x, Targets::Hard(&labels), 0.0).unwrap();
+        assert!(fd_mismatch(&x, Targets::Hard(&labels), 0.1, &g_unsmoothed).is_some());
+        let q = from_vec(
+            &[3, 4],
+            vec![0.7, 0.3, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.5],
+        );
+        assert!(
+            fd_mismatch(
+                &x,
+                Targets::Soft(&q),
+                0.0,
+                &cross_entropy(&x, Targets::Hard(&labels), 0.0).unwrap().1
+            )
+            .is_some()
+        );
     }
 
     #[test]

@@ -9,12 +9,24 @@ use crate::layers::{Cache, Layer, Param, State, StepCtx, check_shape};
 use crate::tensor::{Real, Tensor, as_slice, from_vec};
 use rayon::prelude::*;
 
-/// Planes below this many input elements in total are processed on the calling thread:
-/// pooling is memory-bound and rayon's fork/join costs more than it saves on small tensors.
-const PAR_MIN_ELEMS: usize = 1 << 15;
+/// Tensors below this many input elements are processed on the calling thread: pooling is
+/// memory-bound and rayon's fork/join costs more than it saves on small tensors.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 
-/// Run `f(input_plane, output_plane)` over matching planes, in parallel for large tensors.
-fn for_planes<A: Send + Sync, B: Send>(
+/// Planes per work item: all of them (one item, the calling thread) for small tensors, otherwise
+/// `⌈planes / workers⌉`, i.e. the contiguous split of [`crate::tensor::chunks`]-like granularity.
+fn planes_per_item(planes: usize, elems: usize) -> usize {
+    let w = crate::tensor::workers();
+    if elems < PAR_MIN_ELEMS || w <= 1 {
+        planes.max(1)
+    } else {
+        planes.div_ceil(w).max(1)
+    }
+}
+
+/// Run `f(input_plane, output_plane)` over matching planes (`input.len() / in_plane` of them).
+/// Planes are independent, so the result does not depend on the thread count.
+pub(crate) fn for_planes<A: Sync, B: Send>(
     input: &[A],
     in_plane: usize,
     out: &mut [B],
@@ -24,16 +36,63 @@ fn for_planes<A: Send + Sync, B: Send>(
     if in_plane == 0 || out_plane == 0 {
         return;
     }
-    if input.len() >= PAR_MIN_ELEMS && crate::tensor::workers() > 1 {
-        out.par_chunks_mut(out_plane)
-            .zip(input.par_chunks(in_plane))
-            .with_min_len(4)
-            .for_each(|(o, i)| f(i, o));
-    } else {
-        out.chunks_mut(out_plane)
-            .zip(input.chunks(in_plane))
-            .for_each(|(o, i)| f(i, o));
+    let ppi = planes_per_item(input.len() / in_plane, input.len().max(out.len()));
+    out.par_chunks_mut(ppi * out_plane)
+        .zip(input.par_chunks(ppi * in_plane))
+        .for_each(|(o, i)| {
+            o.chunks_exact_mut(out_plane)
+                .zip(i.chunks_exact(in_plane))
+                .for_each(|(o, i)| f(i, o))
+        });
+}
+
+/// [`for_planes`] with two inputs: `f(a_plane, b_plane, output_plane)`.
+pub(crate) fn for_planes_2in<A: Sync, C: Sync, B: Send>(
+    a: &[A],
+    a_plane: usize,
+    b: &[C],
+    b_plane: usize,
+    out: &mut [B],
+    out_plane: usize,
+    f: impl Fn(&[A], &[C], &mut [B]) + Send + Sync,
+) {
+    if a_plane == 0 || b_plane == 0 || out_plane == 0 {
+        return;
     }
+    let ppi = planes_per_item(a.len() / a_plane, a.len().max(out.len()));
+    out.par_chunks_mut(ppi * out_plane)
+        .zip(a.par_chunks(ppi * a_plane))
+        .zip(b.par_chunks(ppi * b_plane))
+        .for_each(|((o, a), b)| {
+            o.chunks_exact_mut(out_plane)
+                .zip(a.chunks_exact(a_plane))
+                .zip(b.chunks_exact(b_plane))
+                .for_each(|((o, a), b)| f(a, b, o))
+        });
+}
+
+/// [`for_planes`] with two outputs: `f(input_plane, out1_plane, out2_plane)`.
+fn for_planes_2out<A: Sync, B: Send, D: Send>(
+    input: &[A],
+    in_plane: usize,
+    o1: &mut [B],
+    o2: &mut [D],
+    out_plane: usize,
+    f: impl Fn(&[A], &mut [B], &mut [D]) + Send + Sync,
+) {
+    if in_plane == 0 || out_plane == 0 {
+        return;
+    }
+    let ppi = planes_per_item(input.len() / in_plane, input.len().max(o1.len()));
+    o1.par_chunks_mut(ppi * out_plane)
+        .zip(o2.par_chunks_mut(ppi * out_plane))
+        .zip(input.par_chunks(ppi * in_plane))
+        .for_each(|((o1, o2), i)| {
+            o1.chunks_exact_mut(out_plane)
+                .zip(o2.chunks_exact_mut(out_plane))
+                .zip(i.chunks_exact(in_plane))
+                .for_each(|((o1, o2), i)| f(i, o1, o2))
+        });
 }
 
 /// Window geometry shared by the two 2-D poolings: square kernel `k`, stride `s`, zero padding
@@ -297,33 +356,32 @@ impl<R: Real> Layer<R> for MaxPool2d {
         let g = self.geom;
         let xs = as_slice(x);
         let total: usize = out.iter().product();
-        // (value, argmax) pairs, plane by plane, split afterwards
-        let mut pairs: Vec<(R, u32)> = vec![(R::zero(), 0); total];
-        for_planes(&xs, h * w, &mut pairs, oh * ow, |xp, op| {
+        let mut y = vec![R::zero(); total];
+        let mut arg = vec![0u32; total];
+        for_planes_2out(&xs, h * w, &mut y, &mut arg, oh * ow, |xp, yp, ap| {
             for i in 0..oh {
                 let (r0, r1) = g.span(i, h);
                 for j in 0..ow {
                     let (c0, c1) = g.span(j, w);
                     let mut best = R::neg_infinity();
-                    let mut bi = (r0 * w + c0) as u32;
+                    let mut bi = r0 * w + c0;
                     for r in r0..r1 {
-                        for c in c0..c1 {
-                            let v = xp[r * w + c];
-                            if v > best {
-                                best = v;
-                                bi = (r * w + c) as u32;
-                            }
+                        for (c, &v) in xp[r * w + c0..r * w + c1].iter().enumerate() {
+                            // branch-free select (random data would mispredict a branch)
+                            let gt = v > best;
+                            best = if gt { v } else { best };
+                            bi = if gt { r * w + c0 + c } else { bi };
                         }
                     }
-                    // NaN inputs: keep the first pixel so the value propagates visibly
+                    // all −∞ or NaN: take the first pixel so a NaN propagates visibly
                     if best == R::neg_infinity() {
-                        best = xp[bi as usize];
+                        best = xp[bi];
                     }
-                    op[i * ow + j] = (best, bi);
+                    yp[i * ow + j] = best;
+                    ap[i * ow + j] = bi as u32;
                 }
             }
         });
-        let (y, arg): (Vec<R>, Vec<u32>) = pairs.into_iter().unzip();
         if let Some(c) = cache {
             let mc = c.get_or_default::<MaxPoolCache>();
             mc.shape.clear();
@@ -345,14 +403,20 @@ impl<R: Real> Layer<R> for MaxPool2d {
         check_dy(&self.name, dy, &out)?;
         let (h, w, oh, ow) = (shape[2], shape[3], out[2], out[3]);
         let dys = as_slice(dy);
-        // pair each output-gradient plane with its argmax plane
-        let src: Vec<(R, u32)> = dys.iter().copied().zip(mc.argmax.iter().copied()).collect();
         let mut dx = vec![R::zero(); shape.iter().product()];
-        for_planes(&src, oh * ow, &mut dx, h * w, |sp, dxp| {
-            for &(d, a) in sp {
-                dxp[a as usize] += d;
-            }
-        });
+        for_planes_2in(
+            &dys,
+            oh * ow,
+            &mc.argmax,
+            oh * ow,
+            &mut dx,
+            h * w,
+            |dp, ap, dxp| {
+                for (&d, &a) in dp.iter().zip(ap) {
+                    dxp[a as usize] += d;
+                }
+            },
+        );
         Ok(from_vec(&shape, dx))
     }
     fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
@@ -433,7 +497,7 @@ impl<R: Real> Layer<R> for GlobalAvgPool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gradcheck::{GradCheckOpts, check_step};
     use crate::layers::GradMode;
@@ -554,6 +618,47 @@ mod tests {
                 }
             }
         });
+    }
+
+    /// Forward + backward (with `dy = sin(y)`) of a layer inside a rayon pool of `threads` threads.
+    pub(crate) fn run_in_pool(
+        layer: &mut dyn Layer<f64>,
+        x: &Tensor<f64>,
+        threads: usize,
+    ) -> (Tensor<f64>, Tensor<f64>) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut c = Cache::new();
+            let y = layer
+                .forward(x, &train(), &mut State::Empty, Some(&mut c))
+                .unwrap();
+            let dy = y.mapv(f64::sin);
+            let dx = layer
+                .backward(&dy, &train(), &c, &mut State::Empty)
+                .unwrap();
+            (y, dx)
+        })
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let mut rng = Rng::new(10);
+        let x = randn(&[4, 6, 40, 37], &mut rng);
+        assert!(x.len() >= PAR_MIN_ELEMS);
+        let mut layers: Vec<Box<dyn Layer<f64>>> = vec![
+            Box::new(AvgPool2d::new("ap", 3, 2, 1).unwrap()),
+            Box::new(MaxPool2d::new("mp", 3, 2, 1).unwrap()),
+            Box::new(GlobalAvgPool::new("gap")),
+        ];
+        for l in layers.iter_mut() {
+            let (y1, dx1) = run_in_pool(l.as_mut(), &x, 1);
+            let (y3, dx3) = run_in_pool(l.as_mut(), &x, 3);
+            assert_eq!(y1, y3, "{}", l.name());
+            assert_eq!(dx1, dx3, "{}", l.name());
+        }
     }
 
     #[test]

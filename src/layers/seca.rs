@@ -26,10 +26,10 @@
 //! [`Seca::backward_pair`]: the sum's gradient is the gradient of both operands.
 
 use crate::error::{Error, Result};
-use crate::layers::pool::plane_means;
+use crate::layers::pool::{for_planes_2in, plane_means};
 use crate::layers::{Cache, Layer, Param, ParamKind, State, StepCtx, check_shape};
 use crate::rng::Rng;
-use crate::tensor::{Real, Tensor, as_slice, from_vec, standard};
+use crate::tensor::{Real, Tensor, as_slice, from_vec};
 
 /// The ECA adaptive kernel size for `C` channels: `t = |log2(C)/2 + 1/2|` (γ = 2, b = 1), then the
 /// odd integer nearest to it (`t` truncated, plus one when even, as the ECA reference code does).
@@ -134,26 +134,27 @@ impl<R: Real> Seca<R> {
             }
         }
         let mut y = vec![R::zero(); x.len()];
-        for ((yp, xp), &av) in y.chunks_exact_mut(p).zip(x.chunks_exact(p)).zip(&a) {
+        for_planes_2in(x, p, &a, 1, &mut y, p, |xp, av, yp| {
             for (yv, &xv) in yp.iter_mut().zip(xp) {
-                *yv = av * xv;
+                *yv = av[0] * xv;
             }
-        }
+        });
         (y, z, a)
     }
 
-    fn forward_owned(&mut self, x: Tensor<R>, cache: Option<&mut Cache>) -> Result<Tensor<R>> {
-        self.check_input(x.shape())?;
-        let x = standard(x);
-        let shape = x.shape().to_vec();
-        let (y, z, a) = self.compute(x.as_slice().expect("standard"), &shape);
-        if let Some(c) = cache {
-            let sc = c.get_or_default::<SecaCache<R>>();
-            sc.x = Some(x);
-            sc.z = z;
-            sc.a = a;
+    /// Forward on `x`, keeping `x`, `z`, `a` in the cache (reusing its allocations across steps).
+    fn forward_cached(&mut self, x: &[R], shape: &[usize], cache: &mut Cache) -> Tensor<R> {
+        let (y, z, a) = self.compute(x, shape);
+        let sc = cache.get_or_default::<SecaCache<R>>();
+        match &mut sc.x {
+            Some(t) if t.shape() == shape && t.is_standard_layout() => {
+                t.as_slice_mut().expect("standard").copy_from_slice(x)
+            }
+            slot => *slot = Some(from_vec(shape, x.to_vec())),
         }
-        Ok(from_vec(&shape, y))
+        sc.z = z;
+        sc.a = a;
+        from_vec(shape, y)
     }
 
     /// SECA_II forward: `SECA_I(I_prev + I)` (EMPF.md §8). Shapes must match.
@@ -174,7 +175,13 @@ impl<R: Real> Seca<R> {
                 x.shape(),
             ));
         }
-        self.forward_owned(x_prev + x, cache)
+        let sum = x_prev + x;
+        let shape = sum.shape().to_vec();
+        let xs = sum.as_slice().expect("fresh sums are standard");
+        Ok(match cache {
+            Some(c) => self.forward_cached(xs, &shape, c),
+            None => from_vec(&shape, self.compute(xs, &shape).0),
+        })
     }
 
     /// SECA_II backward: the gradient with respect to `I_prev + I`, which is the gradient with
@@ -202,15 +209,13 @@ impl<R: Real> Seca<R> {
         let (z, a) = (&sc.z, &sc.a);
         let h = (self.k - 1) / 2;
         // da, then du = da · a (1 − a)                                              N x C
-        let du: Vec<R> = g
-            .chunks_exact(p)
-            .zip(xs.chunks_exact(p))
-            .zip(a)
-            .map(|((gp, xp), &av)| {
-                let da: R = gp.iter().zip(xp).map(|(&gv, &xv)| gv * xv).sum();
-                da * av * (R::one() - av)
-            })
-            .collect();
+        let mut du = vec![R::zero(); n * c];
+        for_planes_2in(&g, p, xs, p, &mut du, 1, |gp, xp, d| {
+            d[0] = gp.iter().zip(xp).map(|(&gv, &xv)| gv * xv).sum();
+        });
+        for (d, &av) in du.iter_mut().zip(a) {
+            *d *= av * (R::one() - av);
+        }
         // dw[j] += Σ du[n,c] z[n,c+j−h];  db += Σ du;  dz[n,c+j−h] += w[j] du[n,c]
         let w = self.weight.value.as_slice().expect("standard").to_vec();
         let dw = self.weight.grad.as_slice_mut().expect("standard");
@@ -235,18 +240,14 @@ impl<R: Real> Seca<R> {
         self.bias.grad.as_slice_mut().expect("standard")[0] += db;
         // dI = G · a + dz / P
         let inv = R::one() / R::of(p as f64);
+        let ad: Vec<(R, R)> = a.iter().zip(&dz).map(|(&av, &d)| (av, d * inv)).collect();
         let mut dx = vec![R::zero(); xs.len()];
-        for (((dp, gp), &av), &dzv) in dx
-            .chunks_exact_mut(p)
-            .zip(g.chunks_exact(p))
-            .zip(a)
-            .zip(&dz)
-        {
-            let add = dzv * inv;
+        for_planes_2in(&g, p, &ad, 1, &mut dx, p, |gp, adp, dp| {
+            let (av, add) = adp[0];
             for (dv, &gv) in dp.iter_mut().zip(gp) {
                 *dv = gv * av + add;
             }
-        }
+        });
         Ok(from_vec(shape, dx))
     }
 }
@@ -274,13 +275,11 @@ impl<R: Real> Layer<R> for Seca<R> {
         cache: Option<&mut Cache>,
     ) -> Result<Tensor<R>> {
         self.check_input(x.shape())?;
-        match cache {
-            Some(c) => self.forward_owned(x.clone(), Some(c)),
-            None => {
-                let (y, _, _) = self.compute(&as_slice(x), x.shape());
-                Ok(from_vec(x.shape(), y))
-            }
-        }
+        let xs = as_slice(x);
+        Ok(match cache {
+            Some(c) => self.forward_cached(&xs, x.shape(), c),
+            None => from_vec(x.shape(), self.compute(&xs, x.shape()).0),
+        })
     }
     fn backward(
         &mut self,
@@ -517,6 +516,21 @@ mod tests {
         };
         let rep = check_step(&mut l, &x, &train(), &State::Empty, &opts).unwrap();
         assert!(!rep.passed(&opts), "{rep:?}");
+    }
+
+    #[test]
+    fn seca_results_do_not_depend_on_the_thread_count() {
+        let mut rng = Rng::new(12);
+        let x = randn(&[4, 16, 24, 24], &mut rng);
+        assert!(x.len() >= crate::layers::pool::PAR_MIN_ELEMS);
+        let mut l = seca(5, &mut rng);
+        let (y1, dx1) = crate::layers::pool::tests::run_in_pool(&mut l, &x, 1);
+        let g1 = l.weight.grad.clone();
+        l.weight.zero_grad();
+        let (y3, dx3) = crate::layers::pool::tests::run_in_pool(&mut l, &x, 3);
+        assert_eq!(y1, y3);
+        assert_eq!(dx1, dx3);
+        assert_eq!(g1, l.weight.grad);
     }
 
     #[test]
