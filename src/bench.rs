@@ -38,6 +38,7 @@ pub fn bench_train(
     modes: &[BpMode],
     steps: &[usize],
     seed: u64,
+    profile: bool,
 ) -> Result<Vec<TrainBenchRow>> {
     if batch < 2 || batches == 0 {
         return Err(Error::Config(
@@ -73,6 +74,9 @@ pub fn bench_train(
                     Ok(r.peak_cache_bytes)
                 };
             run(&mut net, &mut rng)?; // warm-up: allocations, caches
+            if profile {
+                net.enable_profile();
+            }
             let can_reset = reset_peak_rss();
             let t0 = Instant::now();
             let mut peak_cache = 0;
@@ -91,6 +95,9 @@ pub fn bench_train(
                 },
                 peak_cache_bytes: peak_cache,
             });
+            if profile {
+                eprintln!("per-layer time, {} T={t}, {batches} batches:\n{}", mode.name(), net.profile_report());
+            }
         }
     }
     Ok(rows)

@@ -66,6 +66,9 @@ pub struct BenchTrainArgs {
     /// Gradient modes to measure.
     #[arg(long, value_delimiter = ',', default_value = "online,random,bptt")]
     pub modes: Vec<String>,
+    /// Print the time spent in each layer.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// `empf train`.
@@ -469,7 +472,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let rows = crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0)?;
+    let rows = crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0, a.profile)?;
     print!("{}", crate::bench::format_rows(&model, a.batch, &rows));
     Ok(())
 }

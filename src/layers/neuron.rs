@@ -85,6 +85,75 @@ fn step_index(layer: &str, ctx: &StepCtx, steps: usize) -> Result<usize> {
     }
 }
 
+/// Elements per parallel work item of the elementwise neuron loops: a fixed size (not a function of
+/// the thread count), so the per-chunk partial sums are added in the same order on any machine.
+const NEURON_CHUNK: usize = 8192;
+
+/// The EM-PF charge-and-fire of one step over flat slices (Version I form, EMPF.md §3):
+/// `m = λ·v[t−1] + I`, `s = ReLU(m − θ)`, `v = min(m, θ)`, and the fired mask `H(m − θ)`.
+/// Branch-free inner loops over 64-element words, parallel over fixed chunks.
+fn empf_charge_fire<R: Real>(x: &[R], prev: Option<&[R]>, lam: R, th: R) -> (Vec<R>, Vec<R>, BitMask) {
+    use rayon::prelude::*;
+    let n = x.len();
+    let mut s = vec![R::zero(); n];
+    let mut v = vec![R::zero(); n];
+    let mut words = vec![0u64; n.div_ceil(64)];
+    s.par_chunks_mut(NEURON_CHUNK)
+        .zip(v.par_chunks_mut(NEURON_CHUNK))
+        .zip(words.par_chunks_mut(NEURON_CHUNK / 64))
+        .enumerate()
+        .for_each(|(ci, ((sc, vc), wc))| {
+            let off = ci * NEURON_CHUNK;
+            let xc = &x[off..off + sc.len()];
+            for (j, w) in wc.iter_mut().enumerate() {
+                let (lo, hi) = (j * 64, ((j + 1) * 64).min(sc.len()));
+                let mut bits = 0u64;
+                for i in lo..hi {
+                    let m = match prev {
+                        Some(p) => lam * p[off + i] + xc[i],
+                        None => xc[i],
+                    };
+                    let f = m > th;
+                    sc[i] = if f { m - th } else { R::zero() };
+                    vc[i] = if f { th } else { m };
+                    bits |= (f as u64) << (i - lo);
+                }
+                *w = bits;
+            }
+        });
+    (s, v, BitMask { words, len: n })
+}
+
+/// The EM-PF step backward over flat slices: `dm = dy·H + dv·(1 − H)`, and the sums
+/// `Σ dm·v[t−1]` (for λ) and `Σ (dv − dy)·H` (for θ), accumulated per fixed chunk in f64 and
+/// added in chunk order.
+fn empf_backward<R: Real>(dy: &[R], dv: Option<&[R]>, prev: Option<&[R]>, fired: &BitMask) -> (Vec<R>, f64, f64) {
+    use rayon::prelude::*;
+    let n = dy.len();
+    let mut dm = vec![R::zero(); n];
+    let partial: Vec<(f64, f64)> = dm
+        .par_chunks_mut(NEURON_CHUNK)
+        .enumerate()
+        .map(|(ci, dmc)| {
+            let off = ci * NEURON_CHUNK;
+            let (mut dlam, mut dth) = (R::zero(), R::zero());
+            for (i, d) in dmc.iter_mut().enumerate() {
+                let k = off + i;
+                let f = fired.get(k);
+                let dvi = dv.map_or(R::zero(), |d| d[k]);
+                *d = if f { dy[k] } else { dvi };
+                dth += if f { dvi - dy[k] } else { R::zero() };
+                if let Some(p) = prev {
+                    dlam += *d * p[k];
+                }
+            }
+            (dlam.f64(), dth.f64())
+        })
+        .collect();
+    let (dlam, dth) = partial.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    (dm, dlam, dth)
+}
+
 /// Take `v[t−1]` out of the state (None = zero), checking it is shaped like the input.
 fn take_prev<R: Real>(
     layer: &str,
@@ -235,29 +304,10 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let (lam, th) = (self.leak(t), self.threshold(t));
         let prev = take_prev(&self.name, state, x.shape())?;
         let xs = as_slice(x);
-        let mut s = vec![R::zero(); xs.len()];
-        let mut v = vec![R::zero(); xs.len()];
-        let mut c = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>());
-        if let Some(c) = c.as_mut() {
-            c.fired.reset(xs.len());
-        }
         let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
-        for i in 0..xs.len() {
-            let m = match pv {
-                Some(p) => lam * p[i] + xs[i],
-                None => xs[i],
-            };
-            if m > th {
-                s[i] = m - th;
-                v[i] = th;
-                if let Some(c) = c.as_mut() {
-                    c.fired.set(i);
-                }
-            } else {
-                v[i] = m;
-            }
-        }
-        if let Some(c) = c {
+        let (s, v, fired) = empf_charge_fire(&xs, pv, lam, th);
+        if let Some(c) = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>()) {
+            c.fired = fired;
             c.v_prev = prev;
             c.shape = x.shape().to_vec();
         }
@@ -279,20 +329,7 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let dvs = dv.as_ref().map(|d| d.as_slice().expect("standard"));
         let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
         let dys = as_slice(dy);
-        let mut dm = vec![R::zero(); dys.len()];
-        let (mut dlam, mut dth) = (0.0f64, 0.0f64);
-        for i in 0..dys.len() {
-            let dvi = dvs.map_or(R::zero(), |d| d[i]);
-            if c.fired.get(i) {
-                dm[i] = dys[i];
-                dth += (dvi - dys[i]).f64();
-            } else {
-                dm[i] = dvi;
-            }
-            if let Some(p) = pv {
-                dlam += (dm[i] * p[i]).f64();
-            }
-        }
+        let (dm, dlam, dth) = empf_backward(&dys, dvs, pv, &c.fired);
         add_grad(&mut self.a, t, dlam * (lam * (R::one() - lam)).f64());
         add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
         *dstate = if ctx.grad == GradMode::Bptt && pv.is_some() {

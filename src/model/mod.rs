@@ -16,6 +16,8 @@ pub struct Sequential<R: Real> {
     name: String,
     /// The layers.
     pub layers: Vec<Box<dyn Layer<R>>>,
+    /// Per-layer (forward, backward) seconds, accumulated when profiling is on.
+    pub profile: Option<Vec<(f64, f64)>>,
 }
 
 /// Caches of a composite layer's children (reused step after step).
@@ -43,6 +45,7 @@ impl<R: Real> Sequential<R> {
         Sequential {
             name: name.to_string(),
             layers: Vec::new(),
+            profile: None,
         }
     }
     /// Append a layer.
@@ -54,6 +57,20 @@ impl<R: Real> Sequential<R> {
     pub fn push_boxed(&mut self, layer: Box<dyn Layer<R>>) -> &mut Self {
         self.layers.push(layer);
         self
+    }
+    /// Start (or restart) accumulating per-layer forward/backward time.
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(vec![(0.0, 0.0); self.layers.len()]);
+    }
+    /// Per-layer time as `name: forward ms / backward ms` lines.
+    pub fn profile_report(&self) -> String {
+        let Some(p) = &self.profile else { return String::new() };
+        let total: f64 = p.iter().map(|x| x.0 + x.1).sum();
+        let mut s = String::new();
+        for (l, (f, b)) in self.layers.iter().zip(p) {
+            s += &format!("{:<10} {:<12} forward {:>9.1} ms  backward {:>9.1} ms  ({:>4.1}%)\n", l.name(), l.kind(), f * 1e3, b * 1e3, 100.0 * (f + b) / total.max(1e-12));
+        }
+        s
     }
     /// Number of layers.
     pub fn len(&self) -> usize {
@@ -106,7 +123,11 @@ impl<R: Real> Layer<R> for Sequential<R> {
         for (i, l) in self.layers.iter_mut().enumerate() {
             let input = cur.as_ref().unwrap_or(x);
             let c = caches.as_mut().map(|cs| &mut cs[i]);
+            let t0 = self.profile.is_some().then(std::time::Instant::now);
             cur = Some(l.forward(input, ctx, &mut states[i], c)?);
+            if let (Some(p), Some(t0)) = (self.profile.as_mut(), t0) {
+                p[i].0 += t0.elapsed().as_secs_f64();
+            }
         }
         Ok(cur.unwrap_or_else(|| x.clone()))
     }
@@ -123,7 +144,11 @@ impl<R: Real> Layer<R> for Sequential<R> {
         let mut g: Option<Tensor<R>> = None;
         for i in (0..n).rev() {
             let gi = g.as_ref().unwrap_or(dy);
+            let t0 = self.profile.is_some().then(std::time::Instant::now);
             g = Some(self.layers[i].backward(gi, ctx, caches.get(i), &mut dstates[i])?);
+            if let (Some(p), Some(t0)) = (self.profile.as_mut(), t0) {
+                p[i].1 += t0.elapsed().as_secs_f64();
+            }
         }
         Ok(g.unwrap_or_else(|| dy.clone()))
     }

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::layers::batchnorm::BatchNorm;
 use crate::layers::neuron::{EmpfV1, EmpfV2, EmpfV3, Lif};
 use crate::layers::pool::{AvgPool2d, GlobalAvgPool};
-use crate::layers::{BinaryConv2d, BinaryInit, Conv2d, ConvSpec, Layer, Linear, ParamKind};
+use crate::layers::{Flatten, BinaryConv2d, BinaryInit, Conv2d, ConvSpec, Layer, Linear, ParamKind};
 use crate::model::{ModelConfig, NeuronKind, Sequential};
 use crate::rng::Rng;
 use crate::tensor::Real;
@@ -21,7 +21,8 @@ use std::fmt::Write as _;
 pub fn small_config() -> ModelConfig {
     ModelConfig {
         arch: "small".into(),
-        widths: vec![16, 32, 64],
+        widths: vec![16, 32, 32],
+        steps: 2,
         ..ModelConfig::mnist_cnn()
     }
 }
@@ -95,8 +96,15 @@ fn build_cnn<R: Real>(cfg: &ModelConfig, rng: &mut Rng) -> Result<Sequential<R>>
     net.push(BatchNorm::new("bn3", w2));
     net.push_boxed(neuron(cfg.neuron, "sn3", w2, t));
     net.push(AvgPool2d::new("pool3", 2, 2, 0)?);
-    net.push(GlobalAvgPool::new("gap"));
-    net.push(Linear::new("fc", w2, cfg.classes, true, rng));
+    if cfg.arch == "small" {
+        // flatten head: the class evidence keeps its position (a 7x7 map for 28x28 inputs)
+        let (fh, fw) = (h / 4, w / 4);
+        net.push(Flatten::new("flatten"));
+        net.push(Linear::new("fc", w2 * fh * fw, cfg.classes, true, rng));
+    } else {
+        net.push(GlobalAvgPool::new("gap"));
+        net.push(Linear::new("fc", w2, cfg.classes, true, rng));
+    }
     net.output_shape(&[1, c, h, w])?;
     Ok(net)
 }
