@@ -1048,8 +1048,14 @@ mod tests {
         seed: u64,
     ) {
         let mut rng = Rng::new(seed ^ 0x5eed);
+        // A random direction (and a θ perturbation) moves every element, so a single element near
+        // its threshold rejects the whole sample; a train-mode BN (V2) even couples every element
+        // of every later step. Rejected samples are never passed, only not counted: allow up to
+        // 30% of them so that such rare draws do not fail the test.
+        let max_rejected_fraction = 0.3;
         let opts = GradCheckOpts {
             seed,
+            max_rejected_fraction,
             ..Default::default()
         };
         let t = rng.below(steps);
@@ -1100,7 +1106,9 @@ mod tests {
 
         #[test]
         fn v2_gradients_match_finite_differences_in_train_and_eval(
-            rank4 in any::<bool>(), n in 2usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            // N ≥ 3: with two values per channel a train-mode BN output is ±1 up to eps, and its
+            // tiny gradient is below what central differences resolve
+            rank4 in any::<bool>(), n in 3usize..5, c in 1usize..4, h in 1usize..4, w in 1usize..4,
             steps in 1usize..5, train in any::<bool>(), scale in prop::sample::select(vec![0.3, 1.0, 3.0]),
             seed in 0u64..10_000,
         ) {
@@ -1132,7 +1140,11 @@ mod tests {
             // inputs around θ = 1 so the surrogate is mostly non-zero
             let shape = shape_of(rank4, n, c, h, w);
             let mut rng = Rng::new(seed);
-            let opts = GradCheckOpts { seed, ..Default::default() };
+            // S is only C¹: S'' jumps at the triangle's corners, where central differences carry an
+            // O(h) error the kink detector cannot see (the quotients stay tiny). A smaller step
+            // bounds it by h/4·|r| ≈ 2.5e-7; atol 1e-6 of the largest entry still fails any missing
+            // term (those are O(0.1) or more).
+            let opts = GradCheckOpts { seed, h: 1e-6, atol: 1e-6, ..Default::default() };
             let xs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng).mapv(|v| v + 0.4)).collect();
             for grad in [GradMode::Online, GradMode::Bptt] {
                 let st = State::Tensor(input(&shape, 1.0, &mut rng));
