@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::layers::batchnorm::{BatchNorm, BnCache, BnGeom};
 use crate::layers::{Cache, CacheBytes, GradMode, Layer, Param, ParamKind, State, StepCtx};
 use crate::tensor::{Real, Tensor, as_slice, from_vec};
+use rayon::prelude::*;
 
 /// `1 / (1 + e^{−x})`.
 #[inline]
@@ -138,6 +139,98 @@ fn step_param<R: Real>(name: &str, suffix: &str, steps: usize) -> Param<R> {
     )
 }
 
+/// Elements per parallel work item: a multiple of 64 so that each item owns whole mask words. The
+/// split is fixed, so reductions (per-item partial sums added in item order) do not depend on the
+/// number of threads.
+const PAR_CHUNK: usize = 1 << 14;
+
+/// The EM-PF fire-and-reset kernel: for `m[i] = m_of(i)`, writes `s = ReLU(m − θ)`,
+/// `v = min(m, θ)` and the mask `H(m − θ)` (strict `m > θ`), in parallel over [`PAR_CHUNK`] items.
+fn fire<R: Real>(
+    m_of: impl Fn(usize) -> R + Sync,
+    th: R,
+    s: &mut [R],
+    v: &mut [R],
+    mask: &mut BitMask,
+) {
+    mask.reset(s.len());
+    s.par_chunks_mut(PAR_CHUNK)
+        .zip(v.par_chunks_mut(PAR_CHUNK))
+        .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
+        .enumerate()
+        .for_each(|(k, ((sc, vc), mc))| {
+            let base = k * PAR_CHUNK;
+            for (w, word) in mc.iter_mut().enumerate() {
+                let lo = w * 64;
+                let hi = (lo + 64).min(sc.len());
+                let mut bits = 0u64;
+                for j in lo..hi {
+                    let m = m_of(base + j);
+                    let f = m > th;
+                    sc[j] = if f { m - th } else { R::zero() };
+                    vc[j] = if f { th } else { m };
+                    bits |= u64::from(f) << (j - lo);
+                }
+                *word = bits;
+            }
+        });
+}
+
+/// Backward of [`fire`]: `dm = dy·H + dv·(1 − H)` into `dm`; returns `Σ (dv − dy)·H` (dL/dθ) and,
+/// when `p` is given, `Σ dm·p` (dL/dλ with `p = v[t−1]`).
+fn fire_back<R: Real>(
+    dy: &[R],
+    dv: Option<&[R]>,
+    mask: &BitMask,
+    p: Option<&[R]>,
+    dm: &mut [R],
+) -> (f64, f64) {
+    let parts: Vec<(f64, f64)> = dm
+        .par_chunks_mut(PAR_CHUNK)
+        .enumerate()
+        .map(|(k, dc)| {
+            let base = k * PAR_CHUNK;
+            let (mut dth, mut dlam) = (0.0f64, 0.0f64);
+            for (j, o) in dc.iter_mut().enumerate() {
+                let i = base + j;
+                let dvi = dv.map_or(R::zero(), |d| d[i]);
+                if mask.get(i) {
+                    *o = dy[i];
+                    dth += (dvi - dy[i]).f64();
+                } else {
+                    *o = dvi;
+                }
+                if let Some(p) = p {
+                    dlam += (*o * p[i]).f64();
+                }
+            }
+            (dth, dlam)
+        })
+        .collect();
+    parts
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
+}
+
+/// `Σ_i f(i)` (two sums) over fixed [`PAR_CHUNK`] items in parallel, added in item order.
+fn par_sums(len: usize, f: impl Fn(usize) -> (f64, f64) + Sync) -> (f64, f64) {
+    let parts: Vec<(f64, f64)> = (0..len.div_ceil(PAR_CHUNK))
+        .into_par_iter()
+        .map(|k| {
+            let (mut a, mut b) = (0.0, 0.0);
+            for i in k * PAR_CHUNK..((k + 1) * PAR_CHUNK).min(len) {
+                let (x, y) = f(i);
+                a += x;
+                b += y;
+            }
+            (a, b)
+        })
+        .collect();
+    parts
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
+}
+
 fn check_dy<R: Real>(layer: &str, dy: &Tensor<R>, shape: &[usize]) -> Result<()> {
     if dy.shape() == shape {
         Ok(())
@@ -238,24 +331,15 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let mut s = vec![R::zero(); xs.len()];
         let mut v = vec![R::zero(); xs.len()];
         let mut c = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>());
-        if let Some(c) = c.as_mut() {
-            c.fired.reset(xs.len());
-        }
+        let mut scratch = BitMask::default();
+        let mask = match c.as_mut() {
+            Some(c) => &mut c.fired,
+            None => &mut scratch,
+        };
         let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
-        for i in 0..xs.len() {
-            let m = match pv {
-                Some(p) => lam * p[i] + xs[i],
-                None => xs[i],
-            };
-            if m > th {
-                s[i] = m - th;
-                v[i] = th;
-                if let Some(c) = c.as_mut() {
-                    c.fired.set(i);
-                }
-            } else {
-                v[i] = m;
-            }
+        match pv {
+            Some(p) => fire(|i| lam * p[i] + xs[i], th, &mut s, &mut v, mask),
+            None => fire(|i| xs[i], th, &mut s, &mut v, mask),
         }
         if let Some(c) = c {
             c.v_prev = prev;
@@ -280,19 +364,7 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
         let dys = as_slice(dy);
         let mut dm = vec![R::zero(); dys.len()];
-        let (mut dlam, mut dth) = (0.0f64, 0.0f64);
-        for i in 0..dys.len() {
-            let dvi = dvs.map_or(R::zero(), |d| d[i]);
-            if c.fired.get(i) {
-                dm[i] = dys[i];
-                dth += (dvi - dys[i]).f64();
-            } else {
-                dm[i] = dvi;
-            }
-            if let Some(p) = pv {
-                dlam += (dm[i] * p[i]).f64();
-            }
-        }
+        let (dth, dlam) = fire_back(&dys, dvs, &c.fired, pv, &mut dm);
         add_grad(&mut self.a, t, dlam * (lam * (R::one() - lam)).f64());
         add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
         *dstate = if ctx.grad == GradMode::Bptt && pv.is_some() {
@@ -456,21 +528,12 @@ impl<R: Real> Layer<R> for EmpfV2<R> {
         let bn = self.bns[t].forward_slice(&m, g, ctx.train, c.as_mut().map(|c| &mut c.bn))?;
         let mut s = vec![R::zero(); m.len()];
         let mut v = vec![R::zero(); m.len()];
-        if let Some(c) = c.as_mut() {
-            c.fired.reset(m.len());
-        }
-        for i in 0..m.len() {
-            let mh = a1 * bn[i] + a2 * m[i];
-            if mh > th {
-                s[i] = mh - th;
-                v[i] = th;
-                if let Some(c) = c.as_mut() {
-                    c.fired.set(i);
-                }
-            } else {
-                v[i] = mh;
-            }
-        }
+        let mut scratch = BitMask::default();
+        let mask = match c.as_mut() {
+            Some(c) => &mut c.fired,
+            None => &mut scratch,
+        };
+        fire(|i| a1 * bn[i] + a2 * m[i], th, &mut s, &mut v, mask);
         if let Some(c) = c {
             c.v_prev = prev;
             c.m = m;
@@ -501,30 +564,31 @@ impl<R: Real> Layer<R> for EmpfV2<R> {
         let gamma = self.bns[t].weight.value.as_slice().expect("standard");
         let beta = self.bns[t].bias.value.as_slice().expect("standard");
         let mut dmh = vec![R::zero(); dys.len()];
-        let (mut dth, mut da1, mut da2) = (0.0f64, 0.0f64, 0.0f64);
-        for i in 0..dys.len() {
-            let dvi = dvs.map_or(R::zero(), |d| d[i]);
-            if c.fired.get(i) {
-                dmh[i] = dys[i];
-                dth += (dvi - dys[i]).f64();
-            } else {
-                dmh[i] = dvi;
-            }
+        let (dth, _) = fire_back(&dys, dvs, &c.fired, None, &mut dmh);
+        let (da1, da2) = par_sums(dmh.len(), |i| {
             let ch = (i / g.hw) % g.c;
             let bn = gamma[ch] * xhat[i] + beta[ch];
-            da1 += (dmh[i] * bn).f64();
-            da2 += (dmh[i] * c.m[i]).f64();
-        }
-        let dbn: Vec<R> = dmh.iter().map(|&d| a1 * d).collect();
+            ((dmh[i] * bn).f64(), (dmh[i] * c.m[i]).f64())
+        });
+        let dbn: Vec<R> = dmh.par_iter().map(|&d| a1 * d).collect();
         let mut dm = self.bns[t].backward_slice(&dbn, g, &c.bn)?;
-        let mut dlam = 0.0f64;
         let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
-        for i in 0..dm.len() {
-            dm[i] += a2 * dmh[i];
-            if let Some(p) = pv {
-                dlam += (dm[i] * p[i]).f64();
-            }
-        }
+        let parts: Vec<f64> = dm
+            .par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .map(|(k, dc)| {
+                let base = k * PAR_CHUNK;
+                let mut dlam = 0.0f64;
+                for (j, o) in dc.iter_mut().enumerate() {
+                    *o += a2 * dmh[base + j];
+                    if let Some(p) = pv {
+                        dlam += (*o * p[base + j]).f64();
+                    }
+                }
+                dlam
+            })
+            .collect();
+        let dlam: f64 = parts.iter().sum();
         let sd = |x: R| (x * (R::one() - x)).f64();
         add_grad(&mut self.a, t, dlam * sd(lam));
         add_grad(&mut self.b, t, dth * sd(th));
@@ -1184,6 +1248,62 @@ mod tests {
             prop_assert_eq!(dx, cat(&dxs));
             prop_assert_eq!(&l.b.grad, &gstep);
         }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_across_parallel_chunks() {
+        // more than two PAR_CHUNK items, with a ragged last one; with this many elements a random
+        // direction would cross some threshold, so the inputs are built to keep every m̂ at least
+        // 0.05 away from θ
+        let shape = [2, 3, 97, 59];
+        let len: usize = shape.iter().product();
+        assert!(len > 2 * PAR_CHUNK + 1);
+        let hw = 97 * 59;
+        let mut rng = Rng::new(21);
+        let mut v1 = EmpfV1::<f64>::new("n1", 3);
+        randomise(&mut v1, &mut rng);
+        let mut v2 = EmpfV2::<f64>::new("n2", 3, 3);
+        randomise(&mut v2, &mut rng);
+        let p = input(&shape, 1.0, &mut rng);
+        let st = State::Tensor(p.clone());
+        let opts = GradCheckOpts::default();
+        let t = 1;
+        let target = |th: f64, rng: &mut Rng| {
+            let side = if rng.uniform() < 0.5 { -1.0 } else { 1.0 };
+            th + side * (0.05 + rng.normal().abs())
+        };
+        // V1 (train): m = λ p + x
+        let (lam, th) = (v1.leak(t), v1.threshold(t));
+        let x1 = from_vec(
+            &shape,
+            p.iter()
+                .map(|&pi| target(th, &mut rng) - lam * pi)
+                .collect(),
+        );
+        let ctx = StepCtx::train(t, 3, GradMode::Bptt);
+        check_step(&mut v1, &x1, &ctx, &st, &opts)
+            .unwrap()
+            .assert_ok(&opts, "V1 large step");
+        // V2 (eval): m̂ = k m + b per channel, m = λ p + x
+        let (k, b) = v2.fold();
+        let (lam, th) = (sigmoid(param_t(&v2.a, t)), sigmoid(param_t(&v2.b, t)));
+        let x2 = from_vec(
+            &shape,
+            p.iter()
+                .enumerate()
+                .map(|(i, &pi)| {
+                    let ch = (i / hw) % 3;
+                    (target(th, &mut rng) - b[t][ch]) / k[t][ch] - lam * pi
+                })
+                .collect(),
+        );
+        let ctx = StepCtx {
+            grad: GradMode::Bptt,
+            ..StepCtx::eval(t, 3)
+        };
+        check_step(&mut v2, &x2, &ctx, &st, &opts)
+            .unwrap()
+            .assert_ok(&opts, "V2 large step");
     }
 
     fn v2_eval_equals_folded<R: Real>(seed: u64, rank4: bool, tol: f64) {
