@@ -1486,6 +1486,72 @@ mod tests {
         }
     }
 
+    /// Gradients of a T-step run of any layer in one mode: dL/dx[t] and every trainable gradient.
+    #[allow(clippy::type_complexity)]
+    fn run_grads(
+        l: &mut dyn Layer<f64>,
+        xs: &[Tensor<f64>],
+        rs: &[Tensor<f64>],
+        grad: GradMode,
+    ) -> (Vec<Tensor<f64>>, Vec<(String, Tensor<f64>)>) {
+        let steps = xs.len();
+        l.visit_params(&mut |p| {
+            if p.trainable() {
+                p.zero_grad()
+            }
+        });
+        let mut st = State::Empty;
+        let mut caches: Vec<Cache> = (0..steps).map(|_| Cache::new()).collect();
+        for t in 0..steps {
+            let ctx = StepCtx::train(t, steps, grad);
+            l.forward(&xs[t], &ctx, &mut st, Some(&mut caches[t]))
+                .unwrap();
+        }
+        let mut dxs = vec![Tensor::zeros(ndarray::IxDyn(&[0])); steps];
+        let mut ds = State::Empty;
+        for t in (0..steps).rev() {
+            if grad == GradMode::Online {
+                ds = State::Empty;
+            }
+            let ctx = StepCtx::train(t, steps, grad);
+            dxs[t] = l.backward(&rs[t], &ctx, &caches[t], &mut ds).unwrap();
+        }
+        let mut gs = Vec::new();
+        l.visit_params(&mut |p| {
+            if p.trainable() {
+                gs.push((p.name.clone(), p.grad.clone()))
+            }
+        });
+        (dxs, gs)
+    }
+
+    #[test]
+    fn corollary_4_3_always_firing_mpbn_online_equals_bptt_except_threshold() {
+        let mut rng = Rng::new(8);
+        let (steps, shape) = (3, [4, 2, 3, 1]);
+        let mut l = EmpfV2::<f64>::new("n2", 2, steps);
+        // α1 = α2 = 1/2, γ = 1, β = 0: |BN(m)| ≤ sqrt(M − 1) < 3.5, so m ≥ 8 gives m̂ > 2 > θ
+        l.a.value.mapv_inplace(|_| rng.normal());
+        l.b.value.mapv_inplace(|_| rng.normal());
+        let xs: Vec<_> = (0..steps)
+            .map(|_| input(&shape, 1.0, &mut rng).mapv(|v| 9.0 + v.clamp(-1.0, 1.0)))
+            .collect();
+        let rs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+        let (dx_o, g_o) = run_grads(&mut l, &xs, &rs, GradMode::Online);
+        let (dx_b, g_b) = run_grads(&mut l, &xs, &rs, GradMode::Bptt);
+        assert_eq!(dx_o, dx_b);
+        for ((name, go), (_, gb)) in g_o.iter().zip(&g_b) {
+            if name == "n2.b" {
+                assert_eq!(go[[steps - 1]], gb[[steps - 1]]);
+                for t in 0..steps - 1 {
+                    assert!((go[[t]] - gb[[t]]).abs() > 1e-6, "{name}[{t}]");
+                }
+            } else {
+                assert_eq!(go, gb, "{name}");
+            }
+        }
+    }
+
     #[test]
     fn lif_heaviside_uses_the_same_surrogate_backward() {
         let shape = [4, 6];
