@@ -633,6 +633,24 @@ pub struct EmpfFolded<R: Real> {
     pub threshold: Vec<R>,
 }
 
+impl<R: Real> EmpfFolded<R> {
+    /// Compose step `t`'s input affine with a preceding per-channel affine `u = scale ⊙ x + shift`
+    /// (e.g. [`BatchNorm::fold_affine`] of the BN producing `I`): returns `(k·scale, k·shift + b)`,
+    /// so that `Î = k ⊙ u + b = (k·scale) ⊙ x + (k·shift + b)`. Setting them as
+    /// `self.scale[t]`/`self.shift[t]` makes the neuron take the pre-BN tensor directly.
+    pub fn compose_input_affine(&self, t: usize, scale: &[R], shift: &[R]) -> (Vec<R>, Vec<R>) {
+        let (k, b) = (&self.scale[t], &self.shift[t]);
+        let s = k.iter().zip(scale).map(|(&k, &a)| k * a).collect();
+        let h = k
+            .iter()
+            .zip(shift)
+            .zip(b)
+            .map(|((&k, &c), &b)| k * c + b)
+            .collect();
+        (s, h)
+    }
+}
+
 impl<R: Real> Layer<R> for EmpfFolded<R> {
     fn name(&self) -> &str {
         &self.name
@@ -1333,6 +1351,37 @@ mod tests {
             }
         }
         assert!(fired > 0 && fired < steps * shape.iter().product::<usize>());
+    }
+
+    #[test]
+    fn bn_then_v2_equals_folded_neuron_with_the_bn_composed_into_its_input_affine() {
+        let mut rng = Rng::new(31);
+        let (c, steps, shape) = (3, 3, [2, 3, 2, 2]);
+        let mut bn = BatchNorm::<f64>::new("bn", c);
+        randomise(&mut bn, &mut rng);
+        let mut v2 = EmpfV2::<f64>::new("n2", c, steps);
+        randomise(&mut v2, &mut rng);
+        let mut folded = v2.to_folded();
+        let (bs, bh) = bn.fold_affine();
+        for t in 0..steps {
+            let (s, h) = folded.compose_input_affine(t, &bs, &bh);
+            folded.scale[t] = s;
+            folded.shift[t] = h;
+        }
+        let (mut s2, mut sf) = (State::Empty, State::Empty);
+        for t in 0..steps {
+            let x = input(&shape, 2.0, &mut rng);
+            let ctx = StepCtx::eval(t, steps);
+            let i = bn.forward(&x, &ctx, &mut State::Empty, None).unwrap();
+            let y2 = v2.forward(&i, &ctx, &mut s2, None).unwrap();
+            let yf = folded.forward(&x, &ctx, &mut sf, None).unwrap();
+            for (a, b) in y2.iter().zip(yf.iter()) {
+                assert!(
+                    (a - b).abs() <= 1e-10 * (1.0 + a.abs()),
+                    "t={t}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
