@@ -292,11 +292,11 @@ impl<R: Real> EmpfV1<R> {
             b: step_param(name, "b", steps),
         }
     }
-    /// λ[t].
+    /// `λ[t]`.
     pub fn leak(&self, t: usize) -> R {
         sigmoid(param_t(&self.a, t))
     }
-    /// θ[t].
+    /// `θ[t]`.
     pub fn threshold(&self, t: usize) -> R {
         sigmoid(param_t(&self.b, t))
     }
@@ -720,7 +720,7 @@ impl<R: Real> Layer<R> for EmpfFolded<R> {
 // Version III (parallel)
 // ---------------------------------------------------------------------------------------------
 
-/// EM-PF Version III (EMPF.md §6): the parallel neuron, `s[t] = ReLU(I[t] − θ[t])`, θ = sigmoid(b[t]).
+/// EM-PF Version III (EMPF.md §6): the parallel neuron, `s[t] = ReLU(I[t] − θ[t])`, `θ = sigmoid(b[t])`.
 ///
 /// No leak and no membrane state, so all `T` steps are independent and can run as one batched call
 /// ([`EmpfV3::forward_all`] / [`EmpfV3::backward_all`]). Backward: `dL/dI = dy·H(I − θ)`,
