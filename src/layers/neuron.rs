@@ -736,7 +736,7 @@ pub struct EmpfV3<R: Real> {
 /// V3 backward needs only the firing mask.
 #[derive(Default)]
 pub struct EmpfV3Cache {
-    fired: BitMask,
+    fired: StepMasks,
     shape: Vec<usize>,
     /// Time-steps covered by the cache (1 for a step-wise forward, T for `forward_all`) and the
     /// first step index.
@@ -744,6 +744,57 @@ pub struct EmpfV3Cache {
     t0: usize,
 }
 crate::impl_cache!(EmpfV3Cache { fired });
+
+/// One firing mask per time-step covered (so a batched call keeps each step's mask word-aligned).
+#[derive(Default)]
+struct StepMasks(Vec<BitMask>);
+
+impl CacheBytes for StepMasks {
+    fn cache_bytes(&self) -> usize {
+        self.0.iter().map(|m| m.cache_bytes()).sum()
+    }
+}
+
+/// `s = ReLU(x − θ)` and the mask `H(x − θ)`, in parallel over [`PAR_CHUNK`] items.
+fn relu_fire<R: Real>(x: &[R], th: R, s: &mut [R], mask: &mut BitMask) {
+    mask.reset(x.len());
+    s.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
+        .for_each(|((sc, xc), mc)| {
+            for (w, word) in mc.iter_mut().enumerate() {
+                let lo = w * 64;
+                let hi = (lo + 64).min(sc.len());
+                let mut bits = 0u64;
+                for j in lo..hi {
+                    let f = xc[j] > th;
+                    sc[j] = if f { xc[j] - th } else { R::zero() };
+                    bits |= u64::from(f) << (j - lo);
+                }
+                *word = bits;
+            }
+        });
+}
+
+/// Backward of [`relu_fire`]: `dx = dy·H` into `dx`; returns `Σ dy·H` (fixed chunks, added in order).
+fn relu_back<R: Real>(dy: &[R], mask: &BitMask, dx: &mut [R]) -> f64 {
+    let parts: Vec<f64> = dx
+        .par_chunks_mut(PAR_CHUNK)
+        .enumerate()
+        .map(|(k, dc)| {
+            let base = k * PAR_CHUNK;
+            let mut sum = 0.0f64;
+            for (j, o) in dc.iter_mut().enumerate() {
+                if mask.get(base + j) {
+                    *o = dy[base + j];
+                    sum += dy[base + j].f64();
+                }
+            }
+            sum
+        })
+        .collect();
+    parts.iter().sum()
+}
 
 impl<R: Real> EmpfV3<R> {
     /// `b = 0` (θ = 0.5) for `steps` time-steps.
@@ -755,23 +806,18 @@ impl<R: Real> EmpfV3<R> {
         }
     }
 
-    /// Forward over `nsteps` consecutive equal chunks of `x`, chunk `j` using θ[t0 + j].
-    fn run(&self, x: &[R], t0: usize, nsteps: usize, mut fired: Option<&mut BitMask>) -> Vec<R> {
+    /// Forward over `nsteps` consecutive equal slices of `x`, slice `j` using `θ[t0 + j]` (each
+    /// slice exactly as a step-wise call would process it).
+    fn run(&self, x: &[R], t0: usize, nsteps: usize, fired: Option<&mut StepMasks>) -> Vec<R> {
         let per = x.len() / nsteps;
         let mut s = vec![R::zero(); x.len()];
-        if let Some(f) = fired.as_mut() {
-            f.reset(x.len());
-        }
-        for j in 0..nsteps {
+        let mut scratch = StepMasks::default();
+        let masks = &mut fired.unwrap_or(&mut scratch).0;
+        masks.resize_with(nsteps, BitMask::default);
+        masks.truncate(nsteps);
+        for (j, (sj, mj)) in s.chunks_mut(per).zip(masks.iter_mut()).enumerate() {
             let th = sigmoid(param_t(&self.b, t0 + j));
-            for i in j * per..(j + 1) * per {
-                if x[i] > th {
-                    s[i] = x[i] - th;
-                    if let Some(f) = fired.as_mut() {
-                        f.set(i);
-                    }
-                }
-            }
+            relu_fire(&x[j * per..(j + 1) * per], th, sj, mj);
         }
         s
     }
@@ -779,17 +825,11 @@ impl<R: Real> EmpfV3<R> {
     fn run_back(&mut self, dy: &[R], c: &EmpfV3Cache) -> Vec<R> {
         let per = dy.len() / c.steps;
         let mut dx = vec![R::zero(); dy.len()];
-        for j in 0..c.steps {
+        for (j, (dxj, mj)) in dx.chunks_mut(per).zip(&c.fired.0).enumerate() {
             let t = c.t0 + j;
             let th = sigmoid(param_t(&self.b, t));
-            let mut dth = 0.0f64;
-            for i in j * per..(j + 1) * per {
-                if c.fired.get(i) {
-                    dx[i] = dy[i];
-                    dth -= dy[i].f64();
-                }
-            }
-            add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
+            let sum = relu_back(&dy[j * per..(j + 1) * per], mj, dxj);
+            add_grad(&mut self.b, t, -sum * (th * (R::one() - th)).f64());
         }
         dx
     }
@@ -1322,6 +1362,44 @@ mod tests {
         check_step(&mut v2, &x2, &ctx, &st, &opts)
             .unwrap()
             .assert_ok(&opts, "V2 large step");
+    }
+
+    #[test]
+    fn v3_batched_equals_stepwise_bit_for_bit_across_parallel_chunks() {
+        let (steps, shape) = (3, [3, 5, 61, 59]);
+        assert!(shape.iter().product::<usize>() > 3 * PAR_CHUNK);
+        let mut rng = Rng::new(17);
+        let mut l = EmpfV3::<f32>::new("n3", steps);
+        randomise(&mut l, &mut rng);
+        let rand = |rng: &mut Rng| input(&shape, 1.0, rng).mapv(|v| v as f32);
+        let xs: Vec<_> = (0..steps).map(|_| rand(&mut rng)).collect();
+        let dys: Vec<_> = (0..steps).map(|_| rand(&mut rng)).collect();
+        let (mut ys, mut dxs) = (Vec::new(), Vec::new());
+        for t in 0..steps {
+            let ctx = StepCtx::train(t, steps, GradMode::Online);
+            let mut cache = Cache::new();
+            ys.push(
+                l.forward(&xs[t], &ctx, &mut State::Empty, Some(&mut cache))
+                    .unwrap(),
+            );
+            dxs.push(
+                l.backward(&dys[t], &ctx, &cache, &mut State::Empty)
+                    .unwrap(),
+            );
+        }
+        let gstep = l.b.grad.clone();
+        l.b.zero_grad();
+        let cat = |v: &[Tensor<f32>]| {
+            let views: Vec<_> = v.iter().map(|t| t.view()).collect();
+            ndarray::concatenate(ndarray::Axis(0), &views).unwrap()
+        };
+        let mut cache = Cache::new();
+        let y = l.forward_all(&cat(&xs), Some(&mut cache)).unwrap();
+        let dx = l.backward_all(&cat(&dys), &cache).unwrap();
+        assert_eq!(y, cat(&ys));
+        assert_eq!(dx, cat(&dxs));
+        assert_eq!(l.b.grad, gstep);
+        assert!(gstep.iter().all(|&g| g != 0.0));
     }
 
     fn v2_eval_equals_folded<R: Real>(seed: u64, rank4: bool, tol: f64) {
