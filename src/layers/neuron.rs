@@ -144,40 +144,42 @@ fn step_param<R: Real>(name: &str, suffix: &str, steps: usize) -> Param<R> {
 /// number of threads.
 const PAR_CHUNK: usize = 1 << 14;
 
-/// The EM-PF fire-and-reset kernel: for `m[i] = m_of(i)`, writes `s = ReLU(m − θ)`,
-/// `v = min(m, θ)` and the mask `H(m − θ)` (strict `m > θ`), in parallel over [`PAR_CHUNK`] items.
-fn fire<R: Real>(
-    m_of: impl Fn(usize) -> R + Sync,
-    th: R,
-    s: &mut [R],
-    v: &mut [R],
-    mask: &mut BitMask,
-) {
+/// The EM-PF fire-and-reset kernel. On entry `s` holds `m`; on exit `s = ReLU(m − θ)`,
+/// `v = min(m, θ)` and the mask is `H(m − θ)` (strict `m > θ`). Branch-free, in parallel over
+/// [`PAR_CHUNK`] items.
+fn fire<R: Real>(th: R, s: &mut [R], v: &mut [R], mask: &mut BitMask) {
     mask.reset(s.len());
     s.par_chunks_mut(PAR_CHUNK)
         .zip(v.par_chunks_mut(PAR_CHUNK))
         .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
-        .enumerate()
-        .for_each(|(k, ((sc, vc), mc))| {
-            let base = k * PAR_CHUNK;
-            for (w, word) in mc.iter_mut().enumerate() {
-                let lo = w * 64;
-                let hi = (lo + 64).min(sc.len());
+        .for_each(|((sc, vc), mc)| {
+            for ((sw, vw), word) in sc.chunks_mut(64).zip(vc.chunks_mut(64)).zip(mc) {
                 let mut bits = 0u64;
-                for j in lo..hi {
-                    let m = m_of(base + j);
-                    let f = m > th;
-                    sc[j] = if f { m - th } else { R::zero() };
-                    vc[j] = if f { th } else { m };
-                    bits |= u64::from(f) << (j - lo);
+                for (k, (o, vo)) in sw.iter_mut().zip(vw.iter_mut()).enumerate() {
+                    let m = *o;
+                    bits |= u64::from(m > th) << k;
+                    *vo = m.min(th);
+                    *o = (m - th).max(R::zero());
                 }
                 *word = bits;
             }
         });
 }
 
+/// `out[i] = f(a[i], b[i])` in parallel over [`PAR_CHUNK`] items.
+fn par_zip_map<R: Real>(out: &mut [R], a: &[R], b: &[R], f: impl Fn(R, R) -> R + Sync) {
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(a.par_chunks(PAR_CHUNK))
+        .zip(b.par_chunks(PAR_CHUNK))
+        .for_each(|((oc, ac), bc)| {
+            for ((o, &x), &y) in oc.iter_mut().zip(ac).zip(bc) {
+                *o = f(x, y);
+            }
+        });
+}
+
 /// Backward of [`fire`]: `dm = dy·H + dv·(1 − H)` into `dm`; returns `Σ (dv − dy)·H` (dL/dθ) and,
-/// when `p` is given, `Σ dm·p` (dL/dλ with `p = v[t−1]`).
+/// when `p` is given, `Σ dm·p` (dL/dλ with `p = v[t−1]`). Per-item partial sums added in order.
 fn fire_back<R: Real>(
     dy: &[R],
     dv: Option<&[R]>,
@@ -187,21 +189,40 @@ fn fire_back<R: Real>(
 ) -> (f64, f64) {
     let parts: Vec<(f64, f64)> = dm
         .par_chunks_mut(PAR_CHUNK)
+        .zip(mask.words.par_chunks(PAR_CHUNK / 64))
         .enumerate()
-        .map(|(k, dc)| {
+        .map(|(k, (dc, mc))| {
             let base = k * PAR_CHUNK;
             let (mut dth, mut dlam) = (0.0f64, 0.0f64);
-            for (j, o) in dc.iter_mut().enumerate() {
-                let i = base + j;
-                let dvi = dv.map_or(R::zero(), |d| d[i]);
-                if mask.get(i) {
-                    *o = dy[i];
-                    dth += (dvi - dy[i]).f64();
-                } else {
-                    *o = dvi;
+            for (w, (dw, &bits)) in dc.chunks_mut(64).zip(mc).enumerate() {
+                let lo = base + w * 64;
+                let dyw = &dy[lo..lo + dw.len()];
+                let mut wsum = R::zero();
+                match dv {
+                    Some(dv) => {
+                        let dvw = &dv[lo..lo + dw.len()];
+                        for (j, ((o, &y), &d)) in dw.iter_mut().zip(dyw).zip(dvw).enumerate() {
+                            let h = (bits >> j) & 1 == 1;
+                            *o = if h { y } else { d };
+                            wsum += if h { d - y } else { R::zero() };
+                        }
+                    }
+                    None => {
+                        for (j, (o, &y)) in dw.iter_mut().zip(dyw).enumerate() {
+                            let h = (bits >> j) & 1 == 1;
+                            *o = if h { y } else { R::zero() };
+                            wsum -= *o;
+                        }
+                    }
                 }
+                dth += wsum.f64();
                 if let Some(p) = p {
-                    dlam += (*o * p[i]).f64();
+                    let pw = &p[lo..lo + dw.len()];
+                    let mut acc = R::zero();
+                    for (&o, &q) in dw.iter().zip(pw) {
+                        acc += o * q;
+                    }
+                    dlam += acc.f64();
                 }
             }
             (dth, dlam)
@@ -338,9 +359,10 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         };
         let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
         match pv {
-            Some(p) => fire(|i| lam * p[i] + xs[i], th, &mut s, &mut v, mask),
-            None => fire(|i| xs[i], th, &mut s, &mut v, mask),
+            Some(p) => par_zip_map(&mut s, p, &xs, |p, x| lam * p + x),
+            None => s.copy_from_slice(&xs),
         }
+        fire(th, &mut s, &mut v, mask);
         if let Some(c) = c {
             c.v_prev = prev;
             c.shape = x.shape().to_vec();
@@ -533,7 +555,8 @@ impl<R: Real> Layer<R> for EmpfV2<R> {
             Some(c) => &mut c.fired,
             None => &mut scratch,
         };
-        fire(|i| a1 * bn[i] + a2 * m[i], th, &mut s, &mut v, mask);
+        par_zip_map(&mut s, &bn, &m, |b, m| a1 * b + a2 * m);
+        fire(th, &mut s, &mut v, mask);
         if let Some(c) = c {
             c.v_prev = prev;
             c.m = m;
