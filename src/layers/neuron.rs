@@ -799,19 +799,22 @@ fn relu_fire<R: Real>(x: &[R], th: R, s: &mut [R], mask: &mut BitMask) {
         });
 }
 
-/// Backward of [`relu_fire`]: `dx = dy·H` into `dx`; returns `Σ dy·H` (fixed chunks, added in order).
+/// Backward of [`relu_fire`]: `dx = dy·H` into `dx`; returns `Σ dy·H` (branch-free over mask
+/// words; per-item partial sums added in order).
 fn relu_back<R: Real>(dy: &[R], mask: &BitMask, dx: &mut [R]) -> f64 {
     let parts: Vec<f64> = dx
         .par_chunks_mut(PAR_CHUNK)
-        .enumerate()
-        .map(|(k, dc)| {
-            let base = k * PAR_CHUNK;
+        .zip(dy.par_chunks(PAR_CHUNK))
+        .zip(mask.words.par_chunks(PAR_CHUNK / 64))
+        .map(|((dc, yc), mc)| {
             let mut sum = 0.0f64;
-            for (j, o) in dc.iter_mut().enumerate() {
-                if mask.get(base + j) {
-                    *o = dy[base + j];
-                    sum += dy[base + j].f64();
+            for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
+                let mut wsum = R::zero();
+                for (j, (o, &y)) in dw.iter_mut().zip(yw).enumerate() {
+                    *o = if (bits >> j) & 1 == 1 { y } else { R::zero() };
+                    wsum += *o;
                 }
+                sum += wsum.f64();
             }
             sum
         })
