@@ -233,25 +233,6 @@ fn fire_back<R: Real>(
         .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
 }
 
-/// `Σ_i f(i)` (two sums) over fixed [`PAR_CHUNK`] items in parallel, added in item order.
-fn par_sums(len: usize, f: impl Fn(usize) -> (f64, f64) + Sync) -> (f64, f64) {
-    let parts: Vec<(f64, f64)> = (0..len.div_ceil(PAR_CHUNK))
-        .into_par_iter()
-        .map(|k| {
-            let (mut a, mut b) = (0.0, 0.0);
-            for i in k * PAR_CHUNK..((k + 1) * PAR_CHUNK).min(len) {
-                let (x, y) = f(i);
-                a += x;
-                b += y;
-            }
-            (a, b)
-        })
-        .collect();
-    parts
-        .iter()
-        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
-}
-
 fn check_dy<R: Real>(layer: &str, dy: &Tensor<R>, shape: &[usize]) -> Result<()> {
     if dy.shape() == shape {
         Ok(())
@@ -588,11 +569,30 @@ impl<R: Real> Layer<R> for EmpfV2<R> {
         let beta = self.bns[t].bias.value.as_slice().expect("standard");
         let mut dmh = vec![R::zero(); dys.len()];
         let (dth, _) = fire_back(&dys, dvs, &c.fired, None, &mut dmh);
-        let (da1, da2) = par_sums(dmh.len(), |i| {
-            let ch = (i / g.hw) % g.c;
-            let bn = gamma[ch] * xhat[i] + beta[ch];
-            ((dmh[i] * bn).f64(), (dmh[i] * c.m[i]).f64())
-        });
+        // dL/dα1 = Σ dm̂·(γ x̂ + β), dL/dα2 = Σ dm̂·m: per sample (fixed items), per channel run
+        let block = g.c * g.hw;
+        let parts: Vec<(f64, f64)> = dmh
+            .par_chunks(block)
+            .zip(xhat.par_chunks(block))
+            .zip(c.m.par_chunks(block))
+            .map(|((db, xb), mb)| {
+                let (mut s1, mut s2) = (0.0f64, 0.0f64);
+                for ch in 0..g.c {
+                    let r = ch * g.hw..(ch + 1) * g.hw;
+                    let (mut a, mut b) = (R::zero(), R::zero());
+                    for ((&d, &xh), &m) in db[r.clone()].iter().zip(&xb[r.clone()]).zip(&mb[r]) {
+                        a += d * (gamma[ch] * xh + beta[ch]);
+                        b += d * m;
+                    }
+                    s1 += a.f64();
+                    s2 += b.f64();
+                }
+                (s1, s2)
+            })
+            .collect();
+        let (da1, da2) = parts
+            .iter()
+            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
         let dbn: Vec<R> = dmh.par_iter().map(|&d| a1 * d).collect();
         let mut dm = self.bns[t].backward_slice(&dbn, g, &c.bn)?;
         let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
