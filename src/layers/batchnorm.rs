@@ -25,6 +25,7 @@
 use crate::error::{Error, Result};
 use crate::layers::{Cache, Layer, Param, ParamKind, State, StepCtx};
 use crate::tensor::{Real, Tensor, as_slice, from_vec};
+use rayon::prelude::*;
 
 /// PyTorch's default `eps`.
 pub const BN_EPS: f64 = 1e-5;
@@ -80,31 +81,49 @@ impl BnGeom {
     }
 }
 
-/// Per-channel batch mean and biased variance (two passes, accumulated in f64).
+/// Per-channel batch mean and biased variance (two passes, accumulated in f64; channels in
+/// parallel, each summed serially, so the result does not depend on the thread count).
 pub fn batch_stats<R: Real>(x: &[R], g: BnGeom) -> (Vec<R>, Vec<R>) {
     let m = g.count() as f64;
-    let mut mean = Vec::with_capacity(g.c);
-    let mut var = Vec::with_capacity(g.c);
-    for ch in 0..g.c {
-        let mut s = 0.0;
-        for r in g.runs(ch) {
-            s += x[r].iter().map(|v| v.f64()).sum::<f64>();
-        }
-        let mu = s / m;
-        let mut q = 0.0;
-        for r in g.runs(ch) {
-            q += x[r]
-                .iter()
-                .map(|v| {
-                    let d = v.f64() - mu;
-                    d * d
-                })
-                .sum::<f64>();
-        }
-        mean.push(R::of(mu));
-        var.push(R::of(q / m));
-    }
-    (mean, var)
+    let stats: Vec<(R, R)> = (0..g.c)
+        .into_par_iter()
+        .map(|ch| {
+            let mut s = 0.0;
+            for r in g.runs(ch) {
+                s += x[r].iter().map(|v| v.f64()).sum::<f64>();
+            }
+            let mu = s / m;
+            let mut q = 0.0;
+            for r in g.runs(ch) {
+                q += x[r]
+                    .iter()
+                    .map(|v| {
+                        let d = v.f64() - mu;
+                        d * d
+                    })
+                    .sum::<f64>();
+            }
+            (R::of(mu), R::of(q / m))
+        })
+        .collect();
+    stats.into_iter().unzip()
+}
+
+/// Per-channel `(Σ dy, Σ dy·x̂)` (channels in parallel, each summed serially in f64).
+fn channel_sums<R: Real>(dy: &[R], xhat: &[R], g: BnGeom) -> Vec<(f64, f64)> {
+    (0..g.c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+            for r in g.runs(ch) {
+                for (&d, &xh) in dy[r.clone()].iter().zip(&xhat[r]) {
+                    sdy += d.f64();
+                    sdyx += (d * xh).f64();
+                }
+            }
+            (sdy, sdyx)
+        })
+        .collect()
 }
 
 /// `s = (σ² + eps)^(−1/2)` per channel.
@@ -124,15 +143,21 @@ pub fn normalise<R: Real>(
     xhat: &mut [R],
     y: &mut [R],
 ) {
-    for ch in 0..g.c {
-        let (mu, s, ga, be) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-        for r in g.runs(ch) {
-            for ((xh, yy), &xx) in xhat[r.clone()].iter_mut().zip(&mut y[r.clone()]).zip(&x[r]) {
-                *xh = (xx - mu) * s;
-                *yy = ga * *xh + be;
+    let block = g.c * g.hw;
+    y.par_chunks_mut(block)
+        .zip(xhat.par_chunks_mut(block))
+        .zip(x.par_chunks(block))
+        .for_each(|((yb, hb), xb)| {
+            for ch in 0..g.c {
+                let (mu, s, ga, be) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+                let r = ch * g.hw..(ch + 1) * g.hw;
+                for ((xh, yy), &xx) in hb[r.clone()].iter_mut().zip(&mut yb[r.clone()]).zip(&xb[r])
+                {
+                    *xh = (xx - mu) * s;
+                    *yy = ga * *xh + be;
+                }
             }
-        }
-    }
+        });
 }
 
 /// Train-mode backward (batch statistics differentiated): writes `dx`, adds into `dgamma`, `dbeta`.
@@ -149,24 +174,25 @@ pub fn backward_train<R: Real>(
     dx: &mut [R],
 ) {
     let m = g.count() as f64;
-    for ch in 0..g.c {
-        let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-        for r in g.runs(ch) {
-            for (&d, &xh) in dy[r.clone()].iter().zip(&xhat[r]) {
-                sdy += d.f64();
-                sdyx += (d * xh).f64();
-            }
-        }
+    let sums = channel_sums(dy, xhat, g);
+    let mut coef = Vec::with_capacity(g.c);
+    for (ch, &(sdy, sdyx)) in sums.iter().enumerate() {
         dgamma[ch] += R::of(sdyx);
         dbeta[ch] += R::of(sdy);
-        let (mdy, mdyx) = (R::of(sdy / m), R::of(sdyx / m));
-        let k = gamma[ch] * inv_std[ch];
-        for r in g.runs(ch) {
-            for ((o, &d), &xh) in dx[r.clone()].iter_mut().zip(&dy[r.clone()]).zip(&xhat[r]) {
-                *o = k * (d - mdy - xh * mdyx);
-            }
-        }
+        coef.push((gamma[ch] * inv_std[ch], R::of(sdy / m), R::of(sdyx / m)));
     }
+    let block = g.c * g.hw;
+    dx.par_chunks_mut(block)
+        .zip(dy.par_chunks(block))
+        .zip(xhat.par_chunks(block))
+        .for_each(|((ob, db), hb)| {
+            for (ch, &(k, mdy, mdyx)) in coef.iter().enumerate() {
+                let r = ch * g.hw..(ch + 1) * g.hw;
+                for ((o, &d), &xh) in ob[r.clone()].iter_mut().zip(&db[r.clone()]).zip(&hb[r]) {
+                    *o = k * (d - mdy - xh * mdyx);
+                }
+            }
+        });
 }
 
 /// Eval-mode backward (running statistics are constants): `dx = γ s dy`; adds into `dgamma`, `dbeta`.
@@ -181,19 +207,24 @@ pub fn backward_eval<R: Real>(
     dbeta: &mut [R],
     dx: &mut [R],
 ) {
-    for ch in 0..g.c {
-        let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-        let k = gamma[ch] * inv_std[ch];
-        for r in g.runs(ch) {
-            for ((o, &d), &xh) in dx[r.clone()].iter_mut().zip(&dy[r.clone()]).zip(&xhat[r]) {
-                sdy += d.f64();
-                sdyx += (d * xh).f64();
-                *o = k * d;
-            }
-        }
+    let sums = channel_sums(dy, xhat, g);
+    let mut coef = Vec::with_capacity(g.c);
+    for (ch, &(sdy, sdyx)) in sums.iter().enumerate() {
         dgamma[ch] += R::of(sdyx);
         dbeta[ch] += R::of(sdy);
+        coef.push(gamma[ch] * inv_std[ch]);
     }
+    let block = g.c * g.hw;
+    dx.par_chunks_mut(block)
+        .zip(dy.par_chunks(block))
+        .for_each(|(ob, db)| {
+            for (ch, &k) in coef.iter().enumerate() {
+                let r = ch * g.hw..(ch + 1) * g.hw;
+                for (o, &d) in ob[r.clone()].iter_mut().zip(&db[r]) {
+                    *o = k * d;
+                }
+            }
+        });
 }
 
 /// BatchNorm over NCHW or NF inputs. Parameters `{name}.weight` (γ, init 1) and `{name}.bias`

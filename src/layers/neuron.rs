@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::layers::batchnorm::{BatchNorm, BnCache, BnGeom};
 use crate::layers::{Cache, CacheBytes, GradMode, Layer, Param, ParamKind, State, StepCtx};
 use crate::tensor::{Real, Tensor, as_slice, from_vec};
+use rayon::prelude::*;
 
 /// `1 / (1 + e^{−x})`.
 #[inline]
@@ -85,75 +86,6 @@ fn step_index(layer: &str, ctx: &StepCtx, steps: usize) -> Result<usize> {
     }
 }
 
-/// Elements per parallel work item of the elementwise neuron loops: a fixed size (not a function of
-/// the thread count), so the per-chunk partial sums are added in the same order on any machine.
-const NEURON_CHUNK: usize = 8192;
-
-/// The EM-PF charge-and-fire of one step over flat slices (Version I form, EMPF.md §3):
-/// `m = λ·v[t−1] + I`, `s = ReLU(m − θ)`, `v = min(m, θ)`, and the fired mask `H(m − θ)`.
-/// Branch-free inner loops over 64-element words, parallel over fixed chunks.
-fn empf_charge_fire<R: Real>(x: &[R], prev: Option<&[R]>, lam: R, th: R) -> (Vec<R>, Vec<R>, BitMask) {
-    use rayon::prelude::*;
-    let n = x.len();
-    let mut s = vec![R::zero(); n];
-    let mut v = vec![R::zero(); n];
-    let mut words = vec![0u64; n.div_ceil(64)];
-    s.par_chunks_mut(NEURON_CHUNK)
-        .zip(v.par_chunks_mut(NEURON_CHUNK))
-        .zip(words.par_chunks_mut(NEURON_CHUNK / 64))
-        .enumerate()
-        .for_each(|(ci, ((sc, vc), wc))| {
-            let off = ci * NEURON_CHUNK;
-            let xc = &x[off..off + sc.len()];
-            for (j, w) in wc.iter_mut().enumerate() {
-                let (lo, hi) = (j * 64, ((j + 1) * 64).min(sc.len()));
-                let mut bits = 0u64;
-                for i in lo..hi {
-                    let m = match prev {
-                        Some(p) => lam * p[off + i] + xc[i],
-                        None => xc[i],
-                    };
-                    let f = m > th;
-                    sc[i] = if f { m - th } else { R::zero() };
-                    vc[i] = if f { th } else { m };
-                    bits |= (f as u64) << (i - lo);
-                }
-                *w = bits;
-            }
-        });
-    (s, v, BitMask { words, len: n })
-}
-
-/// The EM-PF step backward over flat slices: `dm = dy·H + dv·(1 − H)`, and the sums
-/// `Σ dm·v[t−1]` (for λ) and `Σ (dv − dy)·H` (for θ), accumulated per fixed chunk in f64 and
-/// added in chunk order.
-fn empf_backward<R: Real>(dy: &[R], dv: Option<&[R]>, prev: Option<&[R]>, fired: &BitMask) -> (Vec<R>, f64, f64) {
-    use rayon::prelude::*;
-    let n = dy.len();
-    let mut dm = vec![R::zero(); n];
-    let partial: Vec<(f64, f64)> = dm
-        .par_chunks_mut(NEURON_CHUNK)
-        .enumerate()
-        .map(|(ci, dmc)| {
-            let off = ci * NEURON_CHUNK;
-            let (mut dlam, mut dth) = (R::zero(), R::zero());
-            for (i, d) in dmc.iter_mut().enumerate() {
-                let k = off + i;
-                let f = fired.get(k);
-                let dvi = dv.map_or(R::zero(), |d| d[k]);
-                *d = if f { dy[k] } else { dvi };
-                dth += if f { dvi - dy[k] } else { R::zero() };
-                if let Some(p) = prev {
-                    dlam += *d * p[k];
-                }
-            }
-            (dlam.f64(), dth.f64())
-        })
-        .collect();
-    let (dlam, dth) = partial.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    (dm, dlam, dth)
-}
-
 /// Take `v[t−1]` out of the state (None = zero), checking it is shaped like the input.
 fn take_prev<R: Real>(
     layer: &str,
@@ -205,6 +137,100 @@ fn step_param<R: Real>(name: &str, suffix: &str, steps: usize) -> Param<R> {
         ParamKind::Neuron,
         from_vec(&[steps], vec![R::zero(); steps]),
     )
+}
+
+/// Elements per parallel work item: a multiple of 64 so that each item owns whole mask words. The
+/// split is fixed, so reductions (per-item partial sums added in item order) do not depend on the
+/// number of threads.
+const PAR_CHUNK: usize = 1 << 14;
+
+/// The EM-PF fire-and-reset kernel. On entry `s` holds `m`; on exit `s = ReLU(m − θ)`,
+/// `v = min(m, θ)` and the mask is `H(m − θ)` (strict `m > θ`). Branch-free, in parallel over
+/// [`PAR_CHUNK`] items.
+fn fire<R: Real>(th: R, s: &mut [R], v: &mut [R], mask: &mut BitMask) {
+    mask.reset(s.len());
+    s.par_chunks_mut(PAR_CHUNK)
+        .zip(v.par_chunks_mut(PAR_CHUNK))
+        .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
+        .for_each(|((sc, vc), mc)| {
+            for ((sw, vw), word) in sc.chunks_mut(64).zip(vc.chunks_mut(64)).zip(mc) {
+                let mut bits = 0u64;
+                for (k, (o, vo)) in sw.iter_mut().zip(vw.iter_mut()).enumerate() {
+                    let m = *o;
+                    bits |= u64::from(m > th) << k;
+                    *vo = m.min(th);
+                    *o = (m - th).max(R::zero());
+                }
+                *word = bits;
+            }
+        });
+}
+
+/// `out[i] = f(a[i], b[i])` in parallel over [`PAR_CHUNK`] items.
+fn par_zip_map<R: Real>(out: &mut [R], a: &[R], b: &[R], f: impl Fn(R, R) -> R + Sync) {
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(a.par_chunks(PAR_CHUNK))
+        .zip(b.par_chunks(PAR_CHUNK))
+        .for_each(|((oc, ac), bc)| {
+            for ((o, &x), &y) in oc.iter_mut().zip(ac).zip(bc) {
+                *o = f(x, y);
+            }
+        });
+}
+
+/// Backward of [`fire`]: `dm = dy·H + dv·(1 − H)` into `dm`; returns `Σ (dv − dy)·H` (dL/dθ) and,
+/// when `p` is given, `Σ dm·p` (dL/dλ with `p = v[t−1]`). Per-item partial sums added in order.
+fn fire_back<R: Real>(
+    dy: &[R],
+    dv: Option<&[R]>,
+    mask: &BitMask,
+    p: Option<&[R]>,
+    dm: &mut [R],
+) -> (f64, f64) {
+    let parts: Vec<(f64, f64)> = dm
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(mask.words.par_chunks(PAR_CHUNK / 64))
+        .enumerate()
+        .map(|(k, (dc, mc))| {
+            let base = k * PAR_CHUNK;
+            let (mut dth, mut dlam) = (0.0f64, 0.0f64);
+            for (w, (dw, &bits)) in dc.chunks_mut(64).zip(mc).enumerate() {
+                let lo = base + w * 64;
+                let dyw = &dy[lo..lo + dw.len()];
+                let mut wsum = R::zero();
+                match dv {
+                    Some(dv) => {
+                        let dvw = &dv[lo..lo + dw.len()];
+                        for (j, ((o, &y), &d)) in dw.iter_mut().zip(dyw).zip(dvw).enumerate() {
+                            let h = (bits >> j) & 1 == 1;
+                            *o = if h { y } else { d };
+                            wsum += if h { d - y } else { R::zero() };
+                        }
+                    }
+                    None => {
+                        for (j, (o, &y)) in dw.iter_mut().zip(dyw).enumerate() {
+                            let h = (bits >> j) & 1 == 1;
+                            *o = if h { y } else { R::zero() };
+                            wsum -= *o;
+                        }
+                    }
+                }
+                dth += wsum.f64();
+                if let Some(p) = p {
+                    let pw = &p[lo..lo + dw.len()];
+                    let mut acc = R::zero();
+                    for (&o, &q) in dw.iter().zip(pw) {
+                        acc += o * q;
+                    }
+                    dlam += acc.f64();
+                }
+            }
+            (dth, dlam)
+        })
+        .collect();
+    parts
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
 }
 
 fn check_dy<R: Real>(layer: &str, dy: &Tensor<R>, shape: &[usize]) -> Result<()> {
@@ -268,11 +294,11 @@ impl<R: Real> EmpfV1<R> {
             b: step_param(name, "b", steps),
         }
     }
-    /// λ[t].
+    /// `λ[t]`.
     pub fn leak(&self, t: usize) -> R {
         sigmoid(param_t(&self.a, t))
     }
-    /// θ[t].
+    /// `θ[t]`.
     pub fn threshold(&self, t: usize) -> R {
         sigmoid(param_t(&self.b, t))
     }
@@ -304,10 +330,21 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let (lam, th) = (self.leak(t), self.threshold(t));
         let prev = take_prev(&self.name, state, x.shape())?;
         let xs = as_slice(x);
+        let mut s = vec![R::zero(); xs.len()];
+        let mut v = vec![R::zero(); xs.len()];
+        let mut c = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>());
+        let mut scratch = BitMask::default();
+        let mask = match c.as_mut() {
+            Some(c) => &mut c.fired,
+            None => &mut scratch,
+        };
         let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
-        let (s, v, fired) = empf_charge_fire(&xs, pv, lam, th);
-        if let Some(c) = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>()) {
-            c.fired = fired;
+        match pv {
+            Some(p) => par_zip_map(&mut s, p, &xs, |p, x| lam * p + x),
+            None => s.copy_from_slice(&xs),
+        }
+        fire(th, &mut s, &mut v, mask);
+        if let Some(c) = c {
             c.v_prev = prev;
             c.shape = x.shape().to_vec();
         }
@@ -329,7 +366,8 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let dvs = dv.as_ref().map(|d| d.as_slice().expect("standard"));
         let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
         let dys = as_slice(dy);
-        let (dm, dlam, dth) = empf_backward(&dys, dvs, pv, &c.fired);
+        let mut dm = vec![R::zero(); dys.len()];
+        let (dth, dlam) = fire_back(&dys, dvs, &c.fired, pv, &mut dm);
         add_grad(&mut self.a, t, dlam * (lam * (R::one() - lam)).f64());
         add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
         *dstate = if ctx.grad == GradMode::Bptt && pv.is_some() {
@@ -493,21 +531,13 @@ impl<R: Real> Layer<R> for EmpfV2<R> {
         let bn = self.bns[t].forward_slice(&m, g, ctx.train, c.as_mut().map(|c| &mut c.bn))?;
         let mut s = vec![R::zero(); m.len()];
         let mut v = vec![R::zero(); m.len()];
-        if let Some(c) = c.as_mut() {
-            c.fired.reset(m.len());
-        }
-        for i in 0..m.len() {
-            let mh = a1 * bn[i] + a2 * m[i];
-            if mh > th {
-                s[i] = mh - th;
-                v[i] = th;
-                if let Some(c) = c.as_mut() {
-                    c.fired.set(i);
-                }
-            } else {
-                v[i] = mh;
-            }
-        }
+        let mut scratch = BitMask::default();
+        let mask = match c.as_mut() {
+            Some(c) => &mut c.fired,
+            None => &mut scratch,
+        };
+        par_zip_map(&mut s, &bn, &m, |b, m| a1 * b + a2 * m);
+        fire(th, &mut s, &mut v, mask);
         if let Some(c) = c {
             c.v_prev = prev;
             c.m = m;
@@ -538,30 +568,50 @@ impl<R: Real> Layer<R> for EmpfV2<R> {
         let gamma = self.bns[t].weight.value.as_slice().expect("standard");
         let beta = self.bns[t].bias.value.as_slice().expect("standard");
         let mut dmh = vec![R::zero(); dys.len()];
-        let (mut dth, mut da1, mut da2) = (0.0f64, 0.0f64, 0.0f64);
-        for i in 0..dys.len() {
-            let dvi = dvs.map_or(R::zero(), |d| d[i]);
-            if c.fired.get(i) {
-                dmh[i] = dys[i];
-                dth += (dvi - dys[i]).f64();
-            } else {
-                dmh[i] = dvi;
-            }
-            let ch = (i / g.hw) % g.c;
-            let bn = gamma[ch] * xhat[i] + beta[ch];
-            da1 += (dmh[i] * bn).f64();
-            da2 += (dmh[i] * c.m[i]).f64();
-        }
-        let dbn: Vec<R> = dmh.iter().map(|&d| a1 * d).collect();
+        let (dth, _) = fire_back(&dys, dvs, &c.fired, None, &mut dmh);
+        // dL/dα1 = Σ dm̂·(γ x̂ + β), dL/dα2 = Σ dm̂·m: per sample (fixed items), per channel run
+        let block = g.c * g.hw;
+        let parts: Vec<(f64, f64)> = dmh
+            .par_chunks(block)
+            .zip(xhat.par_chunks(block))
+            .zip(c.m.par_chunks(block))
+            .map(|((db, xb), mb)| {
+                let (mut s1, mut s2) = (0.0f64, 0.0f64);
+                for ch in 0..g.c {
+                    let r = ch * g.hw..(ch + 1) * g.hw;
+                    let (mut a, mut b) = (R::zero(), R::zero());
+                    for ((&d, &xh), &m) in db[r.clone()].iter().zip(&xb[r.clone()]).zip(&mb[r]) {
+                        a += d * (gamma[ch] * xh + beta[ch]);
+                        b += d * m;
+                    }
+                    s1 += a.f64();
+                    s2 += b.f64();
+                }
+                (s1, s2)
+            })
+            .collect();
+        let (da1, da2) = parts
+            .iter()
+            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+        let dbn: Vec<R> = dmh.par_iter().map(|&d| a1 * d).collect();
         let mut dm = self.bns[t].backward_slice(&dbn, g, &c.bn)?;
-        let mut dlam = 0.0f64;
         let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
-        for i in 0..dm.len() {
-            dm[i] += a2 * dmh[i];
-            if let Some(p) = pv {
-                dlam += (dm[i] * p[i]).f64();
-            }
-        }
+        let parts: Vec<f64> = dm
+            .par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .map(|(k, dc)| {
+                let base = k * PAR_CHUNK;
+                let mut dlam = 0.0f64;
+                for (j, o) in dc.iter_mut().enumerate() {
+                    *o += a2 * dmh[base + j];
+                    if let Some(p) = pv {
+                        dlam += (*o * p[base + j]).f64();
+                    }
+                }
+                dlam
+            })
+            .collect();
+        let dlam: f64 = parts.iter().sum();
         let sd = |x: R| (x * (R::one() - x)).f64();
         add_grad(&mut self.a, t, dlam * sd(lam));
         add_grad(&mut self.b, t, dth * sd(th));
@@ -604,6 +654,24 @@ pub struct EmpfFolded<R: Real> {
     pub shift: Vec<Vec<R>>,
     /// `θ[t]`.
     pub threshold: Vec<R>,
+}
+
+impl<R: Real> EmpfFolded<R> {
+    /// Compose step `t`'s input affine with a preceding per-channel affine `u = scale ⊙ x + shift`
+    /// (e.g. [`BatchNorm::fold_affine`] of the BN producing `I`): returns `(k·scale, k·shift + b)`,
+    /// so that `Î = k ⊙ u + b = (k·scale) ⊙ x + (k·shift + b)`. Setting them as
+    /// `self.scale[t]`/`self.shift[t]` makes the neuron take the pre-BN tensor directly.
+    pub fn compose_input_affine(&self, t: usize, scale: &[R], shift: &[R]) -> (Vec<R>, Vec<R>) {
+        let (k, b) = (&self.scale[t], &self.shift[t]);
+        let s = k.iter().zip(scale).map(|(&k, &a)| k * a).collect();
+        let h = k
+            .iter()
+            .zip(shift)
+            .zip(b)
+            .map(|((&k, &c), &b)| k * c + b)
+            .collect();
+        (s, h)
+    }
 }
 
 impl<R: Real> Layer<R> for EmpfFolded<R> {
@@ -675,7 +743,7 @@ impl<R: Real> Layer<R> for EmpfFolded<R> {
 // Version III (parallel)
 // ---------------------------------------------------------------------------------------------
 
-/// EM-PF Version III (EMPF.md §6): the parallel neuron, `s[t] = ReLU(I[t] − θ[t])`, θ = sigmoid(b[t]).
+/// EM-PF Version III (EMPF.md §6): the parallel neuron, `s[t] = ReLU(I[t] − θ[t])`, `θ = sigmoid(b[t])`.
 ///
 /// No leak and no membrane state, so all `T` steps are independent and can run as one batched call
 /// ([`EmpfV3::forward_all`] / [`EmpfV3::backward_all`]). Backward: `dL/dI = dy·H(I − θ)`,
@@ -691,7 +759,7 @@ pub struct EmpfV3<R: Real> {
 /// V3 backward needs only the firing mask.
 #[derive(Default)]
 pub struct EmpfV3Cache {
-    fired: BitMask,
+    fired: StepMasks,
     shape: Vec<usize>,
     /// Time-steps covered by the cache (1 for a step-wise forward, T for `forward_all`) and the
     /// first step index.
@@ -699,6 +767,60 @@ pub struct EmpfV3Cache {
     t0: usize,
 }
 crate::impl_cache!(EmpfV3Cache { fired });
+
+/// One firing mask per time-step covered (so a batched call keeps each step's mask word-aligned).
+#[derive(Default)]
+struct StepMasks(Vec<BitMask>);
+
+impl CacheBytes for StepMasks {
+    fn cache_bytes(&self) -> usize {
+        self.0.iter().map(|m| m.cache_bytes()).sum()
+    }
+}
+
+/// `s = ReLU(x − θ)` and the mask `H(x − θ)`, in parallel over [`PAR_CHUNK`] items.
+fn relu_fire<R: Real>(x: &[R], th: R, s: &mut [R], mask: &mut BitMask) {
+    mask.reset(x.len());
+    s.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
+        .for_each(|((sc, xc), mc)| {
+            for (w, word) in mc.iter_mut().enumerate() {
+                let lo = w * 64;
+                let hi = (lo + 64).min(sc.len());
+                let mut bits = 0u64;
+                for j in lo..hi {
+                    let f = xc[j] > th;
+                    sc[j] = if f { xc[j] - th } else { R::zero() };
+                    bits |= u64::from(f) << (j - lo);
+                }
+                *word = bits;
+            }
+        });
+}
+
+/// Backward of [`relu_fire`]: `dx = dy·H` into `dx`; returns `Σ dy·H` (branch-free over mask
+/// words; per-item partial sums added in order).
+fn relu_back<R: Real>(dy: &[R], mask: &BitMask, dx: &mut [R]) -> f64 {
+    let parts: Vec<f64> = dx
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(dy.par_chunks(PAR_CHUNK))
+        .zip(mask.words.par_chunks(PAR_CHUNK / 64))
+        .map(|((dc, yc), mc)| {
+            let mut sum = 0.0f64;
+            for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
+                let mut wsum = R::zero();
+                for (j, (o, &y)) in dw.iter_mut().zip(yw).enumerate() {
+                    *o = if (bits >> j) & 1 == 1 { y } else { R::zero() };
+                    wsum += *o;
+                }
+                sum += wsum.f64();
+            }
+            sum
+        })
+        .collect();
+    parts.iter().sum()
+}
 
 impl<R: Real> EmpfV3<R> {
     /// `b = 0` (θ = 0.5) for `steps` time-steps.
@@ -710,23 +832,18 @@ impl<R: Real> EmpfV3<R> {
         }
     }
 
-    /// Forward over `nsteps` consecutive equal chunks of `x`, chunk `j` using θ[t0 + j].
-    fn run(&self, x: &[R], t0: usize, nsteps: usize, mut fired: Option<&mut BitMask>) -> Vec<R> {
+    /// Forward over `nsteps` consecutive equal slices of `x`, slice `j` using `θ[t0 + j]` (each
+    /// slice exactly as a step-wise call would process it).
+    fn run(&self, x: &[R], t0: usize, nsteps: usize, fired: Option<&mut StepMasks>) -> Vec<R> {
         let per = x.len() / nsteps;
         let mut s = vec![R::zero(); x.len()];
-        if let Some(f) = fired.as_mut() {
-            f.reset(x.len());
-        }
-        for j in 0..nsteps {
+        let mut scratch = StepMasks::default();
+        let masks = &mut fired.unwrap_or(&mut scratch).0;
+        masks.resize_with(nsteps, BitMask::default);
+        masks.truncate(nsteps);
+        for (j, (sj, mj)) in s.chunks_mut(per).zip(masks.iter_mut()).enumerate() {
             let th = sigmoid(param_t(&self.b, t0 + j));
-            for i in j * per..(j + 1) * per {
-                if x[i] > th {
-                    s[i] = x[i] - th;
-                    if let Some(f) = fired.as_mut() {
-                        f.set(i);
-                    }
-                }
-            }
+            relu_fire(&x[j * per..(j + 1) * per], th, sj, mj);
         }
         s
     }
@@ -734,17 +851,11 @@ impl<R: Real> EmpfV3<R> {
     fn run_back(&mut self, dy: &[R], c: &EmpfV3Cache) -> Vec<R> {
         let per = dy.len() / c.steps;
         let mut dx = vec![R::zero(); dy.len()];
-        for j in 0..c.steps {
+        for (j, (dxj, mj)) in dx.chunks_mut(per).zip(&c.fired.0).enumerate() {
             let t = c.t0 + j;
             let th = sigmoid(param_t(&self.b, t));
-            let mut dth = 0.0f64;
-            for i in j * per..(j + 1) * per {
-                if c.fired.get(i) {
-                    dx[i] = dy[i];
-                    dth -= dy[i].f64();
-                }
-            }
-            add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
+            let sum = relu_back(&dy[j * per..(j + 1) * per], mj, dxj);
+            add_grad(&mut self.b, t, -sum * (th * (R::one() - th)).f64());
         }
         dx
     }
@@ -1085,8 +1196,14 @@ mod tests {
         seed: u64,
     ) {
         let mut rng = Rng::new(seed ^ 0x5eed);
+        // A random direction (and a θ perturbation) moves every element, so a single element near
+        // its threshold rejects the whole sample; a train-mode BN (V2) even couples every element
+        // of every later step. Rejected samples are never passed, only not counted: allow up to
+        // 30% of them so that such rare draws do not fail the test.
+        let max_rejected_fraction = 0.3;
         let opts = GradCheckOpts {
             seed,
+            max_rejected_fraction,
             ..Default::default()
         };
         let t = rng.below(steps);
@@ -1137,7 +1254,9 @@ mod tests {
 
         #[test]
         fn v2_gradients_match_finite_differences_in_train_and_eval(
-            rank4 in any::<bool>(), n in 2usize..4, c in 1usize..4, h in 1usize..4, w in 1usize..4,
+            // N ≥ 3: with two values per channel a train-mode BN output is ±1 up to eps, and its
+            // tiny gradient is below what central differences resolve
+            rank4 in any::<bool>(), n in 3usize..5, c in 1usize..4, h in 1usize..4, w in 1usize..4,
             steps in 1usize..5, train in any::<bool>(), scale in prop::sample::select(vec![0.3, 1.0, 3.0]),
             seed in 0u64..10_000,
         ) {
@@ -1169,7 +1288,11 @@ mod tests {
             // inputs around θ = 1 so the surrogate is mostly non-zero
             let shape = shape_of(rank4, n, c, h, w);
             let mut rng = Rng::new(seed);
-            let opts = GradCheckOpts { seed, ..Default::default() };
+            // S is only C¹: S'' jumps at the triangle's corners, where central differences carry an
+            // O(h) error the kink detector cannot see (the quotients stay tiny). A smaller step
+            // bounds it by h/4·|r| ≈ 2.5e-7; atol 1e-6 of the largest entry still fails any missing
+            // term (those are O(0.1) or more).
+            let opts = GradCheckOpts { seed, h: 1e-6, atol: 1e-6, ..Default::default() };
             let xs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng).mapv(|v| v + 0.4)).collect();
             for grad in [GradMode::Online, GradMode::Bptt] {
                 let st = State::Tensor(input(&shape, 1.0, &mut rng));
@@ -1211,6 +1334,100 @@ mod tests {
         }
     }
 
+    #[test]
+    fn gradients_match_finite_differences_across_parallel_chunks() {
+        // more than two PAR_CHUNK items, with a ragged last one; with this many elements a random
+        // direction would cross some threshold, so the inputs are built to keep every m̂ at least
+        // 0.05 away from θ
+        let shape = [2, 3, 97, 59];
+        let len: usize = shape.iter().product();
+        assert!(len > 2 * PAR_CHUNK + 1);
+        let hw = 97 * 59;
+        let mut rng = Rng::new(21);
+        let mut v1 = EmpfV1::<f64>::new("n1", 3);
+        randomise(&mut v1, &mut rng);
+        let mut v2 = EmpfV2::<f64>::new("n2", 3, 3);
+        randomise(&mut v2, &mut rng);
+        let p = input(&shape, 1.0, &mut rng);
+        let st = State::Tensor(p.clone());
+        let opts = GradCheckOpts::default();
+        let t = 1;
+        let target = |th: f64, rng: &mut Rng| {
+            let side = if rng.uniform() < 0.5 { -1.0 } else { 1.0 };
+            th + side * (0.05 + rng.normal().abs())
+        };
+        // V1 (train): m = λ p + x
+        let (lam, th) = (v1.leak(t), v1.threshold(t));
+        let x1 = from_vec(
+            &shape,
+            p.iter()
+                .map(|&pi| target(th, &mut rng) - lam * pi)
+                .collect(),
+        );
+        let ctx = StepCtx::train(t, 3, GradMode::Bptt);
+        check_step(&mut v1, &x1, &ctx, &st, &opts)
+            .unwrap()
+            .assert_ok(&opts, "V1 large step");
+        // V2 (eval): m̂ = k m + b per channel, m = λ p + x
+        let (k, b) = v2.fold();
+        let (lam, th) = (sigmoid(param_t(&v2.a, t)), sigmoid(param_t(&v2.b, t)));
+        let x2 = from_vec(
+            &shape,
+            p.iter()
+                .enumerate()
+                .map(|(i, &pi)| {
+                    let ch = (i / hw) % 3;
+                    (target(th, &mut rng) - b[t][ch]) / k[t][ch] - lam * pi
+                })
+                .collect(),
+        );
+        let ctx = StepCtx {
+            grad: GradMode::Bptt,
+            ..StepCtx::eval(t, 3)
+        };
+        check_step(&mut v2, &x2, &ctx, &st, &opts)
+            .unwrap()
+            .assert_ok(&opts, "V2 large step");
+    }
+
+    #[test]
+    fn v3_batched_equals_stepwise_bit_for_bit_across_parallel_chunks() {
+        let (steps, shape) = (3, [3, 5, 61, 59]);
+        assert!(shape.iter().product::<usize>() > 3 * PAR_CHUNK);
+        let mut rng = Rng::new(17);
+        let mut l = EmpfV3::<f32>::new("n3", steps);
+        randomise(&mut l, &mut rng);
+        let rand = |rng: &mut Rng| input(&shape, 1.0, rng).mapv(|v| v as f32);
+        let xs: Vec<_> = (0..steps).map(|_| rand(&mut rng)).collect();
+        let dys: Vec<_> = (0..steps).map(|_| rand(&mut rng)).collect();
+        let (mut ys, mut dxs) = (Vec::new(), Vec::new());
+        for t in 0..steps {
+            let ctx = StepCtx::train(t, steps, GradMode::Online);
+            let mut cache = Cache::new();
+            ys.push(
+                l.forward(&xs[t], &ctx, &mut State::Empty, Some(&mut cache))
+                    .unwrap(),
+            );
+            dxs.push(
+                l.backward(&dys[t], &ctx, &cache, &mut State::Empty)
+                    .unwrap(),
+            );
+        }
+        let gstep = l.b.grad.clone();
+        l.b.zero_grad();
+        let cat = |v: &[Tensor<f32>]| {
+            let views: Vec<_> = v.iter().map(|t| t.view()).collect();
+            ndarray::concatenate(ndarray::Axis(0), &views).unwrap()
+        };
+        let mut cache = Cache::new();
+        let y = l.forward_all(&cat(&xs), Some(&mut cache)).unwrap();
+        let dx = l.backward_all(&cat(&dys), &cache).unwrap();
+        assert_eq!(y, cat(&ys));
+        assert_eq!(dx, cat(&dxs));
+        assert_eq!(l.b.grad, gstep);
+        assert!(gstep.iter().all(|&g| g != 0.0));
+    }
+
     fn v2_eval_equals_folded<R: Real>(seed: u64, rank4: bool, tol: f64) {
         let mut rng = Rng::new(seed);
         let (n, c, steps) = (3, 4, 4);
@@ -1238,6 +1455,37 @@ mod tests {
             }
         }
         assert!(fired > 0 && fired < steps * shape.iter().product::<usize>());
+    }
+
+    #[test]
+    fn bn_then_v2_equals_folded_neuron_with_the_bn_composed_into_its_input_affine() {
+        let mut rng = Rng::new(31);
+        let (c, steps, shape) = (3, 3, [2, 3, 2, 2]);
+        let mut bn = BatchNorm::<f64>::new("bn", c);
+        randomise(&mut bn, &mut rng);
+        let mut v2 = EmpfV2::<f64>::new("n2", c, steps);
+        randomise(&mut v2, &mut rng);
+        let mut folded = v2.to_folded();
+        let (bs, bh) = bn.fold_affine();
+        for t in 0..steps {
+            let (s, h) = folded.compose_input_affine(t, &bs, &bh);
+            folded.scale[t] = s;
+            folded.shift[t] = h;
+        }
+        let (mut s2, mut sf) = (State::Empty, State::Empty);
+        for t in 0..steps {
+            let x = input(&shape, 2.0, &mut rng);
+            let ctx = StepCtx::eval(t, steps);
+            let i = bn.forward(&x, &ctx, &mut State::Empty, None).unwrap();
+            let y2 = v2.forward(&i, &ctx, &mut s2, None).unwrap();
+            let yf = folded.forward(&x, &ctx, &mut sf, None).unwrap();
+            for (a, b) in y2.iter().zip(yf.iter()) {
+                assert!(
+                    (a - b).abs() <= 1e-10 * (1.0 + a.abs()),
+                    "t={t}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1388,6 +1636,72 @@ mod tests {
             let (dx, da, db) = v1_grads(&mut l, &silent, &rs, grad);
             assert!(dx.iter().all(|d| d.iter().all(|&v| v == 0.0)));
             assert!(da.iter().chain(db.iter()).all(|&v| v == 0.0));
+        }
+    }
+
+    /// Gradients of a T-step run of any layer in one mode: dL/dx[t] and every trainable gradient.
+    #[allow(clippy::type_complexity)]
+    fn run_grads(
+        l: &mut dyn Layer<f64>,
+        xs: &[Tensor<f64>],
+        rs: &[Tensor<f64>],
+        grad: GradMode,
+    ) -> (Vec<Tensor<f64>>, Vec<(String, Tensor<f64>)>) {
+        let steps = xs.len();
+        l.visit_params(&mut |p| {
+            if p.trainable() {
+                p.zero_grad()
+            }
+        });
+        let mut st = State::Empty;
+        let mut caches: Vec<Cache> = (0..steps).map(|_| Cache::new()).collect();
+        for t in 0..steps {
+            let ctx = StepCtx::train(t, steps, grad);
+            l.forward(&xs[t], &ctx, &mut st, Some(&mut caches[t]))
+                .unwrap();
+        }
+        let mut dxs = vec![Tensor::zeros(ndarray::IxDyn(&[0])); steps];
+        let mut ds = State::Empty;
+        for t in (0..steps).rev() {
+            if grad == GradMode::Online {
+                ds = State::Empty;
+            }
+            let ctx = StepCtx::train(t, steps, grad);
+            dxs[t] = l.backward(&rs[t], &ctx, &caches[t], &mut ds).unwrap();
+        }
+        let mut gs = Vec::new();
+        l.visit_params(&mut |p| {
+            if p.trainable() {
+                gs.push((p.name.clone(), p.grad.clone()))
+            }
+        });
+        (dxs, gs)
+    }
+
+    #[test]
+    fn corollary_4_3_always_firing_mpbn_online_equals_bptt_except_threshold() {
+        let mut rng = Rng::new(8);
+        let (steps, shape) = (3, [4, 2, 3, 1]);
+        let mut l = EmpfV2::<f64>::new("n2", 2, steps);
+        // α1 = α2 = 1/2, γ = 1, β = 0: |BN(m)| ≤ sqrt(M − 1) < 3.5, so m ≥ 8 gives m̂ > 2 > θ
+        l.a.value.mapv_inplace(|_| rng.normal());
+        l.b.value.mapv_inplace(|_| rng.normal());
+        let xs: Vec<_> = (0..steps)
+            .map(|_| input(&shape, 1.0, &mut rng).mapv(|v| 9.0 + v.clamp(-1.0, 1.0)))
+            .collect();
+        let rs: Vec<_> = (0..steps).map(|_| input(&shape, 1.0, &mut rng)).collect();
+        let (dx_o, g_o) = run_grads(&mut l, &xs, &rs, GradMode::Online);
+        let (dx_b, g_b) = run_grads(&mut l, &xs, &rs, GradMode::Bptt);
+        assert_eq!(dx_o, dx_b);
+        for ((name, go), (_, gb)) in g_o.iter().zip(&g_b) {
+            if name == "n2.b" {
+                assert_eq!(go[[steps - 1]], gb[[steps - 1]]);
+                for t in 0..steps - 1 {
+                    assert!((go[[t]] - gb[[t]]).abs() > 1e-6, "{name}[{t}]");
+                }
+            } else {
+                assert_eq!(go, gb, "{name}");
+            }
         }
     }
 
