@@ -1,0 +1,189 @@
+//! AVX-512F/BW + VPOPCNTDQ kernels: one `vpopcntq` per 512 bits, 4x4 register tile of `u64x8`
+//! accumulators, B rows blocked to stay L1-resident.
+
+#![allow(clippy::needless_range_loop)] // register tiles read clearest as indexed loops
+
+use crate::Binarize;
+use std::arch::x86_64::*;
+
+const MR: usize = 4;
+const NR: usize = 4;
+
+fn check() {
+    assert!(
+        crate::Isa::Avx512.is_available(),
+        "avx512 kernel called on a CPU without it"
+    );
+}
+
+/// See [`crate::reference::popc`]; `kw` must be a multiple of 8.
+pub(crate) fn popc(
+    xor: bool,
+    a: &[u64],
+    m: usize,
+    b: &[u64],
+    n: usize,
+    kw: usize,
+    out: &mut [u32],
+) {
+    check();
+    assert!(kw.is_multiple_of(8) && a.len() >= m * kw && b.len() >= n * kw && out.len() >= m * n);
+    // SAFETY: the CPU features were checked above; every pointer access of `popc_impl` stays in
+    // `a[..m*kw]`, `b[..n*kw]`, `out[..m*n]`, whose lengths were asserted above.
+    unsafe {
+        if xor {
+            popc_impl::<true>(a.as_ptr(), m, b.as_ptr(), n, kw, out.as_mut_ptr());
+        } else {
+            popc_impl::<false>(a.as_ptr(), m, b.as_ptr(), n, kw, out.as_mut_ptr());
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
+unsafe fn popc_impl<const XOR: bool>(
+    a: *const u64,
+    m: usize,
+    b: *const u64,
+    n: usize,
+    kw: usize,
+    out: *mut u32,
+) {
+    // Block the B rows so a block (about 16 KiB) stays in L1 while all A rows stream past it.
+    let nb = ((16384 / (kw * 8)).max(NR) / NR) * NR;
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + nb).min(n);
+        let mut i = 0;
+        while i + MR <= m {
+            // SAFETY: rows i..i+MR < m and j0..j1 <= n are in bounds (caller contract).
+            unsafe { row_block::<XOR, MR>(a.add(i * kw), b, j0, j1, n, kw, out.add(i * n)) };
+            i += MR;
+        }
+        while i < m {
+            // SAFETY: as above, one row.
+            unsafe { row_block::<XOR, 1>(a.add(i * kw), b, j0, j1, n, kw, out.add(i * n)) };
+            i += 1;
+        }
+        j0 = j1;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
+#[inline]
+unsafe fn row_block<const XOR: bool, const R: usize>(
+    a: *const u64,
+    b: *const u64,
+    j0: usize,
+    j1: usize,
+    ldo: usize,
+    kw: usize,
+    out: *mut u32,
+) {
+    let mut j = j0;
+    while j + NR <= j1 {
+        // SAFETY: B rows j..j+NR < n, output columns j..j+NR < ldo.
+        unsafe { tile::<XOR, R, NR>(a, b.add(j * kw), kw, out.add(j), ldo) };
+        j += NR;
+    }
+    while j < j1 {
+        // SAFETY: as above, one column.
+        unsafe { tile::<XOR, R, 1>(a, b.add(j * kw), kw, out.add(j), ldo) };
+        j += 1;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vpopcntdq")]
+#[inline]
+unsafe fn tile<const XOR: bool, const R: usize, const C: usize>(
+    a: *const u64,
+    b: *const u64,
+    kw: usize,
+    out: *mut u32,
+    ldo: usize,
+) {
+    let mut acc = [[_mm512_setzero_si512(); C]; R];
+    let mut k = 0;
+    while k < kw {
+        let mut av = [_mm512_setzero_si512(); R];
+        for (r, v) in av.iter_mut().enumerate() {
+            // SAFETY: row r of A has kw words and k + 8 <= kw.
+            *v = unsafe { _mm512_loadu_si512(a.add(r * kw + k).cast()) };
+        }
+        for c in 0..C {
+            // SAFETY: row c of the B tile has kw words and k + 8 <= kw.
+            let bv = unsafe { _mm512_loadu_si512(b.add(c * kw + k).cast()) };
+            for r in 0..R {
+                let x = if XOR {
+                    _mm512_xor_si512(av[r], bv)
+                } else {
+                    _mm512_and_si512(av[r], bv)
+                };
+                acc[r][c] = _mm512_add_epi64(acc[r][c], _mm512_popcnt_epi64(x));
+            }
+        }
+        k += 8;
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            // SAFETY: output element (r, c) of the tile is inside `out[..m*n]`.
+            unsafe { *out.add(r * ldo + c) = _mm512_reduce_add_epi64(*v) as u32 };
+        }
+    }
+}
+
+/// See [`crate::reference::pack_row`].
+pub(crate) fn pack_row(x: &[f32], mode: Binarize, out: &mut [u64]) {
+    check();
+    assert!(out.len() * 64 >= x.len());
+    let full = x.len() / 64;
+    for (wi, chunk) in x.chunks_exact(64).enumerate() {
+        // SAFETY: features checked above; `chunk` has exactly 64 floats.
+        out[wi] = unsafe { pack64(chunk.as_ptr(), mode) };
+    }
+    let rest = &x[full * 64..];
+    crate::reference::pack_row(rest, mode, &mut out[full..]);
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pack64(p: *const f32, mode: Binarize) -> u64 {
+    let zero = _mm512_setzero_ps();
+    let mut w = 0u64;
+    for q in 0..4 {
+        // SAFETY: p points at 64 readable floats.
+        let v = unsafe { _mm512_loadu_ps(p.add(16 * q)) };
+        let m = match mode {
+            Binarize::Positive => _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, zero),
+            Binarize::Sign => _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, zero),
+        };
+        w |= u64::from(m) << (16 * q);
+    }
+    w
+}
+
+/// See [`crate::reference::masked_gemv`].
+pub(crate) fn masked_gemv(x: &[f32], w: &[u64], n: usize, kw: usize, sel: &mut [f32]) {
+    check();
+    assert!(x.len() == kw * 64 && w.len() >= n * kw && sel.len() >= n);
+    for (j, s) in sel[..n].iter_mut().enumerate() {
+        // SAFETY: features checked above; row j has kw words, x has kw*64 floats.
+        *s = unsafe { gemv_row(x.as_ptr(), w.as_ptr().add(j * kw), kw) };
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn gemv_row(x: *const f32, w: *const u64, kw: usize) -> f32 {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for wi in 0..kw {
+        // SAFETY: wi < kw.
+        let word = unsafe { *w.add(wi) };
+        for (q, a) in acc.iter_mut().enumerate() {
+            // SAFETY: x has kw*64 floats.
+            let xv = unsafe { _mm512_loadu_ps(x.add(wi * 64 + 16 * q)) };
+            *a = _mm512_mask_add_ps(*a, (word >> (16 * q)) as u16, *a, xv);
+        }
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(s)
+}
