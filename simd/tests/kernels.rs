@@ -488,3 +488,53 @@ fn long_all_ones_rows_do_not_overflow_narrow_accumulators() {
         );
     }
 }
+
+/// Child half of `empf_isa_env_var_forces_the_level_or_panics_loudly`: prints the global level.
+#[test]
+fn env_child_print_global_level() {
+    if std::env::var_os("EMPF_SIMD_ENV_CHILD").is_some() {
+        println!("GLOBAL_ISA={}", Simd::global().isa());
+    }
+}
+
+#[test]
+fn empf_isa_env_var_forces_the_level_or_panics_loudly() {
+    let run = |isa: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "env_child_print_global_level",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("EMPF_SIMD_ENV_CHILD", "1")
+            .env("EMPF_ISA", isa)
+            .output()
+            .unwrap()
+    };
+    for i in Isa::available() {
+        let o = run(i.name());
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && stdout.contains(&format!("GLOBAL_ISA={}", i.name())),
+            "{stdout}"
+        );
+    }
+    let missing = if cfg!(target_arch = "x86_64") {
+        "neon"
+    } else {
+        "avx512"
+    };
+    for bad in [missing, "sse9"] {
+        let o = run(bad);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !o.status.success() && all.contains("EMPF_ISA"),
+            "EMPF_ISA={bad} must fail loudly: {all}"
+        );
+    }
+}
