@@ -5,8 +5,8 @@
 //!
 //! # Encodings
 //! * Bits are packed little-endian into `u64` words: element `k` of a row is bit `k % 64` of word
-//!   `k / 64`. Rows of a [`PackedMatrix`] are padded with zero bits to a multiple of 512 bits (8 words)
-//!   so every vector level reads whole vectors.
+//!   `k / 64`. Rows of a [`PackedMatrix`] are padded with zero bits to a multiple of 256 bits (4 words)
+//!   so every vector level reads whole vectors (AVX-512 reads a 4-word tail with a masked load).
 //! * Binary spikes `{0,1}` pack with [`Binarize::Positive`] (bit = `x > 0`); ±1 values pack with
 //!   [`Binarize::Sign`] (bit = `x >= 0`, i.e. bit 1 ↔ +1, bit 0 ↔ −1).
 //! * k-bit unsigned activations `q = Σ_b 2^b p_b` pack into `k` bit planes `p_b`.
@@ -97,9 +97,9 @@ pub enum BinOp {
     Xor,
 }
 
-/// Words per packed row holding `bits` bits, padded to a multiple of 8 words (512 bits).
+/// Words per packed row holding `bits` bits, padded to a multiple of 4 words (256 bits).
 pub fn padded_words(bits: usize) -> usize {
-    bits.div_ceil(512) * 8
+    bits.div_ceil(256) * 4
 }
 
 /// A bit-packed matrix: `rows` logical rows of `cols` bits, each stored as `planes` consecutive rows
@@ -126,7 +126,7 @@ impl PackedMatrix {
     pub fn planes(&self) -> usize {
         self.planes
     }
-    /// Words per stored row (multiple of 8).
+    /// Words per stored row (multiple of 4).
     pub fn kwords(&self) -> usize {
         self.kwords
     }
@@ -234,7 +234,7 @@ impl PackedImage {
 }
 
 /// Convolution weights `[cout][c][kh][kw]` packed as signs (bit 1 ↔ +1), one row per output channel
-/// in tap-major order (`[ky][kx][channel words]`), rows padded to a multiple of 8 words.
+/// in tap-major order (`[ky][kx][channel words]`), rows padded to a multiple of 4 words.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedConvWeights {
     cout: usize,

@@ -458,9 +458,9 @@ fn every_available_level_can_be_forced_and_names_its_kernel() {
 
 #[test]
 fn long_all_ones_rows_do_not_overflow_narrow_accumulators() {
-    // 20000 bits = 39 steps of 512 bits: crosses the AVX2 byte-accumulator widening (every 15 steps)
+    // 40000 bits = 157 steps of 256 bits: crosses the AVX2 byte-accumulator widening (every 31 steps)
     // with the maximum count in every byte; XOR of opposite signs is all ones too.
-    let (m, n, k) = (3, 5, 20000);
+    let (m, n, k) = (3, 5, 40000);
     for s in levels() {
         let a = s
             .pack_rows(&vec![1.0; m * k], m, k, Binarize::Positive)

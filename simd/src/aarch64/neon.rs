@@ -1,5 +1,5 @@
-//! aarch64 Advanced SIMD kernels: `cnt` (per-byte popcount) on four 128-bit vectors per 512-bit
-//! step, byte sums (at most 32 per byte) widened with pairwise add-accumulate (`uadalp`) into u32
+//! aarch64 Advanced SIMD kernels: `cnt` (per-byte popcount) on two 128-bit vectors per 256-bit
+//! step, byte sums (at most 16 per byte) widened with pairwise add-accumulate (`uadalp`) into u32
 //! lanes; 2x4 register tile.
 
 #![allow(clippy::needless_range_loop)] // register tiles read clearest as indexed loops
@@ -17,7 +17,7 @@ fn check() {
     );
 }
 
-/// See [`crate::reference::popc`]; `kw` must be a multiple of 8.
+/// See [`crate::reference::popc`]; `kw` must be a multiple of 4.
 pub(crate) fn popc(
     xor: bool,
     a: &[u64],
@@ -28,7 +28,7 @@ pub(crate) fn popc(
     out: &mut [u32],
 ) {
     check();
-    assert!(kw.is_multiple_of(8) && a.len() >= m * kw && b.len() >= n * kw && out.len() >= m * n);
+    assert!(kw.is_multiple_of(4) && a.len() >= m * kw && b.len() >= n * kw && out.len() >= m * n);
     // SAFETY: the CPU features were checked above; every pointer access of `popc_impl` stays in
     // `a[..m*kw]`, `b[..n*kw]`, `out[..m*n]`, whose lengths were asserted above.
     unsafe {
@@ -104,22 +104,22 @@ unsafe fn tile<const XOR: bool, const R: usize, const C: usize>(
     let mut acc = [[vdupq_n_u32(0); C]; R];
     let mut k = 0;
     while k < kw {
-        let mut av = [[vdupq_n_u8(0); 4]; R];
+        let mut av = [[vdupq_n_u8(0); 2]; R];
         for (r, v) in av.iter_mut().enumerate() {
             for (q, x) in v.iter_mut().enumerate() {
-                // SAFETY: row r of A has kw words and k + 8 <= kw.
+                // SAFETY: row r of A has kw words and k + 4 <= kw.
                 *x = unsafe { vld1q_u8(a.add(r * kw + k + 2 * q).cast()) };
             }
         }
         for c in 0..C {
-            let mut bv = [vdupq_n_u8(0); 4];
+            let mut bv = [vdupq_n_u8(0); 2];
             for (q, x) in bv.iter_mut().enumerate() {
-                // SAFETY: row c of the B tile has kw words and k + 8 <= kw.
+                // SAFETY: row c of the B tile has kw words and k + 4 <= kw.
                 *x = unsafe { vld1q_u8(b.add(c * kw + k + 2 * q).cast()) };
             }
             for r in 0..R {
                 let mut s = vdupq_n_u8(0);
-                for q in 0..4 {
+                for q in 0..2 {
                     let x = if XOR {
                         veorq_u8(av[r][q], bv[q])
                     } else {
@@ -130,7 +130,7 @@ unsafe fn tile<const XOR: bool, const R: usize, const C: usize>(
                 acc[r][c] = vpadalq_u16(acc[r][c], vpaddlq_u8(s));
             }
         }
-        k += 8;
+        k += 4;
     }
     for (r, row) in acc.iter().enumerate() {
         for (c, v) in row.iter().enumerate() {

@@ -21,7 +21,7 @@ pub(crate) trait RowSource: Sync {
     fn rows(&self) -> usize;
     /// Bit planes per output row (1 for binary operands).
     fn planes(&self) -> usize;
-    /// Words per packed row (multiple of 8).
+    /// Words per packed row (multiple of 4).
     fn kwords(&self) -> usize;
     /// Writes rows `m0..m1` (each `planes` rows of `kwords` words, plane-minor) into `buf` and, per
     /// output row, the padding information into `pad`; returns the rows (may borrow `self` instead).

@@ -1,5 +1,5 @@
-//! AVX2 kernels: popcount by nibble lookup (`vpshufb`), byte counts accumulated for up to 15 steps
-//! of 512 bits (at most 15·16 = 240 per byte) before a `vpsadbw` widening; 2x4 register tile.
+//! AVX2 kernels: popcount by nibble lookup (`vpshufb`), byte counts accumulated for up to 31 steps
+//! of 256 bits (at most 31·8 = 248 per byte) before a `vpsadbw` widening; 2x4 register tile.
 
 #![allow(clippy::needless_range_loop)] // register tiles read clearest as indexed loops
 
@@ -8,8 +8,8 @@ use std::arch::x86_64::*;
 
 const MR: usize = 2;
 const NR: usize = 4;
-/// k-steps (8 words each) between widenings of the byte accumulators.
-const FLUSH: usize = 15;
+/// k-steps (4 words each) between widenings of the byte accumulators.
+const FLUSH: usize = 31;
 
 fn check() {
     assert!(
@@ -18,7 +18,7 @@ fn check() {
     );
 }
 
-/// See [`crate::reference::popc`]; `kw` must be a multiple of 8.
+/// See [`crate::reference::popc`]; `kw` must be a multiple of 4.
 pub(crate) fn popc(
     xor: bool,
     a: &[u64],
@@ -29,7 +29,7 @@ pub(crate) fn popc(
     out: &mut [u32],
 ) {
     check();
-    assert!(kw.is_multiple_of(8) && a.len() >= m * kw && b.len() >= n * kw && out.len() >= m * n);
+    assert!(kw.is_multiple_of(4) && a.len() >= m * kw && b.len() >= n * kw && out.len() >= m * n);
     // SAFETY: the CPU features were checked above; every pointer access of `popc_impl` stays in
     // `a[..m*kw]`, `b[..n*kw]`, `out[..m*n]`, whose lengths were asserted above.
     unsafe {
@@ -117,43 +117,28 @@ unsafe fn tile<const XOR: bool, const R: usize, const C: usize>(
     let low = _mm256_set1_epi8(0x0f);
     let zero = _mm256_setzero_si256();
     let mut acc64 = [[zero; C]; R];
-    let steps = kw / 8;
+    let steps = kw / 4;
     let mut s = 0;
     while s < steps {
         let end = (s + FLUSH).min(steps);
         let mut acc8 = [[zero; C]; R];
         while s < end {
-            let k = s * 8;
-            let mut av = [[zero; 2]; R];
+            let k = s * 4;
+            let mut av = [zero; R];
             for (r, v) in av.iter_mut().enumerate() {
-                // SAFETY: row r of A has kw words and k + 8 <= kw.
-                unsafe {
-                    v[0] = _mm256_loadu_si256(a.add(r * kw + k).cast());
-                    v[1] = _mm256_loadu_si256(a.add(r * kw + k + 4).cast());
-                }
+                // SAFETY: row r of A has kw words and k + 4 <= kw.
+                *v = unsafe { _mm256_loadu_si256(a.add(r * kw + k).cast()) };
             }
             for c in 0..C {
-                // SAFETY: row c of the B tile has kw words and k + 8 <= kw.
-                let (b0, b1) = unsafe {
-                    (
-                        _mm256_loadu_si256(b.add(c * kw + k).cast()),
-                        _mm256_loadu_si256(b.add(c * kw + k + 4).cast()),
-                    )
-                };
+                // SAFETY: row c of the B tile has kw words and k + 4 <= kw.
+                let bv = unsafe { _mm256_loadu_si256(b.add(c * kw + k).cast()) };
                 for r in 0..R {
-                    let (x0, x1) = if XOR {
-                        (
-                            _mm256_xor_si256(av[r][0], b0),
-                            _mm256_xor_si256(av[r][1], b1),
-                        )
+                    let x = if XOR {
+                        _mm256_xor_si256(av[r], bv)
                     } else {
-                        (
-                            _mm256_and_si256(av[r][0], b0),
-                            _mm256_and_si256(av[r][1], b1),
-                        )
+                        _mm256_and_si256(av[r], bv)
                     };
-                    let cnt = _mm256_add_epi8(cnt8(x0, lut, low), cnt8(x1, lut, low));
-                    acc8[r][c] = _mm256_add_epi8(acc8[r][c], cnt);
+                    acc8[r][c] = _mm256_add_epi8(acc8[r][c], cnt8(x, lut, low));
                 }
             }
             s += 1;

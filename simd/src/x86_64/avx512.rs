@@ -16,7 +16,7 @@ fn check() {
     );
 }
 
-/// See [`crate::reference::popc`]; `kw` must be a multiple of 8.
+/// See [`crate::reference::popc`]; `kw` must be a multiple of 4.
 pub(crate) fn popc(
     xor: bool,
     a: &[u64],
@@ -27,7 +27,7 @@ pub(crate) fn popc(
     out: &mut [u32],
 ) {
     check();
-    assert!(kw.is_multiple_of(8) && a.len() >= m * kw && b.len() >= n * kw && out.len() >= m * n);
+    assert!(kw.is_multiple_of(4) && a.len() >= m * kw && b.len() >= n * kw && out.len() >= m * n);
     // SAFETY: the CPU features were checked above; every pointer access of `popc_impl` stays in
     // `a[..m*kw]`, `b[..n*kw]`, `out[..m*n]`, whose lengths were asserted above.
     unsafe {
@@ -104,14 +104,17 @@ unsafe fn tile<const XOR: bool, const R: usize, const C: usize>(
     let mut acc = [[_mm512_setzero_si512(); C]; R];
     let mut k = 0;
     while k < kw {
+        // Whole 8-word vectors, then (kw being a multiple of 4) possibly one 4-word tail read with a
+        // masked load (masked-off lanes are not accessed and read as zero).
+        let mask: __mmask8 = if k + 8 <= kw { 0xff } else { 0x0f };
         let mut av = [_mm512_setzero_si512(); R];
         for (r, v) in av.iter_mut().enumerate() {
-            // SAFETY: row r of A has kw words and k + 8 <= kw.
-            *v = unsafe { _mm512_loadu_si512(a.add(r * kw + k).cast()) };
+            // SAFETY: row r of A has kw words; the lanes enabled by `mask` lie in k..kw.
+            *v = unsafe { _mm512_maskz_loadu_epi64(mask, a.add(r * kw + k).cast()) };
         }
         for c in 0..C {
-            // SAFETY: row c of the B tile has kw words and k + 8 <= kw.
-            let bv = unsafe { _mm512_loadu_si512(b.add(c * kw + k).cast()) };
+            // SAFETY: row c of the B tile has kw words; the lanes enabled by `mask` lie in k..kw.
+            let bv = unsafe { _mm512_maskz_loadu_epi64(mask, b.add(c * kw + k).cast()) };
             for r in 0..R {
                 let x = if XOR {
                     _mm512_xor_si512(av[r], bv)
