@@ -383,6 +383,21 @@ fn check_epilogue(
     Ok(())
 }
 
+fn check_u8(what: &str, x: &[u8], len: usize, bits: u32, dims: &str) -> Result<()> {
+    if !(1..=8).contains(&bits) || x.len() != len {
+        return shape_err(format!(
+            "{what}: {} values for {dims}, bits={bits} (need 1..=8)",
+            x.len()
+        ));
+    }
+    if bits < 8 && x.iter().fold(0u8, |acc, &v| acc | v) >> bits != 0 {
+        return shape_err(format!(
+            "{what}: a value of the {dims} input does not fit in {bits} bits"
+        ));
+    }
+    Ok(())
+}
+
 /// A handle on one ISA level: every kernel entry point. Cheap to copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Simd {
@@ -416,24 +431,28 @@ impl Simd {
                 popc: reference::popc,
                 pack_row: reference::pack_row,
                 masked_gemv: reference::masked_gemv,
+                pack_u8_planes: reference::pack_u8_planes,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernels {
                 popc: x86_64::avx2::popc,
                 pack_row: x86_64::avx2::pack_row,
                 masked_gemv: x86_64::avx2::masked_gemv,
+                pack_u8_planes: x86_64::avx2::pack_u8_planes,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Kernels {
                 popc: x86_64::avx512::popc,
                 pack_row: x86_64::avx512::pack_row,
                 masked_gemv: x86_64::avx512::masked_gemv,
+                pack_u8_planes: x86_64::avx512::pack_u8_planes,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Kernels {
                 popc: aarch64::neon::popc,
                 pack_row: aarch64::neon::pack_row,
                 masked_gemv: aarch64::neon::masked_gemv,
+                pack_u8_planes: reference::pack_u8_planes,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("require() accepted an ISA not compiled for this target"),
@@ -532,6 +551,85 @@ impl Simd {
             c,
             cw,
             planes: 1,
+            data,
+        })
+    }
+
+    /// Packs k-bit unsigned integers (row-major `rows × cols`, each `< 2^bits`) into `bits` planes
+    /// (SIMD packer, rows in parallel).
+    pub fn pack_rows_u8(
+        &self,
+        x: &[u8],
+        rows: usize,
+        cols: usize,
+        bits: u32,
+    ) -> Result<PackedMatrix> {
+        use rayon::prelude::*;
+        check_u8(
+            "pack_rows_u8",
+            x,
+            rows * cols,
+            bits,
+            &format!("{rows}x{cols}"),
+        )?;
+        let p = bits as usize;
+        let kw = padded_words(cols);
+        let mut data = vec![0u64; rows * p * kw];
+        if cols > 0 {
+            let pack = self.k().pack_u8_planes;
+            data.par_chunks_mut(p * kw)
+                .zip(x.par_chunks(cols))
+                .with_min_len(16)
+                .for_each(|(d, r)| pack(r, bits, kw, d));
+        }
+        Ok(PackedMatrix {
+            rows,
+            cols,
+            planes: p,
+            kwords: kw,
+            data,
+        })
+    }
+
+    /// Packs k-bit unsigned NHWC integers (each `< 2^bits`) into a `bits`-plane [`PackedImage`] (SIMD
+    /// packer).
+    pub fn pack_image_u8_nhwc(
+        &self,
+        x: &[u8],
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        bits: u32,
+    ) -> Result<PackedImage> {
+        use rayon::prelude::*;
+        check_u8(
+            "pack_image_u8_nhwc",
+            x,
+            n * h * w * c,
+            bits,
+            &format!("NHWC {n}x{h}x{w}x{c}"),
+        )?;
+        if c == 0 {
+            return shape_err(format!(
+                "pack_image_u8_nhwc: NHWC {n}x{h}x{w}x{c} has no channels"
+            ));
+        }
+        let cw = c.div_ceil(64);
+        let p = bits as usize;
+        let mut data = vec![0u64; n * h * w * p * cw];
+        let pack = self.k().pack_u8_planes;
+        data.par_chunks_mut(p * cw)
+            .zip(x.par_chunks(c))
+            .with_min_len(64)
+            .for_each(|(d, r)| pack(r, bits, cw, d));
+        Ok(PackedImage {
+            n,
+            h,
+            w,
+            c,
+            cw,
+            planes: p,
             data,
         })
     }
@@ -812,6 +910,32 @@ impl Simd {
             out,
             v,
         );
+        Ok(())
+    }
+
+    /// Raw popcount GEMM on packed words, single-threaded micro-kernel only:
+    /// `out[i·n + j] = Σ_w popc(a[i·kw + w] OP b[j·kw + w])`, OP = AND or XOR, `kw` a multiple of 4
+    /// (as produced by [`padded_words`]). Used by the peak-rate benchmark.
+    #[allow(clippy::too_many_arguments)]
+    pub fn popcount_gemm(
+        &self,
+        op: BinOp,
+        a: &[u64],
+        m: usize,
+        b: &[u64],
+        n: usize,
+        kw: usize,
+        out: &mut [u32],
+    ) -> Result<()> {
+        if !kw.is_multiple_of(4) || a.len() != m * kw || b.len() != n * kw || out.len() != m * n {
+            return shape_err(format!(
+                "popcount_gemm: a {} words, b {} words, out {}, for m={m} n={n} kw={kw} (kw a multiple of 4)",
+                a.len(),
+                b.len(),
+                out.len()
+            ));
+        }
+        (self.k().popc)(op == BinOp::Xor, a, m, b, n, kw, out);
         Ok(())
     }
 

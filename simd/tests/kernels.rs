@@ -538,3 +538,28 @@ fn empf_isa_env_var_forces_the_level_or_panics_loudly() {
         );
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn simd_u8_plane_packers_equal_scalar_packing_at_every_level(
+        rows in 1usize..6, c in channel_count(), bits in 1u32..9, seed in any::<u64>()
+    ) {
+        let mut g = Gen(seed);
+        let x: Vec<u8> = (0..rows * c).map(|_| g.below(1 << bits) as u8).collect();
+        let want = PackedMatrix::from_u8_planes(&x, rows, c, bits).unwrap();
+        let want_img = PackedImage::from_u8_nhwc(&x, 1, 1, rows, c, bits).unwrap();
+        for s in levels() {
+            prop_assert_eq!(&s.pack_rows_u8(&x, rows, c, bits).unwrap(), &want, "{}", s.isa());
+            prop_assert_eq!(&s.pack_image_u8_nhwc(&x, 1, 1, rows, c, bits).unwrap(), &want_img, "{}", s.isa());
+        }
+        if bits < 8 {
+            let mut bad = x.clone();
+            bad[rows * c - 1] = 1 << bits;
+            let s = Simd::detect();
+            prop_assert!(s.pack_rows_u8(&bad, rows, c, bits).is_err());
+            prop_assert!(s.pack_image_u8_nhwc(&bad, 1, 1, rows, c, bits).is_err());
+        }
+    }
+}

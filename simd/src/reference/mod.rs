@@ -43,6 +43,19 @@ pub(crate) fn pack_row(x: &[f32], mode: Binarize, out: &mut [u64]) {
     }
 }
 
+/// Packs one row of k-bit integers into `bits` planes of `cw` words each (plane-major in `out`):
+/// bit `k % 64` of word `b·cw + k/64` is bit `b` of `x[k]`. Every word of `out[..bits·cw]` is written.
+pub(crate) fn pack_u8_planes(x: &[u8], bits: u32, cw: usize, out: &mut [u64]) {
+    let p = bits as usize;
+    assert!(cw * 64 >= x.len() && out.len() >= p * cw);
+    out[..p * cw].fill(0);
+    for (k, &v) in x.iter().enumerate() {
+        for b in 0..p {
+            out[b * cw + k / 64] |= u64::from(v >> b & 1) << (k % 64);
+        }
+    }
+}
+
 /// Masked-add GEMV core: `sel[j] = Σ_{k : bit k of row j set} x[k]`, rows of `kw` words, `x.len() ==
 /// kw * 64`. Summation in index order.
 pub(crate) fn masked_gemv(x: &[f32], w: &[u64], n: usize, kw: usize, sel: &mut [f32]) {

@@ -191,6 +191,44 @@ unsafe fn pack64(p: *const f32, mode: Binarize) -> u64 {
     w
 }
 
+/// See [`crate::reference::pack_u8_planes`].
+pub(crate) fn pack_u8_planes(x: &[u8], bits: u32, cw: usize, out: &mut [u64]) {
+    check();
+    let p = bits as usize;
+    assert!(cw * 64 >= x.len() && out.len() >= p * cw && p <= 8);
+    let full = x.len() / 64;
+    for (wi, chunk) in x.chunks_exact(64).enumerate() {
+        for b in 0..p {
+            // SAFETY: features checked above; `chunk` has exactly 64 bytes.
+            out[b * cw + wi] = unsafe { plane64(chunk.as_ptr(), b as i32) };
+        }
+    }
+    if full < cw {
+        let mut tail = vec![0u64; p];
+        crate::reference::pack_u8_planes(&x[full * 64..], bits, 1, &mut tail);
+        for b in 0..p {
+            out[b * cw + full] = tail[b];
+            out[b * cw + full + 1..(b + 1) * cw].fill(0);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn plane64(p: *const u8, b: i32) -> u64 {
+    let sh = _mm_cvtsi32_si128(7 - b);
+    // SAFETY: p points at 64 readable bytes.
+    let (v0, v1) = unsafe {
+        (
+            _mm256_loadu_si256(p.cast()),
+            _mm256_loadu_si256(p.add(32).cast()),
+        )
+    };
+    let lo = _mm256_movemask_epi8(_mm256_sll_epi16(v0, sh)) as u32;
+    let hi = _mm256_movemask_epi8(_mm256_sll_epi16(v1, sh)) as u32;
+    u64::from(lo) | u64::from(hi) << 32
+}
+
 /// See [`crate::reference::masked_gemv`].
 pub(crate) fn masked_gemv(x: &[f32], w: &[u64], n: usize, kw: usize, sel: &mut [f32]) {
     check();

@@ -164,6 +164,41 @@ unsafe fn pack64(p: *const f32, mode: Binarize) -> u64 {
     w
 }
 
+/// See [`crate::reference::pack_u8_planes`].
+pub(crate) fn pack_u8_planes(x: &[u8], bits: u32, cw: usize, out: &mut [u64]) {
+    check();
+    let p = bits as usize;
+    assert!(cw * 64 >= x.len() && out.len() >= p * cw && p <= 8);
+    for wi in 0..cw {
+        let lo = (wi * 64).min(x.len());
+        let len = (x.len() - lo).min(64);
+        let mask: __mmask64 = if len == 64 {
+            u64::MAX
+        } else {
+            (1u64 << len) - 1
+        };
+        // SAFETY: features checked above; only the `len` bytes x[lo..lo+len] are enabled by `mask`.
+        let v = unsafe { load_u8(mask, x.as_ptr().add(lo)) };
+        for b in 0..p {
+            // SAFETY: the CPU features were checked above.
+            out[b * cw + wi] = unsafe { test_bit(v, b as u32) };
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn load_u8(mask: __mmask64, p: *const u8) -> __m512i {
+    // SAFETY: the caller guarantees the bytes enabled by `mask` are readable.
+    unsafe { _mm512_maskz_loadu_epi8(mask, p.cast()) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn test_bit(v: __m512i, b: u32) -> u64 {
+    _mm512_test_epi8_mask(v, _mm512_set1_epi8((1u8 << b) as i8))
+}
+
 /// See [`crate::reference::masked_gemv`].
 pub(crate) fn masked_gemv(x: &[f32], w: &[u64], n: usize, kw: usize, sel: &mut [f32]) {
     check();
