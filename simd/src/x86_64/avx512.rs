@@ -126,12 +126,54 @@ unsafe fn tile<const XOR: bool, const R: usize, const C: usize>(
         }
         k += 8;
     }
-    for (r, row) in acc.iter().enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            // SAFETY: output element (r, c) of the tile is inside `out[..m*n]`.
-            unsafe { *out.add(r * ldo + c) = _mm512_reduce_add_epi64(*v) as u32 };
+    if R % 2 == 0 && C == 4 {
+        // Full tile: reduce eight accumulators at once (rows r, r+1) with a shuffle tree.
+        for r in (0..R).step_by(2) {
+            let v = [
+                acc[r][0],
+                acc[r][1],
+                acc[r][2],
+                acc[r][3],
+                acc[r + 1][0],
+                acc[r + 1][1],
+                acc[r + 1][2],
+                acc[r + 1][3],
+            ];
+            let sums = _mm512_cvtepi64_epi32(hsum8(v));
+            // SAFETY: output elements (r, 0..4) and (r+1, 0..4) of the tile are inside `out[..m*n]`.
+            unsafe {
+                _mm_storeu_si128(out.add(r * ldo).cast(), _mm256_castsi256_si128(sums));
+                _mm_storeu_si128(
+                    out.add((r + 1) * ldo).cast(),
+                    _mm256_extracti128_si256::<1>(sums),
+                );
+            }
+        }
+    } else {
+        for (r, row) in acc.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                // SAFETY: output element (r, c) of the tile is inside `out[..m*n]`.
+                unsafe { *out.add(r * ldo + c) = _mm512_reduce_add_epi64(*v) as u32 };
+            }
         }
     }
+}
+
+/// Horizontal sums of eight `u64x8` vectors: lane `i` of the result is the sum of the lanes of `v[i]`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn hsum8(v: [__m512i; 8]) -> __m512i {
+    // Level 1: each 128-bit lane L of p(a, b) holds (a[2L] + a[2L+1], b[2L] + b[2L+1]).
+    let p = |a, b| _mm512_add_epi64(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+    // Levels 2-3: add 128-bit lanes (L0+L1, L2+L3) of a and b, results [a.01, a.23, b.01, b.23].
+    let q = |a, b| {
+        _mm512_add_epi64(
+            _mm512_shuffle_i64x2::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_i64x2::<0b11_01_11_01>(a, b),
+        )
+    };
+    let (s01, s23, s45, s67) = (p(v[0], v[1]), p(v[2], v[3]), p(v[4], v[5]), p(v[6], v[7]));
+    q(q(s01, s23), q(s45, s67))
 }
 
 /// See [`crate::reference::pack_row`].
