@@ -126,7 +126,7 @@ unsafe fn tile<const XOR: bool, const R: usize, const C: usize>(
         }
         k += 8;
     }
-    if R % 2 == 0 && C == 4 {
+    if R.is_multiple_of(2) && C == 4 {
         // Full tile: reduce eight accumulators at once (rows r, r+1) with a shuffle tree.
         for r in (0..R).step_by(2) {
             let v = [
