@@ -69,6 +69,7 @@ enum Lib {
 }
 
 /// fp32 3x3 stride-1 same-padding convolution by im2col + GEMM, output pixels split over `threads`.
+#[allow(clippy::too_many_arguments)]
 fn float_conv(
     lib: Lib,
     x: &[f32],
@@ -237,7 +238,13 @@ fn main() {
             let (h, w, cc, cout) = (hw, hw, ch, ch);
             let xf: Vec<f32> = (0..cc * h * w).map(|_| (g.next() % 2) as f32).collect();
             let wf: Vec<f32> = (0..cout * cc * 9)
-                .map(|_| if g.next() % 2 == 0 { 1.0 } else { -1.0 })
+                .map(|_| {
+                    if g.next().is_multiple_of(2) {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                })
                 .collect();
             let x_nhwc: Vec<f32> = {
                 let mut t = vec![0f32; xf.len()];
