@@ -429,6 +429,7 @@ impl Simd {
         let kernels = match isa {
             Isa::Scalar => Kernels {
                 popc: reference::popc,
+                vertical: None,
                 pack_row: reference::pack_row,
                 masked_gemv: reference::masked_gemv,
                 pack_u8_planes: reference::pack_u8_planes,
@@ -436,6 +437,7 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernels {
                 popc: x86_64::avx2::popc,
+                vertical: None,
                 pack_row: x86_64::avx2::pack_row,
                 masked_gemv: x86_64::avx2::masked_gemv,
                 pack_u8_planes: x86_64::avx2::pack_u8_planes,
@@ -443,6 +445,7 @@ impl Simd {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Kernels {
                 popc: x86_64::avx512::popc,
+                vertical: Some(x86_64::avx512::vertical_popc),
                 pack_row: x86_64::avx512::pack_row,
                 masked_gemv: x86_64::avx512::masked_gemv,
                 pack_u8_planes: x86_64::avx512::pack_u8_planes,
@@ -450,6 +453,7 @@ impl Simd {
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Kernels {
                 popc: aarch64::neon::popc,
+                vertical: None,
                 pack_row: aarch64::neon::pack_row,
                 masked_gemv: aarch64::neon::masked_gemv,
                 pack_u8_planes: reference::pack_u8_planes,
@@ -706,6 +710,7 @@ impl Simd {
             rows: a.rows,
             planes: a.planes,
             kwords: a.kwords,
+            klen: a.cols.div_ceil(64),
         };
         driver::run(
             self.k(),
@@ -739,6 +744,7 @@ impl Simd {
             rows: a.rows,
             planes: a.planes,
             kwords: a.kwords,
+            klen: a.cols.div_ceil(64),
         };
         self.fused(
             op == BinOp::Xor,
@@ -935,7 +941,9 @@ impl Simd {
                 out.len()
             ));
         }
-        (self.k().popc)(op == BinOp::Xor, a, m, b, n, kw, out);
+        let k = self.k();
+        let bp = k.prepare(b, n, kw, kw);
+        k.popc_prepared(op == BinOp::Xor, a, m, &bp, n, kw, kw, out);
         Ok(())
     }
 

@@ -112,6 +112,31 @@ proptest! {
     }
 
     #[test]
+    fn long_row_bgemm_equals_naive_dot_at_every_level(
+        m in 1usize..7, n in 1usize..11, k in 8000usize..12000, seed in any::<u64>()
+    ) {
+        // Rows beyond the AVX-512 vertical-kernel limit (128 words) take the horizontal kernel.
+        let mut g = Gen(seed);
+        let af: Vec<f32> = (0..m * k).map(|_| g.spike_f32()).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| g.sign_f32()).collect();
+        let ai: Vec<i32> = af.iter().map(|&x| spike_val(x)).collect();
+        let wi: Vec<i32> = wf.iter().map(|&x| sign_val(x)).collect();
+        let asf: Vec<f32> = ai.iter().map(|&x| x as f32 * 2.0 - 1.0).collect();
+        let want_and = naive_gemm(&ai, &wi, m, n, k);
+        let want_xor = naive_gemm(&ai.iter().map(|&x| 2 * x - 1).collect::<Vec<_>>(), &wi, m, n, k);
+        for s in levels() {
+            let a = s.pack_rows(&af, m, k, Binarize::Positive).unwrap();
+            let a_s = s.pack_rows(&asf, m, k, Binarize::Sign).unwrap();
+            let w = s.pack_rows(&wf, n, k, Binarize::Sign).unwrap();
+            let mut out = vec![0; m * n];
+            s.bgemm(BinOp::And, &a, &w, &mut out).unwrap();
+            prop_assert_eq!(&out, &want_and, "{} AND", s.isa());
+            s.bgemm(BinOp::Xor, &a_s, &w, &mut out).unwrap();
+            prop_assert_eq!(&out, &want_xor, "{} XOR", s.isa());
+        }
+    }
+
+    #[test]
     fn bgemm_bit_serial_equals_naive_kbit_dot_at_every_level(
         m in 1usize..9, n in 1usize..9, k in channel_count(), bits in 1u32..9, seed in any::<u64>()
     ) {

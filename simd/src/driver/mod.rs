@@ -7,10 +7,72 @@ use rayon::prelude::*;
 /// Raw popcount GEMM kernel: `(xor, a, m, b, n, kw, out)`, see [`crate::reference::popc`].
 pub(crate) type PopcFn = fn(bool, &[u64], usize, &[u64], usize, usize, &mut [u32]);
 
+/// Popcount GEMM against a B transposed into panels of 8 columns: `(xor, a, m, bt, n, kw, klen, out)`.
+pub(crate) type VerticalFn = fn(bool, &[u64], usize, &[u64], usize, usize, usize, &mut [u32]);
+
+/// Rows of at most this many words use the vertical kernel when the ISA has one (its B panel block
+/// of 4 panels stays within L1).
+pub(crate) const VERTICAL_MAX_K: usize = 128;
+
+/// Transposes the first `klen` words of the `n` rows of `b` (row length `kw`) into panels of 8
+/// columns: `bt[((j/8)·klen + k)·8 + j%8] = b[j·kw + k]`, missing columns zero.
+pub(crate) fn transpose_panels(b: &[u64], n: usize, kw: usize, klen: usize) -> Vec<u64> {
+    let mut bt = vec![0u64; n.div_ceil(8) * klen * 8];
+    for j in 0..n {
+        for (k, &v) in b[j * kw..j * kw + klen].iter().enumerate() {
+            bt[((j / 8) * klen + k) * 8 + j % 8] = v;
+        }
+    }
+    bt
+}
+
+/// B prepared once per call for the per-task kernels.
+pub(crate) enum PreparedB<'a> {
+    Rows(&'a [u64]),
+    Panels(VerticalFn, Vec<u64>),
+}
+
+impl Kernels {
+    pub(crate) fn prepare<'a>(
+        &self,
+        b: &'a [u64],
+        n: usize,
+        kw: usize,
+        klen: usize,
+    ) -> PreparedB<'a> {
+        match self.vertical {
+            Some(f) if klen <= VERTICAL_MAX_K => {
+                PreparedB::Panels(f, transpose_panels(b, n, kw, klen))
+            }
+            _ => PreparedB::Rows(b),
+        }
+    }
+
+    /// Raw popcounts of `a` (m rows of `kw` words, first `klen` meaningful) against prepared B.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn popc_prepared(
+        &self,
+        xor: bool,
+        a: &[u64],
+        m: usize,
+        b: &PreparedB<'_>,
+        n: usize,
+        kw: usize,
+        klen: usize,
+        out: &mut [u32],
+    ) {
+        match b {
+            PreparedB::Rows(b) => (self.popc)(xor, a, m, b, n, kw, out),
+            PreparedB::Panels(f, bt) => f(xor, a, m, bt, n, kw, klen, out),
+        }
+    }
+}
+
 /// The per-ISA kernels (same contract as the functions of [`crate::reference`]).
 #[derive(Clone, Copy)]
 pub(crate) struct Kernels {
     pub popc: PopcFn,
+    pub vertical: Option<VerticalFn>,
     pub pack_row: fn(&[f32], Binarize, &mut [u64]),
     pub masked_gemv: fn(&[f32], &[u64], usize, usize, &mut [f32]),
     pub pack_u8_planes: fn(&[u8], u32, usize, &mut [u64]),
@@ -24,6 +86,8 @@ pub(crate) trait RowSource: Sync {
     fn planes(&self) -> usize;
     /// Words per packed row (multiple of 4).
     fn kwords(&self) -> usize;
+    /// Leading words of each row that may be non-zero (the rest are zero padding).
+    fn klen(&self) -> usize;
     /// Writes rows `m0..m1` (each `planes` rows of `kwords` words, plane-minor) into `buf` and, per
     /// output row, the padding information into `pad`; returns the rows (may borrow `self` instead).
     fn fill<'a>(
@@ -87,6 +151,8 @@ pub(crate) fn run<S: RowSource, O: Send>(
     if m == 0 || n == 0 {
         return;
     }
+    let klen = src.klen();
+    let bp = k.prepare(w, n, kw, klen);
     let rpt = rows_per_task(m);
     let task = |(t, (o, s)): (usize, (&mut [O], &mut [f32]))| {
         let m0 = t * rpt;
@@ -96,7 +162,7 @@ pub(crate) fn run<S: RowSource, O: Send>(
         let mut pad = Vec::new();
         let a = src.fill(m0, m1, &mut buf, &mut pad);
         let mut raw = vec![0u32; rows * p * n];
-        (k.popc)(xor, a, rows * p, w, n, kw, &mut raw);
+        k.popc_prepared(xor, a, rows * p, &bp, n, kw, klen, &mut raw);
         let mut dots = vec![0i32; rows * n];
         for i in 0..rows {
             let d = &mut dots[i * n..(i + 1) * n];
@@ -156,6 +222,7 @@ pub(crate) struct MatrixRows<'a> {
     pub rows: usize,
     pub planes: usize,
     pub kwords: usize,
+    pub klen: usize,
 }
 
 impl RowSource for MatrixRows<'_> {
@@ -167,6 +234,9 @@ impl RowSource for MatrixRows<'_> {
     }
     fn kwords(&self) -> usize {
         self.kwords
+    }
+    fn klen(&self) -> usize {
+        self.klen
     }
     fn fill<'a>(
         &'a self,
@@ -204,6 +274,9 @@ impl RowSource for ConvRows<'_> {
     fn kwords(&self) -> usize {
         self.kwords
     }
+    fn klen(&self) -> usize {
+        self.kh * self.kw * self.img.cw
+    }
     fn fill<'a>(
         &'a self,
         m0: usize,
@@ -222,20 +295,41 @@ impl RowSource for ConvRows<'_> {
             let ox = m % self.ow;
             let mut info = PadInfo::default();
             for ky in 0..self.kh {
-                for kx in 0..self.kw {
-                    let t = ky * self.kw + kx;
-                    let iy = (oy * self.stride + ky).wrapping_sub(self.pad);
-                    let ix = (ox * self.stride + kx).wrapping_sub(self.pad);
-                    if iy >= img.h || ix >= img.w {
-                        info.pad_mask |= 1 << t;
-                        continue;
-                    }
-                    info.valid_taps += 1;
-                    let pix = ((ni * img.h + iy) * img.w + ix) * p * cw;
-                    for b in 0..p {
-                        let dst = (i * p + b) * kwd + t * cw;
-                        buf[dst..dst + cw]
-                            .copy_from_slice(&img.data[pix + b * cw..pix + (b + 1) * cw]);
+                let iy = (oy * self.stride + ky).wrapping_sub(self.pad);
+                // Taps kx0..kx1 of this kernel row fall inside the image.
+                let ix0 = (ox * self.stride).wrapping_sub(self.pad);
+                let (kx0, kx1) = if iy >= img.h {
+                    (0, 0)
+                } else {
+                    let kx0 = self.pad.saturating_sub(ox * self.stride).min(self.kw);
+                    let kx1 = (img.w + self.pad)
+                        .saturating_sub(ox * self.stride)
+                        .min(self.kw)
+                        .max(kx0);
+                    (kx0, kx1)
+                };
+                for kx in (0..kx0).chain(kx1..self.kw) {
+                    info.pad_mask |= 1 << (ky * self.kw + kx);
+                }
+                if kx1 == kx0 {
+                    continue;
+                }
+                info.valid_taps += (kx1 - kx0) as u32;
+                let t0 = ky * self.kw + kx0;
+                let pix0 = (ni * img.h + iy) * img.w + ix0.wrapping_add(kx0);
+                if p == 1 {
+                    // Consecutive taps read consecutive pixels: one contiguous block.
+                    let len = (kx1 - kx0) * cw;
+                    let dst = i * kwd + t0 * cw;
+                    buf[dst..dst + len].copy_from_slice(&img.data[pix0 * cw..pix0 * cw + len]);
+                } else {
+                    for kx in 0..kx1 - kx0 {
+                        let pix = (pix0 + kx) * p * cw;
+                        for b in 0..p {
+                            let dst = (i * p + b) * kwd + (t0 + kx) * cw;
+                            buf[dst..dst + cw]
+                                .copy_from_slice(&img.data[pix + b * cw..pix + (b + 1) * cw]);
+                        }
                     }
                 }
             }

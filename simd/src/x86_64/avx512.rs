@@ -16,7 +16,8 @@ fn check() {
     );
 }
 
-/// See [`crate::reference::popc`]; `kw` must be a multiple of 4.
+/// See [`crate::reference::popc`]; `kw` must be a multiple of 4. The "horizontal" kernel: 8 words of
+/// one row per vector, one shuffle-tree reduction per 8 outputs (used for long rows).
 pub(crate) fn popc(
     xor: bool,
     a: &[u64],
@@ -35,6 +36,140 @@ pub(crate) fn popc(
             popc_impl::<true>(a.as_ptr(), m, b.as_ptr(), n, kw, out.as_mut_ptr());
         } else {
             popc_impl::<false>(a.as_ptr(), m, b.as_ptr(), n, kw, out.as_mut_ptr());
+        }
+    }
+}
+
+/// The "vertical" kernel: `bt` is B transposed into panels of 8 columns
+/// ([`crate::driver::transpose_panels`]); one broadcast A word meets 8 columns per instruction, the
+/// accumulator lanes are output columns (no horizontal reduction) and only the first `klen` words of
+/// each A row are read (word-granular K). Same result as [`popc`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn vertical_popc(
+    xor: bool,
+    a: &[u64],
+    m: usize,
+    bt: &[u64],
+    n: usize,
+    kw: usize,
+    klen: usize,
+    out: &mut [u32],
+) {
+    check();
+    assert!(
+        klen <= kw
+            && a.len() >= m * kw
+            && bt.len() >= n.div_ceil(8) * klen * 8
+            && out.len() >= m * n
+    );
+    // SAFETY: the CPU features were checked above; `vertical` reads `a[..m*kw]` (first `klen`
+    // words of each row), `bt` (n/8 rounded up panels of klen×8 words) and writes `out[..m*n]`
+    // (columns < n only).
+    unsafe {
+        if xor {
+            vertical::<true>(a.as_ptr(), m, bt, n, kw, klen, out.as_mut_ptr());
+        } else {
+            vertical::<false>(a.as_ptr(), m, bt, n, kw, klen, out.as_mut_ptr());
+        }
+    }
+}
+
+/// Panels (of 8 output columns) per vertical tile.
+const VP: usize = 4;
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vpopcntdq")]
+unsafe fn vertical<const XOR: bool>(
+    a: *const u64,
+    m: usize,
+    bt: &[u64],
+    n: usize,
+    kw: usize,
+    klen: usize,
+    out: *mut u32,
+) {
+    let np = n.div_ceil(8);
+    let bp = bt.as_ptr();
+    let mut p0 = 0;
+    while p0 < np {
+        let pw = (np - p0).min(VP);
+        let mut i = 0;
+        while i < m {
+            let four = i + MR <= m;
+            // SAFETY (all calls below): rows i..i+4 (or i) < m of A and of the output, panels
+            // p0..p0+pw <= np of bt.
+            unsafe {
+                let (ap, op) = (a.add(i * kw), out.add(i * n));
+                match (four, pw == VP) {
+                    (true, true) => {
+                        vtile::<XOR, MR, VP>(ap, bp.add(p0 * klen * 8), kw, klen, op, n, p0)
+                    }
+                    (false, true) => {
+                        vtile::<XOR, 1, VP>(ap, bp.add(p0 * klen * 8), kw, klen, op, n, p0)
+                    }
+                    (true, false) => {
+                        for p in p0..p0 + pw {
+                            vtile::<XOR, MR, 1>(ap, bp.add(p * klen * 8), kw, klen, op, n, p);
+                        }
+                    }
+                    (false, false) => {
+                        for p in p0..p0 + pw {
+                            vtile::<XOR, 1, 1>(ap, bp.add(p * klen * 8), kw, klen, op, n, p);
+                        }
+                    }
+                }
+            }
+            i += if four { MR } else { 1 };
+        }
+        p0 += pw;
+    }
+}
+
+/// `R` rows of A against `P` panels (8 columns each) starting at panel index `pidx`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vpopcntdq")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn vtile<const XOR: bool, const R: usize, const P: usize>(
+    a: *const u64,
+    bt: *const u64,
+    kw: usize,
+    klen: usize,
+    out: *mut u32,
+    ldo: usize,
+    pidx: usize,
+) {
+    let mut acc = [[_mm512_setzero_si512(); P]; R];
+    for k in 0..klen {
+        let mut bv = [_mm512_setzero_si512(); P];
+        for (p, v) in bv.iter_mut().enumerate() {
+            // SAFETY: panel p has klen×8 words and k < klen.
+            *v = unsafe { _mm512_loadu_si512(bt.add((p * klen + k) * 8).cast()) };
+        }
+        for r in 0..R {
+            // SAFETY: row r of A has kw >= klen words.
+            let av = _mm512_set1_epi64(unsafe { *a.add(r * kw + k) } as i64);
+            for p in 0..P {
+                let x = if XOR {
+                    _mm512_xor_si512(av, bv[p])
+                } else {
+                    _mm512_and_si512(av, bv[p])
+                };
+                acc[r][p] = _mm512_add_epi64(acc[r][p], _mm512_popcnt_epi64(x));
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (p, v) in row.iter().enumerate() {
+            let col = (pidx + p) * 8;
+            let valid = (ldo - col).min(8);
+            let mask: __mmask8 = if valid == 8 { 0xff } else { (1u8 << valid) - 1 };
+            // SAFETY: only the `valid` columns col..col+valid < ldo of output row r are written.
+            unsafe {
+                _mm256_mask_storeu_epi32(
+                    out.add(r * ldo + col).cast(),
+                    mask,
+                    _mm512_cvtepi64_epi32(*v),
+                )
+            };
         }
     }
 }
