@@ -17,7 +17,7 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2, popcount by nibble table lookup (`vpshufb`) and `vpsadbw`.
     Avx2,
-    /// x86-64 AVX-512F/BW with VPOPCNTDQ (`vpopcntq`).
+    /// x86-64 AVX-512F/BW/VL with VPOPCNTDQ (`vpopcntq`).
     Avx512,
     /// aarch64 Advanced SIMD (`cnt` + pairwise widening adds).
     Neon,
@@ -42,7 +42,7 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar u64::count_ones 1x1 reference",
             Isa::Avx2 => "avx2 vpshufb-popcount 2x4 micro-kernel",
-            Isa::Avx512 => "avx512 vpopcntdq 4x4 micro-kernel",
+            Isa::Avx512 => "avx512 vpopcntdq vertical 4x32 / horizontal 4x4 micro-kernels",
             Isa::Neon => "neon cnt+uadalp 2x4 micro-kernel",
         }
     }
@@ -70,6 +70,7 @@ impl Isa {
             Isa::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx512vpopcntdq")
             }
             #[cfg(target_arch = "aarch64")]
