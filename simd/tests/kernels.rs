@@ -595,3 +595,48 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bgemm_fused_equals_bgemm_then_public_epilogue_at_every_level(
+        m in 1usize..40, n in 1usize..20, k in channel_count(), seed in any::<u64>(), xor in any::<bool>(), quant in any::<bool>()
+    ) {
+        let mut g = Gen(seed);
+        let af: Vec<f32> = (0..m * k).map(|_| if xor { g.sign_f32() } else { g.spike_f32() }).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| g.sign_f32()).collect();
+        let scale: Vec<f32> = (0..n).map(|_| g.below(100) as f32 / 50.0 - 0.5).collect();
+        let bias: Vec<f32> = (0..n).map(|_| g.below(100) as f32 / 10.0 - 5.0).collect();
+        let v0: Vec<f32> = (0..m * n).map(|_| g.below(100) as f32 / 50.0 - 1.0).collect();
+        let ep = Epilogue { scale: &scale, bias: &bias, neuron: Some(Neuron { lambda: 0.5, theta: 1.0 }) };
+        let (op, mode) = if xor { (BinOp::Xor, Binarize::Sign) } else { (BinOp::And, Binarize::Positive) };
+        let scalar = Simd::new(Isa::Scalar).unwrap();
+        let a = scalar.pack_rows(&af, m, k, mode).unwrap();
+        let w = scalar.pack_rows(&wf, n, k, Binarize::Sign).unwrap();
+        let mut dots = vec![0; m * n];
+        scalar.bgemm(op, &a, &w, &mut dots).unwrap();
+        let mut want_v = v0.clone();
+        let mut want_f = vec![0f32; m * n];
+        let mut want_q = vec![0u8; m * n];
+        if quant {
+            empf_simd::epilogue(&dots, n, &ep, &mut SpikeOut::Quant { out: &mut want_q, step: 0.5, bits: 3 }, &mut want_v).unwrap();
+        } else {
+            empf_simd::epilogue(&dots, n, &ep, &mut SpikeOut::F32(&mut want_f), &mut want_v).unwrap();
+        }
+        for s in levels() {
+            let mut v = v0.clone();
+            if quant {
+                let mut q = vec![0u8; m * n];
+                s.bgemm_fused(op, &a, &w, &ep, SpikeOut::Quant { out: &mut q, step: 0.5, bits: 3 }, &mut v).unwrap();
+                prop_assert_eq!(&q, &want_q, "{}", s.isa());
+                prop_assert!(q.iter().all(|&x| x < 8));
+            } else {
+                let mut o = vec![0f32; m * n];
+                s.bgemm_fused(op, &a, &w, &ep, SpikeOut::F32(&mut o), &mut v).unwrap();
+                prop_assert_eq!(&o, &want_f, "{}", s.isa());
+            }
+            prop_assert_eq!(&v, &want_v, "{} state", s.isa());
+        }
+    }
+}
