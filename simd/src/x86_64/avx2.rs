@@ -242,17 +242,33 @@ pub(crate) fn masked_gemv(x: &[f32], w: &[u64], n: usize, kw: usize, sel: &mut [
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn gemv_row(x: *const f32, w: *const u64, kw: usize) -> f32 {
-    let bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    let mut acc = [_mm256_setzero_ps(); 4];
+    // Lane l of group q selects bit 8q + l of a 32-bit half word: shift it into the sign bit and
+    // blend on it.
+    let sh = [0, 8, 16, 24].map(|b| {
+        _mm256_setr_epi32(
+            31 - b,
+            30 - b,
+            29 - b,
+            28 - b,
+            27 - b,
+            26 - b,
+            25 - b,
+            24 - b,
+        )
+    });
+    let zero = _mm256_setzero_ps();
+    let mut acc = [zero; 4];
     for wi in 0..kw {
         // SAFETY: wi < kw.
         let word = unsafe { *w.add(wi) };
-        for q in 0..8 {
-            let byte = _mm256_set1_epi32(((word >> (8 * q)) & 0xff) as i32);
-            let mask = _mm256_cmpeq_epi32(_mm256_and_si256(byte, bits), bits);
-            // SAFETY: x has kw*64 floats.
-            let xv = unsafe { _mm256_loadu_ps(x.add(wi * 64 + 8 * q)) };
-            acc[q & 3] = _mm256_add_ps(acc[q & 3], _mm256_and_ps(xv, _mm256_castsi256_ps(mask)));
+        for half in 0..2 {
+            let w32 = _mm256_set1_epi32((word >> (32 * half)) as u32 as i32);
+            for q in 0..4 {
+                let m = _mm256_castsi256_ps(_mm256_sllv_epi32(w32, sh[q]));
+                // SAFETY: x has kw*64 floats.
+                let xv = unsafe { _mm256_loadu_ps(x.add(wi * 64 + 32 * half + 8 * q)) };
+                acc[q] = _mm256_add_ps(acc[q], _mm256_blendv_ps(zero, xv, m));
+            }
         }
     }
     let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
