@@ -919,7 +919,8 @@ impl Simd {
         Ok(())
     }
 
-    /// Raw popcount GEMM on packed words, single-threaded micro-kernel only:
+    /// Raw popcount GEMM on packed words, single-threaded (for AVX-512 short rows this includes
+    /// transposing `b` into the vertical kernel's panels):
     /// `out[i·n + j] = Σ_w popc(a[i·kw + w] OP b[j·kw + w])`, OP = AND or XOR, `kw` a multiple of 4
     /// (as produced by [`padded_words`]). Used by the peak-rate benchmark.
     #[allow(clippy::too_many_arguments)]
