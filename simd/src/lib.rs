@@ -1,4 +1,987 @@
 //! `empf-simd`: bit-level kernels for binary synapses (see `simd/README.md`).
 //!
 //! This crate knows nothing about neural networks: slices in, slices out. All `unsafe` code of the
-//! empf workspace lives here, each block with a SAFETY comment.
+//! empf workspace lives here, each block with a SAFETY comment; the public API is safe.
+//!
+//! # Encodings
+//! * Bits are packed little-endian into `u64` words: element `k` of a row is bit `k % 64` of word
+//!   `k / 64`. Rows of a [`PackedMatrix`] are padded with zero bits to a multiple of 256 bits (4 words)
+//!   so every vector level reads whole vectors (AVX-512 reads a 4-word tail with a masked load).
+//! * Binary spikes `{0,1}` pack with [`Binarize::Positive`] (bit = `x > 0`); ±1 values pack with
+//!   [`Binarize::Sign`] (bit = `x >= 0`, i.e. bit 1 ↔ +1, bit 0 ↔ −1).
+//! * k-bit unsigned activations `q = Σ_b 2^b p_b` pack into `k` bit planes `p_b`.
+//!
+//! # Kernels (all integer results are bit-exact across ISA levels)
+//! * [`BinOp::And`]: spikes `s ∈ {0,1}` × weights `w ∈ {±1}`: `dot = Σ s·w = 2·popc(s ∧ w⁺) − popc(s)`
+//!   (`w⁺` = bits of the +1 weights). Zero padding is exact (padded bits of `s` are 0).
+//!   With a k-plane left operand it is bit-serial: `dot = Σ_b 2^b (2·popc(p_b ∧ w⁺) − popc(p_b))`.
+//! * [`BinOp::Xor`]: `a, w ∈ {±1}`: `dot = K − 2·popc(a ⊕ w)`; in convolutions the spatial zero
+//!   padding is exact (padded taps contribute 0, corrected per output channel with `popc(w_tap)`).
+//! * [`Simd::gemv_masked`]: float `x` × ±1 weights read at one bit each: `y_j = 2·Σ_{w_jk=+1} x_k − Σ_k
+//!   x_k` (masked adds).
+//! * [`Epilogue`]: per-channel `y = scale·dot + bias` (scale α and a folded BN affine), then optionally
+//!   the EM-PF update `m = λv + y`, `s = ReLU(m − θ)`, `v = m − s`, written as float or re-quantised
+//!   spikes `q = clamp(round(s/step), 0, 2^bits − 1)`.
+//!
+//! Work is split over output rows with rayon (`rayon::current_num_threads()` tasks); run inside a
+//! `rayon::ThreadPool::install` to control the thread count.
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64 {
+    pub(crate) mod neon;
+}
+mod dispatch;
+mod driver;
+mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86_64 {
+    pub(crate) mod avx2;
+    pub(crate) mod avx512;
+}
+
+pub use dispatch::{Isa, kernel_name};
+use driver::{ConvRows, Finish, Kernels, MatrixRows};
+
+/// Errors of this crate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimdError {
+    /// Operand shapes or lengths do not match (the message names the function and the shapes).
+    Shape(String),
+    /// A requested instruction-set level is unknown or unavailable on this host.
+    Isa(String),
+}
+
+impl std::fmt::Display for SimdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SimdError::Shape(s) => write!(f, "empf-simd shape error: {s}"),
+            SimdError::Isa(s) => write!(f, "empf-simd ISA error: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for SimdError {}
+
+type Result<T> = std::result::Result<T, SimdError>;
+
+fn shape_err<T>(msg: String) -> Result<T> {
+    Err(SimdError::Shape(msg))
+}
+
+/// How floats become bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binarize {
+    /// bit = `x > 0` (spikes `{0,1}`; NaN → 0).
+    Positive,
+    /// bit = `x >= 0` (signs: bit 1 ↔ +1; −0.0 → 1, NaN → 0).
+    Sign,
+}
+
+impl Binarize {
+    /// The bit of one value.
+    #[inline]
+    pub fn bit(self, x: f32) -> bool {
+        match self {
+            Binarize::Positive => x > 0.0,
+            Binarize::Sign => x >= 0.0,
+        }
+    }
+}
+
+/// Which popcount kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    /// `{0,1}` (or k-bit planes) × ±1: `2·popc(a ∧ w⁺) − popc(a)`.
+    And,
+    /// ±1 × ±1: `K − 2·popc(a ⊕ w)`.
+    Xor,
+}
+
+/// Words per packed row holding `bits` bits, padded to a multiple of 4 words (256 bits).
+pub fn padded_words(bits: usize) -> usize {
+    bits.div_ceil(256) * 4
+}
+
+/// A bit-packed matrix: `rows` logical rows of `cols` bits, each stored as `planes` consecutive rows
+/// of [`PackedMatrix::kwords`] words (plane `b` of row `i` at row index `i·planes + b`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedMatrix {
+    rows: usize,
+    cols: usize,
+    planes: usize,
+    kwords: usize,
+    data: Vec<u64>,
+}
+
+impl PackedMatrix {
+    /// Logical rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Bits per row (before padding).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bit planes per row (1 unless packed from k-bit integers).
+    pub fn planes(&self) -> usize {
+        self.planes
+    }
+    /// Words per stored row (multiple of 4).
+    pub fn kwords(&self) -> usize {
+        self.kwords
+    }
+    /// The packed words.
+    pub fn words(&self) -> &[u64] {
+        &self.data
+    }
+
+    /// Packs k-bit unsigned integers (`x[i*cols + k] < 2^bits`, row-major) into `bits` planes
+    /// (scalar; done once per layer input).
+    pub fn from_u8_planes(x: &[u8], rows: usize, cols: usize, bits: u32) -> Result<PackedMatrix> {
+        if !(1..=8).contains(&bits) || x.len() != rows * cols {
+            return shape_err(format!(
+                "PackedMatrix::from_u8_planes: {} values for {rows}x{cols}, bits={bits} (need 1..=8)",
+                x.len()
+            ));
+        }
+        if bits < 8
+            && let Some(v) = x.iter().find(|&&v| u32::from(v) >> bits != 0)
+        {
+            return shape_err(format!(
+                "PackedMatrix::from_u8_planes: value {v} does not fit in {bits} bits"
+            ));
+        }
+        let p = bits as usize;
+        let kw = padded_words(cols);
+        let mut data = vec![0u64; rows * p * kw];
+        for i in 0..rows {
+            for (k, &v) in x[i * cols..(i + 1) * cols].iter().enumerate() {
+                for b in 0..p {
+                    if v >> b & 1 == 1 {
+                        data[(i * p + b) * kw + k / 64] |= 1 << (k % 64);
+                    }
+                }
+            }
+        }
+        Ok(PackedMatrix {
+            rows,
+            cols,
+            planes: p,
+            kwords: kw,
+            data,
+        })
+    }
+}
+
+/// A bit-packed image batch in NHWC order with `cw = ceil(c/64)` words per pixel and plane:
+/// `data[((n·h + y)·w + x)·planes·cw + b·cw + word]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedImage {
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    cw: usize,
+    planes: usize,
+    data: Vec<u64>,
+}
+
+impl PackedImage {
+    /// `(n, h, w, c)`.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.n, self.h, self.w, self.c)
+    }
+    /// Bit planes per pixel.
+    pub fn planes(&self) -> usize {
+        self.planes
+    }
+    /// The packed words.
+    pub fn words(&self) -> &[u64] {
+        &self.data
+    }
+
+    /// Packs k-bit unsigned NHWC integers into `bits` planes.
+    pub fn from_u8_nhwc(
+        x: &[u8],
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        bits: u32,
+    ) -> Result<PackedImage> {
+        let m = PackedMatrix::from_u8_planes(x, n * h * w, c, bits).map_err(|e| match e {
+            SimdError::Shape(s) => {
+                SimdError::Shape(format!("PackedImage::from_u8_nhwc {n}x{h}x{w}x{c}: {s}"))
+            }
+            e => e,
+        })?;
+        let cw = c.div_ceil(64);
+        let p = bits as usize;
+        let mut data = vec![0u64; n * h * w * p * cw];
+        for (r, dst) in data.chunks_exact_mut(cw).enumerate() {
+            dst.copy_from_slice(&m.data[r * m.kwords..r * m.kwords + cw]);
+        }
+        Ok(PackedImage {
+            n,
+            h,
+            w,
+            c,
+            cw,
+            planes: p,
+            data,
+        })
+    }
+}
+
+/// Convolution weights `[cout][c][kh][kw]` packed as signs (bit 1 ↔ +1), one row per output channel
+/// in tap-major order (`[ky][kx][channel words]`), rows padded to a multiple of 4 words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedConvWeights {
+    cout: usize,
+    c: usize,
+    kh: usize,
+    kw: usize,
+    kwords: usize,
+    data: Vec<u64>,
+    /// `popc` of the weight bits of each tap: `[cout][kh·kw]`.
+    tap_pop: Vec<u32>,
+}
+
+impl PackedConvWeights {
+    /// `(cout, c, kh, kw)`.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.cout, self.c, self.kh, self.kw)
+    }
+
+    /// Packs float weights `[cout][c][kh][kw]` (OIHW) by sign. At most 64 taps (`kh·kw <= 64`).
+    pub fn from_f32_oihw(
+        w: &[f32],
+        cout: usize,
+        c: usize,
+        kh: usize,
+        kw: usize,
+    ) -> Result<PackedConvWeights> {
+        if w.len() != cout * c * kh * kw || kh * kw == 0 || kh * kw > 64 || c == 0 {
+            return shape_err(format!(
+                "PackedConvWeights::from_f32_oihw: {} weights for [{cout}][{c}][{kh}][{kw}] (need kh*kw in 1..=64, c >= 1)",
+                w.len()
+            ));
+        }
+        let cw = c.div_ceil(64);
+        let taps = kh * kw;
+        let kwords = padded_words(taps * cw * 64);
+        let mut data = vec![0u64; cout * kwords];
+        let mut tap_pop = vec![0u32; cout * taps];
+        for o in 0..cout {
+            for ci in 0..c {
+                for t in 0..taps {
+                    if Binarize::Sign.bit(w[(o * c + ci) * taps + t]) {
+                        data[o * kwords + t * cw + ci / 64] |= 1 << (ci % 64);
+                        tap_pop[o * taps + t] += 1;
+                    }
+                }
+            }
+        }
+        Ok(PackedConvWeights {
+            cout,
+            c,
+            kh,
+            kw,
+            kwords,
+            data,
+            tap_pop,
+        })
+    }
+}
+
+/// The optional EM-PF neuron of an [`Epilogue`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Neuron {
+    /// Leak λ.
+    pub lambda: f32,
+    /// Threshold θ.
+    pub theta: f32,
+}
+
+/// Fused epilogue: `y = scale[c]·dot + bias[c]` per output channel `c` (α times a folded BN scale,
+/// and the folded BN shift), then optionally the EM-PF update with membrane state `v`.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    /// Per-channel multiplier.
+    pub scale: &'a [f32],
+    /// Per-channel offset.
+    pub bias: &'a [f32],
+    /// EM-PF neuron (state passed to the call), or `None` to write `y`.
+    pub neuron: Option<Neuron>,
+}
+
+/// Where the epilogue writes.
+#[derive(Debug)]
+pub enum SpikeOut<'a> {
+    /// Float output.
+    F32(&'a mut [f32]),
+    /// Re-quantised `q = clamp(round(s/step), 0, 2^bits − 1)` (`bits` in 1..=8).
+    Quant {
+        /// Output values.
+        out: &'a mut [u8],
+        /// Quantisation step.
+        step: f32,
+        /// Bits per value.
+        bits: u32,
+    },
+}
+
+impl SpikeOut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            SpikeOut::F32(o) => o.len(),
+            SpikeOut::Quant { out, .. } => out.len(),
+        }
+    }
+}
+
+/// Applies an [`Epilogue`] to `acc` (row-major, `channels` columns) with the scalar float code used
+/// by every fused kernel (so results are identical across ISA levels). `v` is the membrane state
+/// (same length as `acc`) when the epilogue has a neuron, else may be empty.
+pub fn epilogue<A: Copy + Into<f64>>(
+    acc: &[A],
+    channels: usize,
+    ep: &Epilogue<'_>,
+    out: &mut SpikeOut<'_>,
+    v: &mut [f32],
+) -> Result<()> {
+    check_epilogue("epilogue", acc.len(), channels, ep, out, v)?;
+    driver::epilogue_rows(acc, channels, ep, out, v);
+    Ok(())
+}
+
+fn check_epilogue(
+    what: &str,
+    len: usize,
+    channels: usize,
+    ep: &Epilogue<'_>,
+    out: &SpikeOut<'_>,
+    v: &[f32],
+) -> Result<()> {
+    let bad_bits = matches!(out, SpikeOut::Quant { bits, .. } if !(1..=8).contains(bits));
+    if ep.scale.len() != channels
+        || ep.bias.len() != channels
+        || out.len() != len
+        || (ep.neuron.is_some() && v.len() != len)
+        || bad_bits
+        || (channels == 0 && len != 0)
+        || (channels > 0 && !len.is_multiple_of(channels))
+    {
+        return shape_err(format!(
+            "{what}: epilogue with {channels} channels, {len} outputs: scale {}, bias {}, out {}, state {} (needed when a neuron is set), quant bits must be 1..=8",
+            ep.scale.len(),
+            ep.bias.len(),
+            out.len(),
+            v.len()
+        ));
+    }
+    Ok(())
+}
+
+fn check_u8(what: &str, x: &[u8], len: usize, bits: u32, dims: &str) -> Result<()> {
+    if !(1..=8).contains(&bits) || x.len() != len {
+        return shape_err(format!(
+            "{what}: {} values for {dims}, bits={bits} (need 1..=8)",
+            x.len()
+        ));
+    }
+    if bits < 8 && x.iter().fold(0u8, |acc, &v| acc | v) >> bits != 0 {
+        return shape_err(format!(
+            "{what}: a value of the {dims} input does not fit in {bits} bits"
+        ));
+    }
+    Ok(())
+}
+
+/// A handle on one ISA level: every kernel entry point. Cheap to copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Simd {
+    isa: Isa,
+    kernels: KernelsDbg,
+}
+
+#[derive(Clone, Copy)]
+struct KernelsDbg(Kernels);
+
+impl std::fmt::Debug for KernelsDbg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kernels")
+    }
+}
+
+impl PartialEq for KernelsDbg {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for KernelsDbg {}
+
+impl Simd {
+    /// A handle on `isa`; errors when the host lacks it.
+    pub fn new(isa: Isa) -> Result<Simd> {
+        isa.require()?;
+        let kernels = match isa {
+            Isa::Scalar => Kernels {
+                popc: reference::popc,
+                vertical: None,
+                pack_row: reference::pack_row,
+                masked_gemv: reference::masked_gemv,
+                pack_u8_planes: reference::pack_u8_planes,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Kernels {
+                popc: x86_64::avx2::popc,
+                vertical: None,
+                pack_row: x86_64::avx2::pack_row,
+                masked_gemv: x86_64::avx2::masked_gemv,
+                pack_u8_planes: x86_64::avx2::pack_u8_planes,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Kernels {
+                popc: x86_64::avx512::popc,
+                vertical: Some(x86_64::avx512::vertical_popc),
+                pack_row: x86_64::avx512::pack_row,
+                masked_gemv: x86_64::avx512::masked_gemv,
+                pack_u8_planes: x86_64::avx512::pack_u8_planes,
+            },
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => Kernels {
+                popc: aarch64::neon::popc,
+                vertical: None,
+                pack_row: aarch64::neon::pack_row,
+                masked_gemv: aarch64::neon::masked_gemv,
+                pack_u8_planes: reference::pack_u8_planes,
+            },
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("require() accepted an ISA not compiled for this target"),
+        };
+        Ok(Simd {
+            isa,
+            kernels: KernelsDbg(kernels),
+        })
+    }
+
+    /// The process-wide default level ([`Isa::global`]: forced, else `EMPF_ISA`, else detected).
+    ///
+    /// # Panics
+    /// When `EMPF_ISA` names an unknown or unavailable level.
+    pub fn global() -> Simd {
+        Simd::new(Isa::global()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The fastest level of this host.
+    pub fn detect() -> Simd {
+        Simd::new(Isa::detect()).expect("detected ISA is available")
+    }
+
+    /// The level of this handle.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Name of the popcount kernel of this handle.
+    pub fn kernel_name(&self) -> &'static str {
+        self.isa.kernel_name()
+    }
+
+    fn k(&self) -> Kernels {
+        self.kernels.0
+    }
+
+    /// Packs a row-major `rows × cols` float matrix into bits (SIMD packer, rows in parallel).
+    pub fn pack_rows(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+        mode: Binarize,
+    ) -> Result<PackedMatrix> {
+        use rayon::prelude::*;
+        if x.len() != rows * cols {
+            return shape_err(format!("pack_rows: {} values for {rows}x{cols}", x.len()));
+        }
+        let kw = padded_words(cols);
+        let mut data = vec![0u64; rows * kw];
+        if cols > 0 {
+            let pack = self.k().pack_row;
+            data.par_chunks_mut(kw)
+                .zip(x.par_chunks(cols))
+                .with_min_len(16)
+                .for_each(|(d, r)| pack(r, mode, d));
+        }
+        Ok(PackedMatrix {
+            rows,
+            cols,
+            planes: 1,
+            kwords: kw,
+            data,
+        })
+    }
+
+    /// Packs an NHWC float image batch (`x[((n·h + y)·w + x)·c + ch]`) into a [`PackedImage`].
+    pub fn pack_image_nhwc(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        mode: Binarize,
+    ) -> Result<PackedImage> {
+        use rayon::prelude::*;
+        if x.len() != n * h * w * c || c == 0 {
+            return shape_err(format!(
+                "pack_image_nhwc: {} values for NHWC {n}x{h}x{w}x{c}",
+                x.len()
+            ));
+        }
+        let cw = c.div_ceil(64);
+        let mut data = vec![0u64; n * h * w * cw];
+        let pack = self.k().pack_row;
+        data.par_chunks_mut(cw)
+            .zip(x.par_chunks(c))
+            .with_min_len(64)
+            .for_each(|(d, r)| pack(r, mode, d));
+        Ok(PackedImage {
+            n,
+            h,
+            w,
+            c,
+            cw,
+            planes: 1,
+            data,
+        })
+    }
+
+    /// Packs k-bit unsigned integers (row-major `rows × cols`, each `< 2^bits`) into `bits` planes
+    /// (SIMD packer, rows in parallel).
+    pub fn pack_rows_u8(
+        &self,
+        x: &[u8],
+        rows: usize,
+        cols: usize,
+        bits: u32,
+    ) -> Result<PackedMatrix> {
+        use rayon::prelude::*;
+        check_u8(
+            "pack_rows_u8",
+            x,
+            rows * cols,
+            bits,
+            &format!("{rows}x{cols}"),
+        )?;
+        let p = bits as usize;
+        let kw = padded_words(cols);
+        let mut data = vec![0u64; rows * p * kw];
+        if cols > 0 {
+            let pack = self.k().pack_u8_planes;
+            data.par_chunks_mut(p * kw)
+                .zip(x.par_chunks(cols))
+                .with_min_len(16)
+                .for_each(|(d, r)| pack(r, bits, kw, d));
+        }
+        Ok(PackedMatrix {
+            rows,
+            cols,
+            planes: p,
+            kwords: kw,
+            data,
+        })
+    }
+
+    /// Packs k-bit unsigned NHWC integers (each `< 2^bits`) into a `bits`-plane [`PackedImage`] (SIMD
+    /// packer).
+    pub fn pack_image_u8_nhwc(
+        &self,
+        x: &[u8],
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        bits: u32,
+    ) -> Result<PackedImage> {
+        use rayon::prelude::*;
+        check_u8(
+            "pack_image_u8_nhwc",
+            x,
+            n * h * w * c,
+            bits,
+            &format!("NHWC {n}x{h}x{w}x{c}"),
+        )?;
+        if c == 0 {
+            return shape_err(format!(
+                "pack_image_u8_nhwc: NHWC {n}x{h}x{w}x{c} has no channels"
+            ));
+        }
+        let cw = c.div_ceil(64);
+        let p = bits as usize;
+        let mut data = vec![0u64; n * h * w * p * cw];
+        let pack = self.k().pack_u8_planes;
+        data.par_chunks_mut(p * cw)
+            .zip(x.par_chunks(c))
+            .with_min_len(64)
+            .for_each(|(d, r)| pack(r, bits, cw, d));
+        Ok(PackedImage {
+            n,
+            h,
+            w,
+            c,
+            cw,
+            planes: p,
+            data,
+        })
+    }
+
+    /// Packs an NCHW float image batch into a [`PackedImage`] (transposes through an NHWC buffer).
+    pub fn pack_image_nchw(
+        &self,
+        x: &[f32],
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        mode: Binarize,
+    ) -> Result<PackedImage> {
+        if x.len() != n * c * h * w || c == 0 {
+            return shape_err(format!(
+                "pack_image_nchw: {} values for NCHW {n}x{c}x{h}x{w}",
+                x.len()
+            ));
+        }
+        let hw = h * w;
+        let mut t = vec![0f32; x.len()];
+        for ni in 0..n {
+            for ci in 0..c {
+                let src = &x[(ni * c + ci) * hw..(ni * c + ci + 1) * hw];
+                for (p, &v) in src.iter().enumerate() {
+                    t[(ni * hw + p) * c + ci] = v;
+                }
+            }
+        }
+        self.pack_image_nhwc(&t, n, h, w, c, mode)
+    }
+
+    fn check_gemm(
+        &self,
+        what: &str,
+        op: BinOp,
+        a: &PackedMatrix,
+        w: &PackedMatrix,
+        out_len: usize,
+    ) -> Result<()> {
+        if a.cols != w.cols
+            || w.planes != 1
+            || out_len != a.rows * w.rows
+            || (op == BinOp::Xor && a.planes != 1)
+        {
+            return shape_err(format!(
+                "{what}({op:?}): a {}x{} ({} planes), w {}x{} ({} planes), out {out_len}: need equal cols, 1-plane w (and a for Xor), out = a.rows*w.rows",
+                a.rows, a.cols, a.planes, w.rows, w.cols, w.planes
+            ));
+        }
+        Ok(())
+    }
+
+    fn gemm_finish(op: BinOp, a: &PackedMatrix) -> Finish<'static> {
+        match op {
+            BinOp::And => Finish::And,
+            BinOp::Xor => Finish::XorGemm { k: a.cols as i32 },
+        }
+    }
+
+    /// Popcount GEMM: `out[i·w.rows + j] = dot(a_i, w_j)` (see [`BinOp`]; a k-plane `a` with
+    /// [`BinOp::And`] is bit-serial).
+    pub fn bgemm(
+        &self,
+        op: BinOp,
+        a: &PackedMatrix,
+        w: &PackedMatrix,
+        out: &mut [i32],
+    ) -> Result<()> {
+        self.check_gemm("bgemm", op, a, w, out.len())?;
+        let src = MatrixRows {
+            data: &a.data,
+            rows: a.rows,
+            planes: a.planes,
+            kwords: a.kwords,
+            klen: a.cols.div_ceil(64),
+        };
+        driver::run(
+            self.k(),
+            op == BinOp::Xor,
+            &src,
+            &w.data,
+            w.rows,
+            &Self::gemm_finish(op, a),
+            out,
+            &mut [],
+            |d, o, _| o.copy_from_slice(d),
+        );
+        Ok(())
+    }
+
+    /// [`Simd::bgemm`] followed by the [`Epilogue`] (channels = rows of `w`), applied per task while
+    /// the tile is hot. `v` is the membrane state (`a.rows·w.rows`) when a neuron is set.
+    pub fn bgemm_fused(
+        &self,
+        op: BinOp,
+        a: &PackedMatrix,
+        w: &PackedMatrix,
+        ep: &Epilogue<'_>,
+        out: SpikeOut<'_>,
+        v: &mut [f32],
+    ) -> Result<()> {
+        self.check_gemm("bgemm_fused", op, a, w, out.len())?;
+        check_epilogue("bgemm_fused", out.len(), w.rows, ep, &out, v)?;
+        let src = MatrixRows {
+            data: &a.data,
+            rows: a.rows,
+            planes: a.planes,
+            kwords: a.kwords,
+            klen: a.cols.div_ceil(64),
+        };
+        self.fused(
+            op == BinOp::Xor,
+            &src,
+            &w.data,
+            w.rows,
+            &Self::gemm_finish(op, a),
+            ep,
+            out,
+            v,
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fused<S: driver::RowSource>(
+        &self,
+        xor: bool,
+        src: &S,
+        w: &[u64],
+        n: usize,
+        finish: &Finish<'_>,
+        ep: &Epilogue<'_>,
+        out: SpikeOut<'_>,
+        v: &mut [f32],
+    ) {
+        let v: &mut [f32] = if ep.neuron.is_some() { v } else { &mut [] };
+        match out {
+            SpikeOut::F32(o) => driver::run(self.k(), xor, src, w, n, finish, o, v, |d, o, s| {
+                driver::epilogue_rows(d, n, ep, &mut SpikeOut::F32(o), s)
+            }),
+            SpikeOut::Quant { out, step, bits } => {
+                driver::run(self.k(), xor, src, w, n, finish, out, v, |d, o, s| {
+                    driver::epilogue_rows(d, n, ep, &mut SpikeOut::Quant { out: o, step, bits }, s)
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_rows<'a>(
+        &self,
+        what: &str,
+        op: BinOp,
+        img: &'a PackedImage,
+        w: &PackedConvWeights,
+        stride: usize,
+        pad: usize,
+        out_len: Option<usize>,
+    ) -> Result<ConvRows<'a>> {
+        let bad = |why: &str| {
+            shape_err(format!(
+                "{what}({op:?}): image NHWC {}x{}x{}x{} ({} planes), weights [{}][{}][{}][{}], stride {stride}, pad {pad}: {why}",
+                img.n, img.h, img.w, img.c, img.planes, w.cout, w.c, w.kh, w.kw
+            ))
+        };
+        if img.c != w.c {
+            return bad("channel counts differ");
+        }
+        if stride == 0 {
+            return bad("stride must be >= 1");
+        }
+        if op == BinOp::Xor && img.planes != 1 {
+            return bad("Xor needs a 1-plane image");
+        }
+        if img.h + 2 * pad < w.kh || img.w + 2 * pad < w.kw {
+            return bad("kernel larger than the padded image");
+        }
+        let oh = (img.h + 2 * pad - w.kh) / stride + 1;
+        let ow = (img.w + 2 * pad - w.kw) / stride + 1;
+        if let Some(l) = out_len
+            && l != img.n * oh * ow * w.cout
+        {
+            return bad(&format!(
+                "output has {l} elements, need N*OH*OW*COUT = {}x{oh}x{ow}x{}",
+                img.n, w.cout
+            ));
+        }
+        Ok(ConvRows {
+            img,
+            kh: w.kh,
+            kw: w.kw,
+            stride,
+            pad,
+            oh,
+            ow,
+            kwords: w.kwords,
+        })
+    }
+
+    /// Output spatial size `(oh, ow)` of a convolution.
+    pub fn conv_out_dims(
+        h: usize,
+        w: usize,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Option<(usize, usize)> {
+        if stride == 0 || h + 2 * pad < kh || w + 2 * pad < kw {
+            return None;
+        }
+        Some((
+            (h + 2 * pad - kh) / stride + 1,
+            (w + 2 * pad - kw) / stride + 1,
+        ))
+    }
+
+    fn conv_finish(op: BinOp, w: &PackedConvWeights) -> Finish<'_> {
+        match op {
+            BinOp::And => Finish::And,
+            BinOp::Xor => Finish::XorConv {
+                c: w.c as i32,
+                taps: w.kh * w.kw,
+                tap_pop: &w.tap_pop,
+            },
+        }
+    }
+
+    /// Binary convolution with zero padding over packed bits: `out` is NHWC `[n][oh][ow][cout]` of
+    /// exact integer dot products (a k-plane image with [`BinOp::And`] is bit-serial).
+    pub fn bconv(
+        &self,
+        op: BinOp,
+        img: &PackedImage,
+        w: &PackedConvWeights,
+        stride: usize,
+        pad: usize,
+        out: &mut [i32],
+    ) -> Result<()> {
+        let src = self.conv_rows("bconv", op, img, w, stride, pad, Some(out.len()))?;
+        driver::run(
+            self.k(),
+            op == BinOp::Xor,
+            &src,
+            &w.data,
+            w.cout,
+            &Self::conv_finish(op, w),
+            out,
+            &mut [],
+            |d, o, _| o.copy_from_slice(d),
+        );
+        Ok(())
+    }
+
+    /// [`Simd::bconv`] with the [`Epilogue`] fused (channels = `cout`; `v` NHWC like the output when a
+    /// neuron is set).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bconv_fused(
+        &self,
+        op: BinOp,
+        img: &PackedImage,
+        w: &PackedConvWeights,
+        stride: usize,
+        pad: usize,
+        ep: &Epilogue<'_>,
+        out: SpikeOut<'_>,
+        v: &mut [f32],
+    ) -> Result<()> {
+        let src = self.conv_rows("bconv_fused", op, img, w, stride, pad, Some(out.len()))?;
+        check_epilogue("bconv_fused", out.len(), w.cout, ep, &out, v)?;
+        self.fused(
+            op == BinOp::Xor,
+            &src,
+            &w.data,
+            w.cout,
+            &Self::conv_finish(op, w),
+            ep,
+            out,
+            v,
+        );
+        Ok(())
+    }
+
+    /// Raw popcount GEMM on packed words, single-threaded (for AVX-512 short rows this includes
+    /// transposing `b` into the vertical kernel's panels):
+    /// `out[i·n + j] = Σ_w popc(a[i·kw + w] OP b[j·kw + w])`, OP = AND or XOR, `kw` a multiple of 4
+    /// (as produced by [`padded_words`]). Used by the peak-rate benchmark.
+    #[allow(clippy::too_many_arguments)]
+    pub fn popcount_gemm(
+        &self,
+        op: BinOp,
+        a: &[u64],
+        m: usize,
+        b: &[u64],
+        n: usize,
+        kw: usize,
+        out: &mut [u32],
+    ) -> Result<()> {
+        if !kw.is_multiple_of(4) || a.len() != m * kw || b.len() != n * kw || out.len() != m * n {
+            return shape_err(format!(
+                "popcount_gemm: a {} words, b {} words, out {}, for m={m} n={n} kw={kw} (kw a multiple of 4)",
+                a.len(),
+                b.len(),
+                out.len()
+            ));
+        }
+        let k = self.k();
+        let bp = k.prepare(b, n, kw, kw);
+        k.popc_prepared(op == BinOp::Xor, a, m, &bp, n, kw, kw, out);
+        Ok(())
+    }
+
+    /// Float × ±1 GEMV reading one bit per weight: `y[j] = Σ_k x[k]·(±1)_{jk}` for the sign-packed
+    /// `w` (`w.rows` outputs, `w.cols == x.len()`). Float results agree across levels to rounding
+    /// (summation order differs).
+    pub fn gemv_masked(&self, x: &[f32], w: &PackedMatrix, y: &mut [f32]) -> Result<()> {
+        use rayon::prelude::*;
+        if w.cols != x.len() || w.planes != 1 || y.len() != w.rows {
+            return shape_err(format!(
+                "gemv_masked: x {}, w {}x{} ({} planes), y {}",
+                x.len(),
+                w.rows,
+                w.cols,
+                w.planes,
+                y.len()
+            ));
+        }
+        let kw = w.kwords;
+        let mut xp = vec![0f32; kw * 64];
+        xp[..x.len()].copy_from_slice(x);
+        let total: f32 = x.iter().sum();
+        let gemv = self.k().masked_gemv;
+        let rows = (w.rows / (rayon::current_num_threads() * 4)).max(16);
+        y.par_chunks_mut(rows).enumerate().for_each(|(t, ys)| {
+            let j0 = t * rows;
+            gemv(
+                &xp,
+                &w.data[j0 * kw..(j0 + ys.len()) * kw],
+                ys.len(),
+                kw,
+                ys,
+            );
+            for s in ys.iter_mut() {
+                *s = 2.0 * *s - total;
+            }
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,642 @@
+//! Every kernel at every ISA level available on this host against a naive integer/float oracle
+//! computed from the unpacked values (so the scalar level is checked too, and the SIMD levels are
+//! bit-exact with it for integer outputs).
+
+use empf_simd::{
+    BinOp, Binarize, Epilogue, Isa, Neuron, PackedConvWeights, PackedImage, PackedMatrix, Simd,
+    SpikeOut,
+};
+use proptest::prelude::*;
+
+/// Tiny deterministic generator for test data (splitmix64).
+struct Gen(u64);
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// ±1 as float, with some ±0.0 and tiny values to exercise the sign rule.
+    fn sign_f32(&mut self) -> f32 {
+        match self.below(16) {
+            0 => 0.0,
+            1 => -0.0,
+            2 => -1e-30,
+            _ => (self.below(2) as f32 * 2.0 - 1.0) * (0.5 + self.below(100) as f32 / 50.0),
+        }
+    }
+    /// Spikes {0,1} as float, sometimes negative or NaN (→ 0).
+    fn spike_f32(&mut self) -> f32 {
+        match self.below(16) {
+            0 => -0.5,
+            1 => f32::NAN,
+            2 => 1e-30,
+            x => (x % 2) as f32,
+        }
+    }
+}
+
+fn levels() -> Vec<Simd> {
+    Isa::available()
+        .into_iter()
+        .map(|i| Simd::new(i).unwrap())
+        .collect()
+}
+
+fn sign_val(x: f32) -> i32 {
+    if Binarize::Sign.bit(x) { 1 } else { -1 }
+}
+fn spike_val(x: f32) -> i32 {
+    i32::from(Binarize::Positive.bit(x))
+}
+
+fn channel_count() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(1usize),
+        Just(63),
+        Just(64),
+        Just(65),
+        Just(127),
+        Just(129),
+        1usize..300
+    ]
+}
+
+fn naive_gemm(a: &[i32], w: &[i32], m: usize, n: usize, k: usize) -> Vec<i32> {
+    let mut out = vec![0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|t| a[i * k + t] * w[j * k + t]).sum();
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bgemm_and_xor_equal_naive_dot_at_every_level(
+        m in 1usize..11, n in 1usize..11, k in channel_count(), seed in any::<u64>(), threads in 1usize..4
+    ) {
+        let mut g = Gen(seed);
+        let af: Vec<f32> = (0..m * k).map(|_| g.spike_f32()).collect();
+        let asf: Vec<f32> = (0..m * k).map(|_| g.sign_f32()).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| g.sign_f32()).collect();
+        let ai: Vec<i32> = af.iter().map(|&x| spike_val(x)).collect();
+        let asi: Vec<i32> = asf.iter().map(|&x| sign_val(x)).collect();
+        let wi: Vec<i32> = wf.iter().map(|&x| sign_val(x)).collect();
+        let want_and = naive_gemm(&ai, &wi, m, n, k);
+        let want_xor = naive_gemm(&asi, &wi, m, n, k);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let scalar = Simd::new(Isa::Scalar).unwrap();
+        let ref_pack = scalar.pack_rows(&af, m, k, Binarize::Positive).unwrap();
+        for s in levels() {
+            pool.install(|| {
+                let a = s.pack_rows(&af, m, k, Binarize::Positive).unwrap();
+                let a_s = s.pack_rows(&asf, m, k, Binarize::Sign).unwrap();
+                let w = s.pack_rows(&wf, n, k, Binarize::Sign).unwrap();
+                assert_eq!(a, ref_pack, "{} packer differs from scalar", s.isa());
+                let mut out = vec![0; m * n];
+                s.bgemm(BinOp::And, &a, &w, &mut out).unwrap();
+                assert_eq!(out, want_and, "{} AND", s.isa());
+                s.bgemm(BinOp::Xor, &a_s, &w, &mut out).unwrap();
+                assert_eq!(out, want_xor, "{} XOR", s.isa());
+            });
+        }
+    }
+
+    #[test]
+    fn long_row_bgemm_equals_naive_dot_at_every_level(
+        m in 1usize..7, n in 1usize..11, k in 8000usize..12000, seed in any::<u64>()
+    ) {
+        // Rows beyond the AVX-512 vertical-kernel limit (128 words) take the horizontal kernel.
+        let mut g = Gen(seed);
+        let af: Vec<f32> = (0..m * k).map(|_| g.spike_f32()).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| g.sign_f32()).collect();
+        let ai: Vec<i32> = af.iter().map(|&x| spike_val(x)).collect();
+        let wi: Vec<i32> = wf.iter().map(|&x| sign_val(x)).collect();
+        let asf: Vec<f32> = ai.iter().map(|&x| x as f32 * 2.0 - 1.0).collect();
+        let want_and = naive_gemm(&ai, &wi, m, n, k);
+        let want_xor = naive_gemm(&ai.iter().map(|&x| 2 * x - 1).collect::<Vec<_>>(), &wi, m, n, k);
+        for s in levels() {
+            let a = s.pack_rows(&af, m, k, Binarize::Positive).unwrap();
+            let a_s = s.pack_rows(&asf, m, k, Binarize::Sign).unwrap();
+            let w = s.pack_rows(&wf, n, k, Binarize::Sign).unwrap();
+            let mut out = vec![0; m * n];
+            s.bgemm(BinOp::And, &a, &w, &mut out).unwrap();
+            prop_assert_eq!(&out, &want_and, "{} AND", s.isa());
+            s.bgemm(BinOp::Xor, &a_s, &w, &mut out).unwrap();
+            prop_assert_eq!(&out, &want_xor, "{} XOR", s.isa());
+        }
+    }
+
+    #[test]
+    fn bgemm_bit_serial_equals_naive_kbit_dot_at_every_level(
+        m in 1usize..9, n in 1usize..9, k in channel_count(), bits in 1u32..9, seed in any::<u64>()
+    ) {
+        let mut g = Gen(seed);
+        let aq: Vec<u8> = (0..m * k).map(|_| g.below(1 << bits) as u8).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| g.sign_f32()).collect();
+        let ai: Vec<i32> = aq.iter().map(|&x| i32::from(x)).collect();
+        let wi: Vec<i32> = wf.iter().map(|&x| sign_val(x)).collect();
+        let want = naive_gemm(&ai, &wi, m, n, k);
+        let a = PackedMatrix::from_u8_planes(&aq, m, k, bits).unwrap();
+        for s in levels() {
+            let w = s.pack_rows(&wf, n, k, Binarize::Sign).unwrap();
+            let mut out = vec![0; m * n];
+            s.bgemm(BinOp::And, &a, &w, &mut out).unwrap();
+            prop_assert_eq!(&out, &want, "{} bits={}", s.isa(), bits);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ConvCase {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+/// Naive NCHW convolution with zero padding; output NHWC `[n][oh][ow][cout]`.
+fn naive_conv(cc: &ConvCase, x: &[i32], wt: &[i32]) -> (Vec<i32>, usize, usize) {
+    let oh = (cc.h + 2 * cc.pad - cc.k) / cc.stride + 1;
+    let ow = (cc.w + 2 * cc.pad - cc.k) / cc.stride + 1;
+    let mut out = vec![0; cc.n * oh * ow * cc.cout];
+    for ni in 0..cc.n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..cc.cout {
+                    let mut acc = 0;
+                    for ci in 0..cc.c {
+                        for ky in 0..cc.k {
+                            for kx in 0..cc.k {
+                                let iy = (oy * cc.stride + ky) as isize - cc.pad as isize;
+                                let ix = (ox * cc.stride + kx) as isize - cc.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= cc.h as isize || ix >= cc.w as isize {
+                                    continue;
+                                }
+                                let xv =
+                                    x[((ni * cc.c + ci) * cc.h + iy as usize) * cc.w + ix as usize];
+                                acc += xv * wt[((o * cc.c + ci) * cc.k + ky) * cc.k + kx];
+                            }
+                        }
+                    }
+                    out[((ni * oh + oy) * ow + ox) * cc.cout + o] = acc;
+                }
+            }
+        }
+    }
+    (out, oh, ow)
+}
+
+fn conv_case() -> impl Strategy<Value = ConvCase> {
+    (
+        1usize..3,
+        channel_count(),
+        1usize..10,
+        1usize..10,
+        1usize..20,
+        prop_oneof![Just(1usize), Just(3)],
+        1usize..3,
+        0usize..3,
+    )
+        .prop_filter("kernel fits", |(_, _, h, w, _, k, _, p)| {
+            h + 2 * p >= *k && w + 2 * p >= *k
+        })
+        .prop_map(|(n, c, h, w, cout, k, stride, pad)| ConvCase {
+            n,
+            c,
+            h,
+            w,
+            cout,
+            k,
+            stride,
+            pad,
+        })
+}
+
+/// NCHW floats → NHWC floats.
+fn to_nhwc(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let mut t = vec![0.0; x.len()];
+    for ni in 0..n {
+        for ci in 0..c {
+            for p in 0..h * w {
+                t[(ni * h * w + p) * c + ci] = x[(ni * c + ci) * h * w + p];
+            }
+        }
+    }
+    t
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bconv_and_xor_and_bit_serial_equal_naive_conv_at_every_level(cc in conv_case(), seed in any::<u64>(), bits in 2u32..5) {
+        let mut g = Gen(seed);
+        let len = cc.n * cc.c * cc.h * cc.w;
+        let xs: Vec<f32> = (0..len).map(|_| g.spike_f32()).collect();
+        let xpm: Vec<f32> = (0..len).map(|_| g.sign_f32()).collect();
+        let xq: Vec<u8> = (0..len).map(|_| g.below(1 << bits) as u8).collect();
+        let wf: Vec<f32> = (0..cc.cout * cc.c * cc.k * cc.k).map(|_| g.sign_f32()).collect();
+        let wi: Vec<i32> = wf.iter().map(|&v| sign_val(v)).collect();
+        let (want_and, oh, ow) = naive_conv(&cc, &xs.iter().map(|&v| spike_val(v)).collect::<Vec<_>>(), &wi);
+        let (want_xor, _, _) = naive_conv(&cc, &xpm.iter().map(|&v| sign_val(v)).collect::<Vec<_>>(), &wi);
+        let (want_q, _, _) = naive_conv(&cc, &xq.iter().map(|&v| i32::from(v)).collect::<Vec<_>>(), &wi);
+        prop_assert_eq!(Simd::conv_out_dims(cc.h, cc.w, cc.k, cc.k, cc.stride, cc.pad), Some((oh, ow)));
+        let w = PackedConvWeights::from_f32_oihw(&wf, cc.cout, cc.c, cc.k, cc.k).unwrap();
+        // k-bit image: NCHW u8 → NHWC u8.
+        let xq_nhwc: Vec<u8> = to_nhwc(&xq.iter().map(|&v| f32::from(v)).collect::<Vec<_>>(), cc.n, cc.c, cc.h, cc.w)
+            .iter().map(|&v| v as u8).collect();
+        let imgq = PackedImage::from_u8_nhwc(&xq_nhwc, cc.n, cc.h, cc.w, cc.c, bits).unwrap();
+        let mut out = vec![0; want_and.len()];
+        for s in levels() {
+            let img = s.pack_image_nchw(&xs, cc.n, cc.c, cc.h, cc.w, Binarize::Positive).unwrap();
+            let img2 = s.pack_image_nhwc(&to_nhwc(&xs, cc.n, cc.c, cc.h, cc.w), cc.n, cc.h, cc.w, cc.c, Binarize::Positive).unwrap();
+            prop_assert_eq!(&img, &img2);
+            s.bconv(BinOp::And, &img, &w, cc.stride, cc.pad, &mut out).unwrap();
+            prop_assert_eq!(&out, &want_and, "{} AND", s.isa());
+            let img = s.pack_image_nchw(&xpm, cc.n, cc.c, cc.h, cc.w, Binarize::Sign).unwrap();
+            s.bconv(BinOp::Xor, &img, &w, cc.stride, cc.pad, &mut out).unwrap();
+            prop_assert_eq!(&out, &want_xor, "{} XOR", s.isa());
+            s.bconv(BinOp::And, &imgq, &w, cc.stride, cc.pad, &mut out).unwrap();
+            prop_assert_eq!(&out, &want_q, "{} bit-serial {} bits", s.isa(), bits);
+        }
+    }
+
+    #[test]
+    fn bconv_fused_epilogue_equals_obvious_float_epilogue_at_every_level(
+        cc in conv_case(), seed in any::<u64>(), neuron in any::<bool>(), quant in any::<bool>()
+    ) {
+        let mut g = Gen(seed);
+        let len = cc.n * cc.c * cc.h * cc.w;
+        let xs: Vec<f32> = (0..len).map(|_| g.spike_f32()).collect();
+        let wf: Vec<f32> = (0..cc.cout * cc.c * cc.k * cc.k).map(|_| g.sign_f32()).collect();
+        let wi: Vec<i32> = wf.iter().map(|&v| sign_val(v)).collect();
+        let (dots, _, _) = naive_conv(&cc, &xs.iter().map(|&v| spike_val(v)).collect::<Vec<_>>(), &wi);
+        let scale: Vec<f32> = (0..cc.cout).map(|_| g.below(1000) as f32 / 500.0 - 0.3).collect();
+        let bias: Vec<f32> = (0..cc.cout).map(|_| g.below(1000) as f32 / 100.0 - 5.0).collect();
+        let v0: Vec<f32> = (0..dots.len()).map(|_| g.below(1000) as f32 / 500.0 - 1.0).collect();
+        let nr = Neuron { lambda: 0.75, theta: 0.5 };
+        // The obvious code.
+        let mut want_s = vec![0f32; dots.len()];
+        let mut want_v = v0.clone();
+        for (e, &d) in dots.iter().enumerate() {
+            let c = e % cc.cout;
+            let y = scale[c] * d as f32 + bias[c];
+            want_s[e] = if neuron {
+                let m = nr.lambda * want_v[e] + y;
+                let s = (m - nr.theta).max(0.0);
+                want_v[e] = m - s;
+                s
+            } else {
+                y
+            };
+        }
+        let want_q: Vec<u8> = want_s.iter().map(|&s| (s / 0.25).round().clamp(0.0, 15.0) as u8).collect();
+        let w = PackedConvWeights::from_f32_oihw(&wf, cc.cout, cc.c, cc.k, cc.k).unwrap();
+        let ep = Epilogue { scale: &scale, bias: &bias, neuron: neuron.then_some(nr) };
+        for s in levels() {
+            let img = s.pack_image_nchw(&xs, cc.n, cc.c, cc.h, cc.w, Binarize::Positive).unwrap();
+            let mut v = v0.clone();
+            if quant {
+                let mut q = vec![0u8; dots.len()];
+                s.bconv_fused(BinOp::And, &img, &w, cc.stride, cc.pad, &ep, SpikeOut::Quant { out: &mut q, step: 0.25, bits: 4 }, &mut v).unwrap();
+                prop_assert_eq!(&q, &want_q, "{}", s.isa());
+            } else {
+                let mut o = vec![0f32; dots.len()];
+                s.bconv_fused(BinOp::And, &img, &w, cc.stride, cc.pad, &ep, SpikeOut::F32(&mut o), &mut v).unwrap();
+                prop_assert_eq!(&o, &want_s, "{}", s.isa());
+            }
+            if neuron {
+                prop_assert_eq!(&v, &want_v, "{} state", s.isa());
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_masked_equals_naive_float_dot_to_rounding_at_every_level(
+        n in 1usize..70, k in channel_count(), seed in any::<u64>()
+    ) {
+        let mut g = Gen(seed);
+        let x: Vec<f32> = (0..k).map(|_| g.below(2000) as f32 / 1000.0 - 1.0).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| g.sign_f32()).collect();
+        let scalar = Simd::new(Isa::Scalar).unwrap();
+        let w = scalar.pack_rows(&wf, n, k, Binarize::Sign).unwrap();
+        let abs: f64 = x.iter().map(|&v| f64::from(v.abs())).sum();
+        for s in levels() {
+            let mut y = vec![0f32; n];
+            s.gemv_masked(&x, &w, &mut y).unwrap();
+            for j in 0..n {
+                let want: f64 = (0..k).map(|t| f64::from(x[t]) * f64::from(sign_val(wf[j * k + t]))).sum();
+                let tol = 4.0 * f64::from(f32::EPSILON) * (abs + 1.0) * 2.0;
+                prop_assert!((f64::from(y[j]) - want).abs() <= tol, "{} row {}: {} vs {}", s.isa(), j, y[j], want);
+            }
+        }
+    }
+}
+
+#[test]
+fn wrong_bit_in_one_weight_changes_the_dot_by_two() {
+    // Guards against kernels that ignore tail words or bits: flip the last valid bit of a 129-wide row.
+    for s in levels() {
+        let k = 129;
+        let a = s
+            .pack_rows(&vec![1.0; k], 1, k, Binarize::Positive)
+            .unwrap();
+        let mut wf = vec![1.0f32; k];
+        let w1 = s.pack_rows(&wf, 1, k, Binarize::Sign).unwrap();
+        wf[k - 1] = -1.0;
+        let w2 = s.pack_rows(&wf, 1, k, Binarize::Sign).unwrap();
+        let (mut o1, mut o2) = ([0], [0]);
+        s.bgemm(BinOp::And, &a, &w1, &mut o1).unwrap();
+        s.bgemm(BinOp::And, &a, &w2, &mut o2).unwrap();
+        assert_eq!((o1[0], o2[0]), (129, 127), "{}", s.isa());
+    }
+}
+
+#[test]
+fn large_conv_is_identical_across_levels_and_thread_counts() {
+    // 14x14x256 -> 64, 3x3, pad 1: many tasks, full micro-tiles; every level equals scalar.
+    let (n, c, h, w, cout) = (1, 256, 14, 14, 64);
+    let mut g = Gen(7);
+    let x: Vec<f32> = (0..n * c * h * w).map(|_| g.spike_f32()).collect();
+    let wf: Vec<f32> = (0..cout * c * 9).map(|_| g.sign_f32()).collect();
+    let wt = PackedConvWeights::from_f32_oihw(&wf, cout, c, 3, 3).unwrap();
+    let scalar = Simd::new(Isa::Scalar).unwrap();
+    let img = scalar
+        .pack_image_nchw(&x, n, c, h, w, Binarize::Positive)
+        .unwrap();
+    let mut want = vec![0; n * h * w * cout];
+    scalar
+        .bconv(BinOp::And, &img, &wt, 1, 1, &mut want)
+        .unwrap();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        for s in levels() {
+            let mut out = vec![0; want.len()];
+            pool.install(|| s.bconv(BinOp::And, &img, &wt, 1, 1, &mut out))
+                .unwrap();
+            assert_eq!(out, want, "{} threads={threads}", s.isa());
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_naming_the_function() {
+    let s = Simd::detect();
+    let e = s
+        .pack_rows(&[1.0; 5], 2, 3, Binarize::Sign)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pack_rows") && e.contains("2x3"), "{e}");
+    let a = s.pack_rows(&[1.0; 6], 2, 3, Binarize::Sign).unwrap();
+    let w = s.pack_rows(&[1.0; 8], 2, 4, Binarize::Sign).unwrap();
+    let e = s
+        .bgemm(BinOp::And, &a, &w, &mut [0; 4])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bgemm") && e.contains("2x3") && e.contains("2x4"),
+        "{e}"
+    );
+    let w = s.pack_rows(&[1.0; 6], 2, 3, Binarize::Sign).unwrap();
+    assert!(s.bgemm(BinOp::And, &a, &w, &mut [0; 3]).is_err());
+    let q = PackedMatrix::from_u8_planes(&[3; 6], 2, 3, 2).unwrap();
+    let e = s
+        .bgemm(BinOp::Xor, &q, &w, &mut [0; 4])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Xor"), "{e}");
+    assert!(PackedMatrix::from_u8_planes(&[4; 6], 2, 3, 2).is_err());
+    assert!(PackedMatrix::from_u8_planes(&[0; 6], 2, 3, 9).is_err());
+    let img = s
+        .pack_image_nhwc(&[1.0; 2 * 3 * 3 * 5], 2, 3, 3, 5, Binarize::Positive)
+        .unwrap();
+    let wt = PackedConvWeights::from_f32_oihw(&[1.0; 4 * 6 * 9], 4, 6, 3, 3).unwrap();
+    let e = s
+        .bconv(BinOp::And, &img, &wt, 1, 1, &mut [0; 72])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bconv") && e.contains("channel"), "{e}");
+    let wt = PackedConvWeights::from_f32_oihw(&[1.0; 4 * 5 * 9], 4, 5, 3, 3).unwrap();
+    let e = s
+        .bconv(BinOp::And, &img, &wt, 1, 1, &mut [0; 71])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("output has 71"), "{e}");
+    assert!(s.bconv(BinOp::And, &img, &wt, 0, 1, &mut [0; 72]).is_err());
+    assert!(
+        s.bconv(BinOp::And, &img, &wt, 1, 0, &mut [0; 2 * 4])
+            .is_ok()
+    );
+    assert!(PackedConvWeights::from_f32_oihw(&[1.0; 10], 4, 5, 3, 3).is_err());
+    let e = s
+        .gemv_masked(&[1.0; 4], &w, &mut [0.0; 2])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gemv_masked"), "{e}");
+    let ep = Epilogue {
+        scale: &[1.0; 3],
+        bias: &[0.0; 4],
+        neuron: None,
+    };
+    let e = s
+        .bgemm_fused(
+            BinOp::And,
+            &a,
+            &w,
+            &ep,
+            SpikeOut::F32(&mut [0.0; 4]),
+            &mut [],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bgemm_fused"), "{e}");
+}
+
+#[test]
+fn every_available_level_can_be_forced_and_names_its_kernel() {
+    for i in Isa::available() {
+        let s = Simd::new(i).unwrap();
+        assert_eq!(s.isa(), i);
+        assert!(s.kernel_name().starts_with(i.name()));
+    }
+    if cfg!(target_arch = "x86_64") {
+        assert!(Simd::new(Isa::Neon).is_err());
+    }
+}
+
+#[test]
+fn long_all_ones_rows_do_not_overflow_narrow_accumulators() {
+    // 40000 bits = 157 steps of 256 bits: crosses the AVX2 byte-accumulator widening (every 31 steps)
+    // with the maximum count in every byte; XOR of opposite signs is all ones too.
+    let (m, n, k) = (3, 5, 40000);
+    for s in levels() {
+        let a = s
+            .pack_rows(&vec![1.0; m * k], m, k, Binarize::Positive)
+            .unwrap();
+        let w = s
+            .pack_rows(&vec![1.0; n * k], n, k, Binarize::Sign)
+            .unwrap();
+        let wneg = s
+            .pack_rows(&vec![-1.0; n * k], n, k, Binarize::Sign)
+            .unwrap();
+        let mut out = vec![0; m * n];
+        s.bgemm(BinOp::And, &a, &w, &mut out).unwrap();
+        assert!(
+            out.iter().all(|&d| d == k as i32),
+            "{} AND {:?}",
+            s.isa(),
+            &out[..3]
+        );
+        s.bgemm(BinOp::Xor, &a, &wneg, &mut out).unwrap();
+        assert!(
+            out.iter().all(|&d| d == -(k as i32)),
+            "{} XOR {:?}",
+            s.isa(),
+            &out[..3]
+        );
+    }
+}
+
+/// Child half of `empf_isa_env_var_forces_the_level_or_panics_loudly`: prints the global level.
+#[test]
+fn env_child_print_global_level() {
+    if std::env::var_os("EMPF_SIMD_ENV_CHILD").is_some() {
+        println!("GLOBAL_ISA={}", Simd::global().isa());
+    }
+}
+
+#[test]
+fn empf_isa_env_var_forces_the_level_or_panics_loudly() {
+    let run = |isa: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "env_child_print_global_level",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("EMPF_SIMD_ENV_CHILD", "1")
+            .env("EMPF_ISA", isa)
+            .output()
+    };
+    // Under qemu-user without binfmt_misc the test binary cannot re-execute itself.
+    if let Err(e) = run("scalar") {
+        eprintln!(
+            "SKIPPED empf_isa_env_var_forces_the_level_or_panics_loudly: cannot re-run the test binary: {e}"
+        );
+        return;
+    }
+    let run = |isa: &str| run(isa).unwrap();
+    for i in Isa::available() {
+        let o = run(i.name());
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && stdout.contains(&format!("GLOBAL_ISA={}", i.name())),
+            "{stdout}"
+        );
+    }
+    let missing = if cfg!(target_arch = "x86_64") {
+        "neon"
+    } else {
+        "avx512"
+    };
+    for bad in [missing, "sse9"] {
+        let o = run(bad);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !o.status.success() && all.contains("EMPF_ISA"),
+            "EMPF_ISA={bad} must fail loudly: {all}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn simd_u8_plane_packers_equal_scalar_packing_at_every_level(
+        rows in 1usize..6, c in channel_count(), bits in 1u32..9, seed in any::<u64>()
+    ) {
+        let mut g = Gen(seed);
+        let x: Vec<u8> = (0..rows * c).map(|_| g.below(1 << bits) as u8).collect();
+        let want = PackedMatrix::from_u8_planes(&x, rows, c, bits).unwrap();
+        let want_img = PackedImage::from_u8_nhwc(&x, 1, 1, rows, c, bits).unwrap();
+        for s in levels() {
+            prop_assert_eq!(&s.pack_rows_u8(&x, rows, c, bits).unwrap(), &want, "{}", s.isa());
+            prop_assert_eq!(&s.pack_image_u8_nhwc(&x, 1, 1, rows, c, bits).unwrap(), &want_img, "{}", s.isa());
+        }
+        if bits < 8 {
+            let mut bad = x.clone();
+            bad[rows * c - 1] = 1 << bits;
+            let s = Simd::detect();
+            prop_assert!(s.pack_rows_u8(&bad, rows, c, bits).is_err());
+            prop_assert!(s.pack_image_u8_nhwc(&bad, 1, 1, rows, c, bits).is_err());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bgemm_fused_equals_bgemm_then_public_epilogue_at_every_level(
+        m in 1usize..40, n in 1usize..20, k in channel_count(), seed in any::<u64>(), xor in any::<bool>(), quant in any::<bool>()
+    ) {
+        let mut g = Gen(seed);
+        let af: Vec<f32> = (0..m * k).map(|_| if xor { g.sign_f32() } else { g.spike_f32() }).collect();
+        let wf: Vec<f32> = (0..n * k).map(|_| g.sign_f32()).collect();
+        let scale: Vec<f32> = (0..n).map(|_| g.below(100) as f32 / 50.0 - 0.5).collect();
+        let bias: Vec<f32> = (0..n).map(|_| g.below(100) as f32 / 10.0 - 5.0).collect();
+        let v0: Vec<f32> = (0..m * n).map(|_| g.below(100) as f32 / 50.0 - 1.0).collect();
+        let ep = Epilogue { scale: &scale, bias: &bias, neuron: Some(Neuron { lambda: 0.5, theta: 1.0 }) };
+        let (op, mode) = if xor { (BinOp::Xor, Binarize::Sign) } else { (BinOp::And, Binarize::Positive) };
+        let scalar = Simd::new(Isa::Scalar).unwrap();
+        let a = scalar.pack_rows(&af, m, k, mode).unwrap();
+        let w = scalar.pack_rows(&wf, n, k, Binarize::Sign).unwrap();
+        let mut dots = vec![0; m * n];
+        scalar.bgemm(op, &a, &w, &mut dots).unwrap();
+        let mut want_v = v0.clone();
+        let mut want_f = vec![0f32; m * n];
+        let mut want_q = vec![0u8; m * n];
+        if quant {
+            empf_simd::epilogue(&dots, n, &ep, &mut SpikeOut::Quant { out: &mut want_q, step: 0.5, bits: 3 }, &mut want_v).unwrap();
+        } else {
+            empf_simd::epilogue(&dots, n, &ep, &mut SpikeOut::F32(&mut want_f), &mut want_v).unwrap();
+        }
+        for s in levels() {
+            let mut v = v0.clone();
+            if quant {
+                let mut q = vec![0u8; m * n];
+                s.bgemm_fused(op, &a, &w, &ep, SpikeOut::Quant { out: &mut q, step: 0.5, bits: 3 }, &mut v).unwrap();
+                prop_assert_eq!(&q, &want_q, "{}", s.isa());
+                prop_assert!(q.iter().all(|&x| x < 8));
+            } else {
+                let mut o = vec![0f32; m * n];
+                s.bgemm_fused(op, &a, &w, &ep, SpikeOut::F32(&mut o), &mut v).unwrap();
+                prop_assert_eq!(&o, &want_f, "{}", s.isa());
+            }
+            prop_assert_eq!(&v, &want_v, "{} state", s.isa());
+        }
+    }
+}
