@@ -3,7 +3,12 @@ use empf::tensor::from_vec;
 use std::time::Instant;
 fn main() {
     let n = 64 * 32 * 28 * 28;
-    let x = from_vec::<f32>(&[64, 32, 28, 28], (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect());
+    let x = from_vec::<f32>(
+        &[64, 32, 28, 28],
+        (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect(),
+    );
     let mut l = EmpfV1::<f32>::new("sn", 4);
     let mut st = State::Empty;
     let mut c = Cache::new();
@@ -16,7 +21,11 @@ fn main() {
             let t0 = Instant::now();
             let mut ds = State::Empty;
             let _dx = l.backward(&y, &ctx, &c, &mut ds).unwrap();
-            println!("rep {rep} t {t}: forward {:?} backward {:?}", f, t0.elapsed());
+            println!(
+                "rep {rep} t {t}: forward {:?} backward {:?}",
+                f,
+                t0.elapsed()
+            );
         }
     }
 }

@@ -96,7 +96,11 @@ pub fn bench_train(
                 peak_cache_bytes: peak_cache,
             });
             if profile {
-                eprintln!("per-layer time, {} T={t}, {batches} batches:\n{}", mode.name(), net.profile_report());
+                eprintln!(
+                    "per-layer time, {} T={t}, {batches} batches:\n{}",
+                    mode.name(),
+                    net.profile_report()
+                );
             }
         }
     }

@@ -348,7 +348,7 @@ fn train(a: TrainArgs) -> Result<()> {
         out.display()
     );
     let loss = |o: &crate::Tensor<f32>, y: &[usize]| {
-        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0)
+        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(y), 0.0)
     };
     let mut save = |t: &mut Trainer, name: &str| -> Result<()> {
         let p = t.cfg.out.join(format!("{name}.npz"));
@@ -411,7 +411,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
     };
     let loss = |o: &crate::Tensor<f32>, y: &[usize]| {
-        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0)
+        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(y), 0.0)
     };
     let ev = crate::train::trainer::evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
     println!(
@@ -472,7 +472,8 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let rows = crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0, a.profile)?;
+    let rows =
+        crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0, a.profile)?;
     print!("{}", crate::bench::format_rows(&model, a.batch, &rows));
     Ok(())
 }

@@ -17,6 +17,9 @@ use crate::layers::{Cache, GradMode, Layer, Param, State, StepCtx};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
+/// A loss of (layer, per-step inputs, states before each step), as the finite differences see it.
+type LossOf<'a> = dyn FnMut(&mut dyn Layer<f64>, &[Tensor<f64>], &[State<f64>]) -> Result<f64> + 'a;
+
 /// Options of a gradient check.
 #[derive(Clone, Debug)]
 pub struct GradCheckOpts {
@@ -165,7 +168,7 @@ fn compare(
     layer: &mut dyn Layer<f64>,
     inputs: &mut [Tensor<f64>],
     states: &mut [State<f64>],
-    loss: &mut dyn FnMut(&mut dyn Layer<f64>, &[Tensor<f64>], &[State<f64>]) -> Result<f64>,
+    loss: &mut LossOf<'_>,
     opts: &GradCheckOpts,
     rng: &mut Rng,
 ) -> Result<GradCheckReport> {
@@ -354,7 +357,7 @@ fn state_dir(
     state: &State<f64>,
     g: &Tensor<f64>,
     u: &Tensor<f64>,
-    loss: &mut dyn FnMut(&mut dyn Layer<f64>, &[Tensor<f64>], &[State<f64>]) -> Result<f64>,
+    loss: &mut LossOf<'_>,
     opts: &GradCheckOpts,
 ) -> Result<GradCheckReport> {
     let us = u.as_slice().expect("flat direction");
@@ -490,8 +493,8 @@ pub fn check_unrolled(
         )?);
     }
     if opts.check_input && grad == GradMode::Bptt {
-        for t in 0..steps {
-            let dx = dxs[t].clone();
+        for (t, dx) in dxs.iter().enumerate() {
+            let dx = dx.clone();
             rep.merge(compare(
                 &format!("{} d/dx[{t}]", layer.name()),
                 &dx,

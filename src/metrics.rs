@@ -364,7 +364,8 @@ pub fn plot_svg(epochs: &[Record], steps: &[Record]) -> String {
             .filter(|(x, y)| x.is_finite() && y.is_finite())
             .collect()
     };
-    let panels: [(&str, Vec<(&str, Vec<(f64, f64)>, &str)>); 2] = [
+    type Panel<'a> = (&'a str, Vec<(&'a str, Vec<(f64, f64)>, &'a str)>);
+    let panels: [Panel<'_>; 2] = [
         (
             "loss",
             vec![

@@ -80,14 +80,23 @@ fn peak_cache_bytes(mode: BpMode, steps: usize) -> usize {
 
 #[test]
 fn online_cache_memory_does_not_grow_with_time_steps_while_bptt_does() {
-    let online: Vec<usize> = [1, 2, 4, 16].iter().map(|&t| peak_cache_bytes(BpMode::Online, t)).collect();
-    let bptt: Vec<usize> = [1, 2, 4, 16].iter().map(|&t| peak_cache_bytes(BpMode::Bptt, t)).collect();
+    let online: Vec<usize> = [1, 2, 4, 16]
+        .iter()
+        .map(|&t| peak_cache_bytes(BpMode::Online, t))
+        .collect();
+    let bptt: Vec<usize> = [1, 2, 4, 16]
+        .iter()
+        .map(|&t| peak_cache_bytes(BpMode::Bptt, t))
+        .collect();
     println!("peak step-cache + state bytes for T = 1, 2, 4, 16: online {online:?}, BPTT {bptt:?}");
     // T = 1 has no previous potential to keep for dL/dλ; from T = 2 on the online footprint is fixed
     assert!(online[0] > 0 && online[0] <= online[1]);
     assert_eq!(online[1], online[2], "online caches must not grow with T");
     assert_eq!(online[1], online[3], "online caches must not grow with T");
     // BPTT keeps one cache per step: linear growth
-    assert!(bptt[3] >= 12 * bptt[0], "BPTT caches must grow with T: {bptt:?}");
+    assert!(
+        bptt[3] >= 12 * bptt[0],
+        "BPTT caches must grow with T: {bptt:?}"
+    );
     assert!(bptt[2] > bptt[1] && bptt[1] > bptt[0]);
 }

@@ -53,7 +53,7 @@ fn run(
         load_training(&out.join("last.npz"), &mut t).unwrap();
     }
     let loss = |o: &empf::Tensor<f32>, y: &[usize]| {
-        empf::loss::cross_entropy(o, empf::loss::Targets::Hard(&y), 0.0)
+        empf::loss::cross_entropy(o, empf::loss::Targets::Hard(y), 0.0)
     };
     let mut save =
         |t: &mut Trainer, name: &str| save_training(&t.cfg.out.join(format!("{name}.npz")), t);

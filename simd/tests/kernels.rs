@@ -536,12 +536,24 @@ fn empf_isa_env_var_forces_the_level_or_panics_loudly() {
             .env("EMPF_ISA", isa)
             .output()
     };
-    // Under qemu-user without binfmt_misc the test binary cannot re-execute itself.
-    if let Err(e) = run("scalar") {
-        eprintln!(
-            "SKIPPED empf_isa_env_var_forces_the_level_or_panics_loudly: cannot re-run the test binary: {e}"
-        );
-        return;
+    // Under qemu-user without binfmt_misc the test binary cannot re-execute itself (the spawn fails,
+    // or the child never runs): the probe with the always-present scalar level tells.
+    match run("scalar") {
+        Err(e) => {
+            eprintln!(
+                "SKIPPED empf_isa_env_var_forces_the_level_or_panics_loudly: cannot re-run the test binary: {e}"
+            );
+            return;
+        }
+        Ok(o) if !String::from_utf8_lossy(&o.stdout).contains("GLOBAL_ISA=scalar") => {
+            eprintln!(
+                "SKIPPED empf_isa_env_var_forces_the_level_or_panics_loudly: the re-run test binary did not run (status {:?}, stderr {:?})",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return;
+        }
+        Ok(_) => {}
     }
     let run = |isa: &str| run(isa).unwrap();
     for i in Isa::available() {

@@ -93,6 +93,7 @@ pub(crate) fn linear_forward<R: Real>(
 }
 
 /// Backward of [`linear_forward`]: `dW += dyᵀ x`, `db += Σ_n dy`, returns `dx = dy W`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward<R: Real>(
     x: &[R],
     dy: &[R],

@@ -64,11 +64,20 @@ impl<R: Real> Sequential<R> {
     }
     /// Per-layer time as `name: forward ms / backward ms` lines.
     pub fn profile_report(&self) -> String {
-        let Some(p) = &self.profile else { return String::new() };
+        let Some(p) = &self.profile else {
+            return String::new();
+        };
         let total: f64 = p.iter().map(|x| x.0 + x.1).sum();
         let mut s = String::new();
         for (l, (f, b)) in self.layers.iter().zip(p) {
-            s += &format!("{:<10} {:<12} forward {:>9.1} ms  backward {:>9.1} ms  ({:>4.1}%)\n", l.name(), l.kind(), f * 1e3, b * 1e3, 100.0 * (f + b) / total.max(1e-12));
+            s += &format!(
+                "{:<10} {:<12} forward {:>9.1} ms  backward {:>9.1} ms  ({:>4.1}%)\n",
+                l.name(),
+                l.kind(),
+                f * 1e3,
+                b * 1e3,
+                100.0 * (f + b) / total.max(1e-12)
+            );
         }
         s
     }

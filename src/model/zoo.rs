@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::layers::batchnorm::BatchNorm;
 use crate::layers::neuron::{EmpfV1, EmpfV2, EmpfV3, Lif};
 use crate::layers::pool::{AvgPool2d, GlobalAvgPool};
-use crate::layers::{Flatten, BinaryConv2d, BinaryInit, Conv2d, ConvSpec, Layer, Linear, ParamKind};
+use crate::layers::{
+    BinaryConv2d, BinaryInit, Conv2d, ConvSpec, Flatten, Layer, Linear, ParamKind,
+};
 use crate::model::{ModelConfig, NeuronKind, Sequential};
 use crate::rng::Rng;
 use crate::tensor::Real;

@@ -86,6 +86,9 @@ pub struct BatchResult<R: Real> {
     pub peak_cache_bytes: usize,
 }
 
+/// Per-step loss: `(t, O[t]) -> (loss, dL/dO[t])`.
+pub type StepLoss<'a, R> = dyn FnMut(usize, &Tensor<R>) -> Result<(f64, Tensor<R>)> + 'a;
+
 /// Hook called after each back-propagated step's backward (per-step optimiser updates).
 pub type AfterStep<'a, R> = &'a mut dyn FnMut(&mut dyn Layer<R>) -> Result<()>;
 
@@ -99,7 +102,7 @@ pub fn train_batch<R: Real>(
     steps: usize,
     mode: BpMode,
     rng: &mut Rng,
-    loss: &mut dyn FnMut(usize, &Tensor<R>) -> Result<(f64, Tensor<R>)>,
+    loss: &mut StepLoss<'_, R>,
     mut after_step: Option<AfterStep<'_, R>>,
 ) -> Result<BatchResult<R>> {
     let mut state = State::Empty;

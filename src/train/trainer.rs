@@ -387,10 +387,13 @@ pub fn named_tensors(net: &mut dyn Layer<f32>) -> Vec<(String, Vec<usize>, Vec<f
     out
 }
 
+/// Looks a tensor up by parameter name: (shape, data).
+pub type TensorLookup<'a> = dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)> + 'a;
+
 /// Load parameters and buffers by name; every parameter of the network must be present with its shape.
 pub fn load_named_tensors(
     net: &mut dyn Layer<f32>,
-    get: &dyn Fn(&str) -> Option<(Vec<usize>, Vec<f32>)>,
+    get: &TensorLookup<'_>,
     source: &str,
 ) -> Result<()> {
     let mut err = None;
