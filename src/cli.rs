@@ -256,7 +256,7 @@ pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
             "--batch must be at least 2 (BatchNorm needs batch statistics)".into(),
         ));
     }
-    let default_epochs = if a.arch == "small" { 2 } else { 1 };
+    let default_epochs = if a.arch == "small" { 3 } else { 1 };
     Ok(TrainConfig {
         epochs: a.epochs.unwrap_or(default_epochs),
         batch: a.batch,

@@ -72,12 +72,10 @@ fn build_cnn<R: Real>(cfg: &ModelConfig, rng: &mut Rng) -> Result<Sequential<R>>
     let (w0, w1, w2) = (cfg.widths[0], cfg.widths[1], cfg.widths[2]);
     let t = cfg.steps;
     let mut net = Sequential::new("net");
-    net.push(Conv2d::new(
-        "conv1",
-        ConvSpec::new(c, w0, 3).padding(1),
-        false,
-        rng,
-    ));
+    let mut stem = Conv2d::new("conv1", ConvSpec::new(c, w0, 3).padding(1), false, rng);
+    // the stem is fed with images: no dL/dx needed
+    stem.set_input_grad(false);
+    net.push(stem);
     net.push(BatchNorm::new("bn1", w0));
     net.push_boxed(neuron(cfg.neuron, "sn1", w0, t));
     net.push(BinaryConv2d::new(
