@@ -511,3 +511,52 @@ pub fn check_unrolled(
     }
     Ok(rep)
 }
+
+/// A layer whose backward is replaced by `backward(inner, dy, ctx, cache, dstate)`, forward and
+/// parameters delegated to `inner`: the way to show that a gradient check can fail (tamper with one
+/// term of a correct backward and the check must report it).
+pub struct Tampered<L, F> {
+    /// The real layer.
+    pub inner: L,
+    /// The replacement backward.
+    pub backward: F,
+}
+
+impl<L, F> Layer<f64> for Tampered<L, F>
+where
+    L: Layer<f64>,
+    F: FnMut(&mut L, &Tensor<f64>, &StepCtx, &Cache, &mut State<f64>) -> Result<Tensor<f64>>
+        + Send
+        + Sync,
+{
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn kind(&self) -> &'static str {
+        "Tampered"
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.inner.output_shape(input)
+    }
+    fn forward(
+        &mut self,
+        x: &Tensor<f64>,
+        ctx: &StepCtx,
+        state: &mut State<f64>,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor<f64>> {
+        self.inner.forward(x, ctx, state, cache)
+    }
+    fn backward(
+        &mut self,
+        dy: &Tensor<f64>,
+        ctx: &StepCtx,
+        cache: &Cache,
+        dstate: &mut State<f64>,
+    ) -> Result<Tensor<f64>> {
+        (self.backward)(&mut self.inner, dy, ctx, cache, dstate)
+    }
+    fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<f64>)) {
+        self.inner.visit_params(f)
+    }
+}

@@ -966,51 +966,20 @@ mod tests {
 
     #[test]
     fn gradcheck_catches_a_wrong_weight_gradient() {
-        struct Broken(Conv2d<f64>);
-        impl Layer<f64> for Broken {
-            fn name(&self) -> &str {
-                "broken"
-            }
-            fn kind(&self) -> &'static str {
-                "Broken"
-            }
-            fn output_shape(&self, i: &[usize]) -> Result<Vec<usize>> {
-                self.0.output_shape(i)
-            }
-            fn forward(
-                &mut self,
-                x: &Tensor<f64>,
-                c: &StepCtx,
-                s: &mut State<f64>,
-                k: Option<&mut Cache>,
-            ) -> Result<Tensor<f64>> {
-                self.0.forward(x, c, s, k)
-            }
-            fn backward(
-                &mut self,
-                dy: &Tensor<f64>,
-                c: &StepCtx,
-                k: &Cache,
-                s: &mut State<f64>,
-            ) -> Result<Tensor<f64>> {
-                let r = self.0.backward(dy, c, k, s);
-                // drop the contribution of the first tap of every filter
-                for o in 0..self.0.spec().out_ch {
-                    self.0.weight.grad[[o, 0, 0, 0].as_ref()] = 0.0;
+        // drop the contribution of the first tap of every filter
+        let broken =
+            |l: &mut Conv2d<f64>, dy: &Tensor<f64>, c: &StepCtx, k: &Cache, s: &mut State<f64>| {
+                let r = l.backward(dy, c, k, s);
+                for o in 0..l.spec().out_ch {
+                    l.weight.grad[[o, 0, 0, 0].as_ref()] = 0.0;
                 }
                 r
-            }
-            fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<f64>)) {
-                self.0.visit_params(f)
-            }
-        }
+            };
         let mut rng = Rng::new(3);
-        let mut l = Broken(Conv2d::new(
-            "c",
-            ConvSpec::new(2, 2, 3).padding(1),
-            false,
-            &mut rng,
-        ));
+        let mut l = crate::gradcheck::Tampered {
+            inner: Conv2d::new("c", ConvSpec::new(2, 2, 3).padding(1), false, &mut rng),
+            backward: broken,
+        };
         let x = rand_input(&mut rng, &[2, 2, 4, 4]);
         let opts = GradCheckOpts::default();
         let rep = check_step(

@@ -238,43 +238,17 @@ mod tests {
     #[test]
     fn gradcheck_catches_a_missing_term() {
         // a Linear whose backward forgets the bias must fail the check
-        struct Broken(Linear<f64>);
-        impl Layer<f64> for Broken {
-            fn name(&self) -> &str {
-                "broken"
-            }
-            fn kind(&self) -> &'static str {
-                "Broken"
-            }
-            fn output_shape(&self, i: &[usize]) -> Result<Vec<usize>> {
-                self.0.output_shape(i)
-            }
-            fn forward(
-                &mut self,
-                x: &Tensor<f64>,
-                c: &StepCtx,
-                s: &mut State<f64>,
-                k: Option<&mut Cache>,
-            ) -> Result<Tensor<f64>> {
-                self.0.forward(x, c, s, k)
-            }
-            fn backward(
-                &mut self,
-                dy: &Tensor<f64>,
-                c: &StepCtx,
-                k: &Cache,
-                s: &mut State<f64>,
-            ) -> Result<Tensor<f64>> {
-                let r = self.0.backward(dy, c, k, s);
-                self.0.bias.as_mut().unwrap().grad.fill(0.0);
+        let broken =
+            |l: &mut Linear<f64>, dy: &Tensor<f64>, c: &StepCtx, k: &Cache, s: &mut State<f64>| {
+                let r = l.backward(dy, c, k, s);
+                l.bias.as_mut().unwrap().grad.fill(0.0);
                 r
-            }
-            fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<f64>)) {
-                self.0.visit_params(f)
-            }
-        }
+            };
         let mut rng = Rng::new(3);
-        let mut l = Broken(Linear::new("fc", 4, 3, true, &mut rng));
+        let mut l = crate::gradcheck::Tampered {
+            inner: Linear::new("fc", 4, 3, true, &mut rng),
+            backward: broken,
+        };
         let x = from_vec(&[2, 4], (0..8).map(|_| rng.normal()).collect());
         let opts = GradCheckOpts::default();
         let rep = check_step(

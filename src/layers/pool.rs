@@ -687,34 +687,9 @@ pub(crate) mod tests {
     #[test]
     fn broken_maxpool_backward_fails_the_check() {
         // routing the gradient to the window's first pixel instead of its winner must be caught
-        struct Broken(MaxPool2d);
-        impl Layer<f64> for Broken {
-            fn name(&self) -> &str {
-                "broken"
-            }
-            fn kind(&self) -> &'static str {
-                "Broken"
-            }
-            fn output_shape(&self, i: &[usize]) -> Result<Vec<usize>> {
-                <MaxPool2d as Layer<f64>>::output_shape(&self.0, i)
-            }
-            fn forward(
-                &mut self,
-                x: &Tensor<f64>,
-                c: &StepCtx,
-                s: &mut State<f64>,
-                k: Option<&mut Cache>,
-            ) -> Result<Tensor<f64>> {
-                self.0.forward(x, c, s, k)
-            }
-            fn backward(
-                &mut self,
-                dy: &Tensor<f64>,
-                c: &StepCtx,
-                k: &Cache,
-                s: &mut State<f64>,
-            ) -> Result<Tensor<f64>> {
-                let mut dx = self.0.backward(dy, c, k, s)?;
+        let broken =
+            |l: &mut MaxPool2d, dy: &Tensor<f64>, c: &StepCtx, k: &Cache, s: &mut State<f64>| {
+                let mut dx = l.backward(dy, c, k, s)?;
                 // drop the last pixel's share (a missing term for the windows that pick it)
                 if let Some(v) = dx
                     .as_slice_mut()
@@ -726,11 +701,12 @@ pub(crate) mod tests {
                     *v = 0.0;
                 }
                 Ok(dx)
-            }
-            fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<f64>)) {}
-        }
+            };
         let mut rng = Rng::new(4);
-        let mut l = Broken(MaxPool2d::new("mp", 2, 2, 0).unwrap());
+        let mut l = crate::gradcheck::Tampered {
+            inner: MaxPool2d::new("mp", 2, 2, 0).unwrap(),
+            backward: broken,
+        };
         let x = randn(&[1, 2, 4, 4], &mut rng);
         let opts = GradCheckOpts::default();
         let rep = check_step(&mut l, &x, &train(), &State::Empty, &opts).unwrap();

@@ -468,33 +468,8 @@ mod tests {
     #[test]
     fn broken_seca_backward_fails_the_check() {
         // dropping the path through the attention (dz / P term) must be caught on the input gradient
-        struct Broken(Seca<f64>);
-        impl Layer<f64> for Broken {
-            fn name(&self) -> &str {
-                "broken"
-            }
-            fn kind(&self) -> &'static str {
-                "Broken"
-            }
-            fn output_shape(&self, i: &[usize]) -> Result<Vec<usize>> {
-                self.0.output_shape(i)
-            }
-            fn forward(
-                &mut self,
-                x: &Tensor<f64>,
-                c: &StepCtx,
-                s: &mut State<f64>,
-                k: Option<&mut Cache>,
-            ) -> Result<Tensor<f64>> {
-                self.0.forward(x, c, s, k)
-            }
-            fn backward(
-                &mut self,
-                dy: &Tensor<f64>,
-                _c: &StepCtx,
-                k: &Cache,
-                _s: &mut State<f64>,
-            ) -> Result<Tensor<f64>> {
+        let broken =
+            |_l: &mut Seca<f64>, dy: &Tensor<f64>, _c: &StepCtx, k: &Cache, _s: &mut State<f64>| {
                 let sc = k.get::<SecaCache<f64>>("broken")?;
                 let p = dy.shape()[2] * dy.shape()[3];
                 let mut dx = dy.clone();
@@ -502,13 +477,12 @@ mod tests {
                     dp.iter_mut().for_each(|v| *v *= a);
                 }
                 Ok(dx)
-            }
-            fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<f64>)) {
-                self.0.visit_params(f)
-            }
-        }
+            };
         let mut rng = Rng::new(5);
-        let mut l = Broken(seca(3, &mut rng));
+        let mut l = crate::gradcheck::Tampered {
+            inner: seca(3, &mut rng),
+            backward: broken,
+        };
         let x = randn(&[2, 5, 2, 3], &mut rng);
         let opts = GradCheckOpts {
             skip_params: vec!["weight".into(), "bias".into()],
