@@ -336,23 +336,22 @@ impl Trainer {
                 .num("train_img_per_s", ips);
             if let Some(test) = test {
                 let ev = self.evaluate(test, loss)?;
-                if !self.cfg.quiet {
-                    eprintln!(
-                        "epoch {}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% (per t: {}) | {:.1}s, {:.0} img/s",
-                        self.pos.epoch,
-                        lsum / nb.max(1) as f64,
-                        100.0 * csum as f64 / seen.max(1) as f64,
-                        ev.loss,
-                        ev.acc,
-                        ev.acc_per_t
-                            .iter()
-                            .map(|a| format!("{a:.2}"))
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                        train_secs,
-                        ips
-                    );
-                }
+                // the epoch line is the run's log: printed even with `quiet` (which hides the progress line)
+                eprintln!(
+                    "epoch {}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% (per t: {}) | {:.1}s, {:.0} img/s",
+                    self.pos.epoch,
+                    lsum / nb.max(1) as f64,
+                    100.0 * csum as f64 / seen.max(1) as f64,
+                    ev.loss,
+                    ev.acc,
+                    ev.acc_per_t
+                        .iter()
+                        .map(|a| format!("{a:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    train_secs,
+                    ips
+                );
                 rec = rec
                     .num("test_loss", ev.loss)
                     .num("test_acc", ev.acc)
