@@ -240,13 +240,7 @@ impl<R: Real> Layer<R> for BinaryConv2d<R> {
     ) -> Result<Tensor<R>> {
         let x = cache.get::<InputCache<R>>(&self.name)?.input(&self.name)?;
         let out = self.output_shape(x.shape())?;
-        let expect: Vec<Option<usize>> = out.iter().map(|&d| Some(d)).collect();
-        check_shape(
-            &self.name,
-            dy.shape(),
-            &expect,
-            &format!("output gradient {out:?}"),
-        )?;
+        crate::layers::check_grad_shape(&self.name, dy.shape(), &out)?;
         self.refresh_wb();
         grow(&mut self.dwb, self.wb.len());
         let dys = as_slice(dy);

@@ -678,13 +678,7 @@ impl<R: Real> Layer<R> for Conv2d<R> {
     ) -> Result<Tensor<R>> {
         let x = cache.get::<InputCache<R>>(&self.name)?.input(&self.name)?;
         let out = self.output_shape(x.shape())?;
-        let expect: Vec<Option<usize>> = out.iter().map(|&d| Some(d)).collect();
-        check_shape(
-            &self.name,
-            dy.shape(),
-            &expect,
-            &format!("output gradient {out:?}"),
-        )?;
+        crate::layers::check_grad_shape(&self.name, dy.shape(), &out)?;
         let dys = as_slice(dy);
         let dx = self.core.backward(
             x.as_slice().expect("standard layout"),

@@ -366,6 +366,19 @@ pub fn check_shape(layer: &str, x: &[usize], expect: &[Option<usize>], what: &st
     }
 }
 
+/// Check that an output gradient has the shape of the step's output; the error names the layer.
+pub fn check_grad_shape(layer: &str, dy: &[usize], out: &[usize]) -> Result<()> {
+    if dy == out {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            layer,
+            format!("output gradient of shape {out:?}"),
+            dy,
+        ))
+    }
+}
+
 /// Zero tensor shaped like `t`.
 pub fn zeros_like<R: Real>(t: &Tensor<R>) -> Tensor<R> {
     Tensor::zeros(IxDyn(t.shape()))

@@ -234,15 +234,7 @@ fn fire_back<R: Real>(
 }
 
 fn check_dy<R: Real>(layer: &str, dy: &Tensor<R>, shape: &[usize]) -> Result<()> {
-    if dy.shape() == shape {
-        Ok(())
-    } else {
-        Err(Error::shape(
-            layer,
-            format!("output gradient shaped like the forward input {shape:?}"),
-            dy.shape(),
-        ))
-    }
+    crate::layers::check_grad_shape(layer, dy.shape(), shape)
 }
 
 // ---------------------------------------------------------------------------------------------
