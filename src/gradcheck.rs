@@ -560,3 +560,17 @@ where
         self.inner.visit_params(f)
     }
 }
+
+/// Assert that an f32 run of a layer agrees with its f64 run to `rtol` of the largest f64 output
+/// (the same generic code at both precisions: a check that nothing depends on the float type).
+pub fn assert_f32_matches_f64(y64: &Tensor<f64>, y32: &Tensor<f32>, rtol: f64) {
+    assert_eq!(
+        y64.shape(),
+        y32.shape(),
+        "f32 and f64 outputs differ in shape"
+    );
+    let scale = y64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for (a, b) in y64.iter().zip(y32.iter()) {
+        assert!((a - *b as f64).abs() <= rtol * scale, "f64 {a} vs f32 {b}");
+    }
+}

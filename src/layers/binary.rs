@@ -685,10 +685,7 @@ mod tests {
         let y32 = l32
             .forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None)
             .unwrap();
-        let scale = y64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        for (a, b) in y64.iter().zip(y32.iter()) {
-            assert!((a - *b as f64).abs() <= 1e-5 * scale, "{a} vs {b}");
-        }
+        crate::gradcheck::assert_f32_matches_f64(&y64, &y32, 1e-5);
         let mut b64 = BinaryLinear::<f64>::new("bl", 33, 5, BinaryInit::Kaiming, &mut rng);
         let mut b32 = BinaryLinear::<f32>::new("bl", 33, 5, BinaryInit::Kaiming, &mut rng);
         b32.weight.value = b64.weight.value.mapv(|v| v as f32);
@@ -705,10 +702,7 @@ mod tests {
         let y32 = b32
             .forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None)
             .unwrap();
-        let scale = y64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        for (a, b) in y64.iter().zip(y32.iter()) {
-            assert!((a - *b as f64).abs() <= 1e-5 * scale, "{a} vs {b}");
-        }
+        crate::gradcheck::assert_f32_matches_f64(&y64, &y32, 1e-5);
     }
 
     #[test]

@@ -1048,10 +1048,7 @@ mod tests {
         let y32 = l32
             .forward(&x32, &StepCtx::eval(0, 1), &mut State::Empty, None)
             .unwrap();
-        let scale = y64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        for (a, b) in y64.iter().zip(y32.iter()) {
-            assert!((a - *b as f64).abs() <= 1e-5 * scale, "{a} vs {b}");
-        }
+        crate::gradcheck::assert_f32_matches_f64(&y64, &y32, 1e-5);
     }
 
     #[test]
