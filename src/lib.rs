@@ -18,6 +18,7 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod rng;
+pub mod separability;
 pub mod tensor;
 pub mod train;
 
