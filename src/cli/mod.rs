@@ -9,6 +9,9 @@ use crate::train::trainer::{TrainConfig, Trainer};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+pub mod grad;
+pub mod separability;
+
 /// empf: train and deploy EM-PF spiking neural networks on CPUs.
 #[derive(Parser, Debug)]
 #[command(name = "empf", version, about, long_about = None)]
@@ -33,6 +36,10 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Compare the exact BPTT gradient with the online gradient, per layer (LIF vs EM-PF).
+    Separability(separability::SeparabilityArgs),
+    /// Dump parameters, inputs and both modes' gradients of one batch to an .npz.
+    Grad(grad::GradArgs),
 }
 
 /// `empf bench ...`.
@@ -152,6 +159,10 @@ pub struct TrainArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// At each epoch end, add the BPTT-vs-online gradient agreement of the first 64 training
+    /// samples to the epoch record (`sep_cosine`, `sep_cosine.<layer>`, ...).
+    #[arg(long)]
+    pub track_separability: bool,
 }
 
 /// `empf eval`.
@@ -194,6 +205,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Info(a) => info(a),
         Command::Bench(BenchCmd::Train(a)) => bench_train(a),
+        Command::Separability(a) => separability::run(a),
+        Command::Grad(a) => grad::run(a),
     }
 }
 
@@ -323,6 +336,10 @@ fn train(a: TrainArgs) -> Result<()> {
     let mut rng = crate::rng::Rng::derive(cfg.seed, 0x1417);
     let net = crate::model::zoo::build::<f32>(&model, &mut rng)?;
     let mut trainer = Trainer::new(cfg, model, net);
+    if a.track_separability {
+        let steps = trainer.model_cfg.steps;
+        trainer.epoch_hook = Some(separability::track_hook(&train_set, 64, steps)?);
+    }
     let mut log = MetricsLog::open(&out, resume_path.is_some())?;
     if let Some(p) = &resume_path {
         crate::train::checkpoint::load_training(p, &mut trainer)?;

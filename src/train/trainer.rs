@@ -138,7 +138,12 @@ pub struct Trainer {
     pub opt: Optimizer,
     /// Where the run stands.
     pub pos: Position,
+    /// Called at each epoch end with the network and the epoch record, before it is logged.
+    pub epoch_hook: Option<EpochHook>,
 }
+
+/// An epoch-end hook: may add fields to the epoch record (`empf train --track-separability`).
+pub type EpochHook = Box<dyn FnMut(&mut Sequential<f32>, Record) -> Result<Record> + Send>;
 
 impl Trainer {
     /// A trainer for a built network.
@@ -150,6 +155,7 @@ impl Trainer {
             net,
             opt,
             pos: Position::default(),
+            epoch_hook: None,
         }
     }
 
@@ -360,6 +366,9 @@ impl Trainer {
             }
             if let Some(rss) = crate::metrics::peak_rss_bytes() {
                 rec = rec.int("peak_rss_bytes", rss as i64);
+            }
+            if let Some(h) = self.epoch_hook.as_mut() {
+                rec = h(&mut self.net, rec)?;
             }
             log.epoch(rec)?;
             save(self, "last")?;
