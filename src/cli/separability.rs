@@ -52,13 +52,16 @@ pub struct SeparabilityArgs {
     pub out: PathBuf,
 }
 
+/// Images, labels, C x H x W, classes.
+pub(crate) type LoadedBatch = (Tensor<f32>, Vec<usize>, [usize; 3], usize);
+
 /// Load `batch` samples from `start` of a split: (images, labels, C x H x W, classes).
 pub(crate) fn load_batch(
     data: Option<&Path>,
     split: &str,
     start: usize,
     batch: usize,
-) -> Result<(Tensor<f32>, Vec<usize>, [usize; 3], usize)> {
+) -> Result<LoadedBatch> {
     let dir = data
         .map(Path::to_path_buf)
         .unwrap_or_else(crate::data::bundled_mnist_dir);
