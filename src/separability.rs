@@ -178,6 +178,8 @@ impl Agreement {
         let (no, nb) = (oo.sqrt(), bb.sqrt());
         let cosine = match (no > 0.0, nb > 0.0) {
             (false, false) => 1.0,
+            // identical gradients: exactly 1 (the quotient may round to 1 − ε)
+            (true, true) if dd == 0.0 => 1.0,
             (true, true) => (ob / (no * nb)).clamp(-1.0, 1.0),
             _ => 0.0,
         };
@@ -665,7 +667,8 @@ mod tests {
         assert_eq!((same.cosine, same.rel_l2, same.sign_agree), (1.0, 0.0, 1.0));
         let neg = [-1.0f64, 2.0, 0.0];
         let opp = Agreement::of(&[(&neg[..], &a[..])]);
-        assert_eq!((opp.cosine, opp.sign_agree), (-1.0, 0.0));
+        assert!((opp.cosine + 1.0).abs() < 1e-12);
+        assert_eq!(opp.sign_agree, 0.0);
         assert!((opp.rel_l2 - 2.0).abs() < 1e-12);
         let z = [0.0f64; 3];
         let zz = Agreement::of(&[(&z[..], &z[..])]);

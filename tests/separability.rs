@@ -12,6 +12,7 @@
 //! The layer-level single-seed checks of Theorem 4.2 / Corollary 4.3, Version III step == batched
 //! and Version II eval == folded Version I live in `src/layers/neuron.rs` (not repeated here).
 
+use empf::cli::separability::{BatchArgs, FreshArgs};
 use empf::layers::{BatchNorm, EmpfV1, EmpfV2, GradMode, Layer, Lif, Linear, ParamKind, State};
 use empf::layers::{Cache, StepCtx};
 use empf::model::Sequential;
@@ -369,15 +370,19 @@ fn grad_args(
     empf::cli::grad::GradArgs {
         checkpoint: None,
         params,
-        arch: "small".into(),
         neuron: "v1".into(),
-        steps: Some(2),
-        widths: Some(vec![2, 3, 3]),
-        seed: 5,
-        data: None,
-        split: "test".into(),
-        batch: 3,
-        start: 7,
+        model: FreshArgs {
+            arch: "small".into(),
+            steps: Some(2),
+            widths: Some(vec![2, 3, 3]),
+            seed: 5,
+        },
+        batch: BatchArgs {
+            data: None,
+            split: "test".into(),
+            batch: 3,
+            start: 7,
+        },
         out,
     }
 }
@@ -408,7 +413,7 @@ fn grad_dump_has_documented_entries_and_params_round_trip() {
     // another seed, parameters loaded from the dump: identical gradients
     let second = d.join("b.npz");
     let mut args = grad_args(second.clone(), Some(first.clone()));
-    args.seed = 6;
+    args.model.seed = 6;
     empf::cli::grad::run(args).unwrap();
     let b = read_npz(&second).unwrap();
     for (k, v) in &a {
@@ -444,14 +449,18 @@ fn separability_command_writes_json_and_svg() {
     let args = empf::cli::separability::SeparabilityArgs {
         checkpoints: vec![],
         neurons: vec!["lif".into(), "v3".into()],
-        arch: "small".into(),
-        steps: Some(3),
-        widths: Some(vec![2, 3, 3]),
-        seed: 1,
-        data: None,
-        split: "train".into(),
-        batch: 4,
-        start: 0,
+        model: FreshArgs {
+            arch: "small".into(),
+            steps: Some(3),
+            widths: Some(vec![2, 3, 3]),
+            seed: 1,
+        },
+        batch: BatchArgs {
+            data: None,
+            split: "train".into(),
+            batch: 4,
+            start: 0,
+        },
         out: d.clone(),
     };
     empf::cli::separability::run(args).unwrap();

@@ -18,7 +18,7 @@
 //! `--params FILE.npz` loads every `param.<name>` (f4 or f8) from another file first, so weights
 //! trained elsewhere can be compared.
 
-use crate::cli::separability::{fresh_model, load_batch};
+use crate::cli::separability::{BatchArgs, FreshArgs, fresh_model};
 use crate::error::{Error, Result};
 use crate::io::npz::{NpyArray, read_npz, save_npz};
 use crate::separability::gradients;
@@ -37,33 +37,15 @@ pub struct GradArgs {
     /// Load parameters from this .npz (entries `param.<name>`, f4 or f8) before the step.
     #[arg(long)]
     pub params: Option<PathBuf>,
-    /// Architecture of a fresh model.
-    #[arg(long, default_value = "small")]
-    pub arch: String,
     /// Neuron of a fresh model: v1, v2, v3 or lif.
     #[arg(long, default_value = "v1")]
     pub neuron: String,
-    /// Time-steps T of a fresh model.
-    #[arg(long, short = 'T')]
-    pub steps: Option<usize>,
-    /// Channel widths of a fresh model.
-    #[arg(long, value_delimiter = ',')]
-    pub widths: Option<Vec<usize>>,
-    /// Seed of a fresh model's initialisation.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Directory with MNIST-format IDX files (default: the bundled subset).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Split: train or test.
-    #[arg(long, default_value = "train")]
-    pub split: String,
-    /// Batch size.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// First sample of the batch.
-    #[arg(long, default_value_t = 0)]
-    pub start: usize,
+    /// Fresh-model settings.
+    #[command(flatten)]
+    pub model: FreshArgs,
+    /// Data settings.
+    #[command(flatten)]
+    pub batch: BatchArgs,
     /// Output file.
     #[arg(long, short, default_value = "grads.npz")]
     pub out: PathBuf,
@@ -75,10 +57,10 @@ fn scalar<A: Clone>(v: A) -> ArrayD<A> {
 
 /// Run `empf grad`.
 pub fn run(a: GradArgs) -> Result<()> {
-    let (x, y, chw, classes) = load_batch(a.data.as_deref(), &a.split, a.start, a.batch)?;
+    let (x, y, chw, classes) = a.batch.load()?;
     let (mc, mut net) = match &a.checkpoint {
         Some(p) => crate::train::checkpoint::load_model(p)?,
-        None => fresh_model(&a.arch, &a.neuron, a.steps, &a.widths, a.seed, chw, classes)?,
+        None => fresh_model(&a.model, &a.neuron, chw, classes)?,
     };
     if mc.input != chw {
         return Err(Error::Config(format!(

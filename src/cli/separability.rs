@@ -23,33 +23,56 @@ pub struct SeparabilityArgs {
     /// Neurons of the fresh models: lif, v1, v2, v3 (ignored with checkpoints).
     #[arg(long, value_delimiter = ',', default_value = "lif,v1,v2,v3")]
     pub neurons: Vec<String>,
-    /// Architecture of the fresh models.
+    /// Fresh-model settings.
+    #[command(flatten)]
+    pub model: FreshArgs,
+    /// Data settings.
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    /// Output directory for `separability.json` and `separability.svg`.
+    #[arg(long, default_value = "runs/separability")]
+    pub out: PathBuf,
+}
+
+/// How a fresh model is built (`empf separability`, `empf grad` without a checkpoint).
+#[derive(Args, Debug, Clone)]
+pub struct FreshArgs {
+    /// Architecture of a fresh model.
     #[arg(long, default_value = "small")]
     pub arch: String,
-    /// Time-steps T of the fresh models.
+    /// Time-steps T of a fresh model.
     #[arg(long, short = 'T')]
     pub steps: Option<usize>,
-    /// Channel widths of the fresh models.
+    /// Channel widths of a fresh model.
     #[arg(long, value_delimiter = ',')]
     pub widths: Option<Vec<usize>>,
-    /// Seed of the fresh models' initialisation (the same as `empf train --seed`).
+    /// Seed of a fresh model's initialisation (the same as `empf train --seed`).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// Which batch is used (samples `start .. start + batch` of a split).
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
     /// Directory with MNIST-format IDX files (default: the bundled subset).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Split the batch is taken from: train or test.
     #[arg(long, default_value = "train")]
     pub split: String,
-    /// Batch size (samples `start .. start + batch`).
+    /// Batch size.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// First sample of the batch.
     #[arg(long, default_value_t = 0)]
     pub start: usize,
-    /// Output directory for `separability.json` and `separability.svg`.
-    #[arg(long, default_value = "runs/separability")]
-    pub out: PathBuf,
+}
+
+impl BatchArgs {
+    /// Load the batch.
+    pub fn load(&self) -> Result<LoadedBatch> {
+        load_batch(self.data.as_deref(), &self.split, self.start, self.batch)
+    }
 }
 
 /// Images, labels, C x H x W, classes.
@@ -95,18 +118,16 @@ pub(crate) fn load_batch(
 
 /// A fresh model for `neuron` (as `empf train` builds it for the same arguments and seed).
 pub(crate) fn fresh_model(
-    arch: &str,
+    f: &FreshArgs,
     neuron: &str,
-    steps: Option<usize>,
-    widths: &Option<Vec<usize>>,
-    seed: u64,
     input: [usize; 3],
     classes: usize,
 ) -> Result<(ModelConfig, Sequential<f32>)> {
-    let mut ta = TrainArgs::parse_default(arch);
+    let mut ta = TrainArgs::parse_default(&f.arch);
     ta.neuron = neuron.to_string();
-    ta.steps = steps;
-    ta.widths = widths.clone();
+    ta.steps = f.steps;
+    ta.widths = f.widths.clone();
+    let seed = f.seed;
     let mut mc = model_config(&ta)?;
     mc.input = input;
     mc.classes = classes.max(mc.classes);
@@ -131,11 +152,11 @@ pub fn report_for(
 
 /// Run `empf separability`.
 pub fn run(a: SeparabilityArgs) -> Result<()> {
-    let (x, y, chw, classes) = load_batch(a.data.as_deref(), &a.split, a.start, a.batch)?;
+    let (x, y, chw, classes) = a.batch.load()?;
     let mut reports = Vec::new();
     if a.checkpoints.is_empty() {
         for n in &a.neurons {
-            let (mc, mut net) = fresh_model(&a.arch, n, a.steps, &a.widths, a.seed, chw, classes)?;
+            let (mc, mut net) = fresh_model(&a.model, n, chw, classes)?;
             let label = format!("{} (fresh)", mc.neuron);
             reports.push(report_for(&mut net, mc.steps, &x, &y, &label)?);
         }
@@ -159,9 +180,9 @@ pub fn run(a: SeparabilityArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let json = format!(
         "{{\"split\": \"{}\", \"start\": {}, \"batch\": {}, \"reports\": [{}]}}\n",
-        a.split,
-        a.start,
-        a.batch,
+        a.batch.split,
+        a.batch.start,
+        a.batch.batch,
         reports
             .iter()
             .map(|r| r.to_json())
