@@ -1,5 +1,11 @@
 //! `empf bench train`: training throughput and peak memory of a network over T and gradient modes,
 //! on synthetic inputs of the model's shape (the data pipeline is not part of the measurement).
+//!
+//! Memory is measured honestly by running each (mode, T) configuration in a fresh child process
+//! ([`bench_train_isolated`]): in one process the allocator keeps pages freed by an earlier
+//! configuration (BPTT's caches at a large T, say) and later rows would inherit them. Within a
+//! process the peak RSS (`VmHWM`) is reset after the warm-up batch, so the figure is the peak over
+//! the timed batches of that configuration alone, model and allocator warm.
 
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, zoo};
@@ -7,6 +13,8 @@ use crate::rng::Rng;
 use crate::tensor::{Tensor, from_vec};
 use crate::train::optim::{OptimConfig, Optimizer, zero_grads};
 use crate::train::step::{BpMode, StepInput, train_batch};
+use std::path::Path;
+use std::process::Command;
 use std::time::Instant;
 
 /// One measured configuration.
@@ -135,4 +143,115 @@ pub fn format_rows(model: &ModelConfig, batch: usize, rows: &[TrainBenchRow]) ->
         );
     }
     s
+}
+
+/// One row as the single line a child process prints (`ROW mode T images/s rss cache`; rss `-`
+/// when unknown).
+pub fn row_line(r: &TrainBenchRow) -> String {
+    format!(
+        "ROW {} {} {} {} {}",
+        r.mode.name(),
+        r.steps,
+        r.images_per_s,
+        r.peak_rss.map_or("-".to_string(), |b| b.to_string()),
+        r.peak_cache_bytes
+    )
+}
+
+/// Parse [`row_line`].
+pub fn parse_row_line(line: &str) -> Option<TrainBenchRow> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() != 6 || f[0] != "ROW" {
+        return None;
+    }
+    Some(TrainBenchRow {
+        mode: BpMode::parse(f[1])?,
+        steps: f[2].parse().ok()?,
+        images_per_s: f[3].parse().ok()?,
+        peak_rss: if f[4] == "-" {
+            None
+        } else {
+            Some(f[4].parse().ok()?)
+        },
+        peak_cache_bytes: f[5].parse().ok()?,
+    })
+}
+
+/// Run every (T, mode) configuration in its own child process `exe args.. --steps T --modes M`
+/// (the child is expected to print [`row_line`]s on stdout; its stderr, e.g. a profile, passes
+/// through).
+pub fn bench_train_isolated(
+    exe: &Path,
+    args: &[String],
+    modes: &[BpMode],
+    steps: &[usize],
+) -> Result<Vec<TrainBenchRow>> {
+    let mut rows = Vec::new();
+    for &t in steps {
+        for mode in modes {
+            let out = Command::new(exe)
+                .args(args)
+                .args(["--steps", &t.to_string(), "--modes", &mode.name()])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .map_err(|e| Error::Config(format!("bench: cannot run {}: {e}", exe.display())))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let got: Vec<TrainBenchRow> = text.lines().filter_map(parse_row_line).collect();
+            if !out.status.success() || got.is_empty() {
+                return Err(Error::Config(format!(
+                    "bench: child for {} T={t} failed ({}): {}",
+                    mode.name(),
+                    out.status,
+                    text.trim()
+                )));
+            }
+            rows.extend(got);
+        }
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_lines_round_trip() {
+        for r in [
+            TrainBenchRow {
+                mode: BpMode::Random { k: 2 },
+                steps: 16,
+                images_per_s: 123.456,
+                peak_rss: Some(1 << 28),
+                peak_cache_bytes: 777,
+            },
+            TrainBenchRow {
+                mode: BpMode::Bptt,
+                steps: 1,
+                images_per_s: 0.5,
+                peak_rss: None,
+                peak_cache_bytes: 0,
+            },
+        ] {
+            let p = parse_row_line(&row_line(&r)).unwrap();
+            assert_eq!(
+                (
+                    p.mode,
+                    p.steps,
+                    p.images_per_s,
+                    p.peak_rss,
+                    p.peak_cache_bytes
+                ),
+                (
+                    r.mode,
+                    r.steps,
+                    r.images_per_s,
+                    r.peak_rss,
+                    r.peak_cache_bytes
+                )
+            );
+        }
+        assert!(parse_row_line("online 4 1.0").is_none());
+        assert!(parse_row_line("ROW online x 1.0 - 0").is_none());
+    }
 }

@@ -91,10 +91,19 @@ fn online_cache_memory_does_not_grow_with_time_steps_while_bptt_does() {
         .map(|&t| peak_cache_bytes(BpMode::Bptt, t))
         .collect();
     println!("peak step-cache + state bytes for T = 1, 2, 4, 16: online {online:?}, BPTT {bptt:?}");
-    // T = 1 has no previous potential to keep for dL/dλ; from T = 2 on the online footprint is fixed
+    // T = 1 has no previous potential to keep for dL/dλ; from T = 2 on the online cache holds
+    // v[t−1] at the fired neurons only, so it varies with the firing count but not with T
     assert!(online[0] > 0 && online[0] <= online[1]);
-    assert_eq!(online[1], online[2], "online caches must not grow with T");
-    assert_eq!(online[1], online[3], "online caches must not grow with T");
+    for &b in &online[2..] {
+        assert!(
+            b * 20 <= online[1] * 21,
+            "online caches must not grow with T: {online:?}"
+        );
+    }
+    assert!(
+        online[3] * 5 <= online[0] * 6,
+        "online caches at T = 16 within 20% of T = 1: {online:?}"
+    );
     // BPTT keeps one cache per step: linear growth
     assert!(
         bptt[3] >= 12 * bptt[0],

@@ -76,6 +76,13 @@ pub struct BenchTrainArgs {
     /// Print the time spent in each layer.
     #[arg(long)]
     pub profile: bool,
+    /// Run all configurations in this process (default: each in a fresh child process, so the
+    /// peak memory of one is not inflated by pages the allocator kept from another).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Internal: print machine-readable rows (used by the child processes).
+    #[arg(long, hide = true)]
+    pub child_rows: bool,
 }
 
 /// `empf train`.
@@ -489,8 +496,46 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let rows =
-        crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0, a.profile)?;
+    let rows = if a.in_process || a.child_rows || modes.len() * a.steps.len() <= 1 {
+        crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0, a.profile)?
+    } else {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::Config(format!("bench: cannot find own executable: {e}")))?;
+        let mut args: Vec<String> = vec![
+            "--threads".into(),
+            rayon::current_num_threads().to_string(),
+            "bench".into(),
+            "train".into(),
+            "--child-rows".into(),
+            "--arch".into(),
+            a.arch.clone(),
+            "--neuron".into(),
+            a.neuron.clone(),
+            "--batch".into(),
+            a.batch.to_string(),
+            "--batches".into(),
+            a.batches.to_string(),
+        ];
+        if let Some(w) = &a.widths {
+            args.push("--widths".into());
+            args.push(
+                w.iter()
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
+        }
+        if a.profile {
+            args.push("--profile".into());
+        }
+        crate::bench::bench_train_isolated(&exe, &args, &modes, &a.steps)?
+    };
+    if a.child_rows {
+        for r in &rows {
+            println!("{}", crate::bench::row_line(r));
+        }
+        return Ok(());
+    }
     print!("{}", crate::bench::format_rows(&model, a.batch, &rows));
     Ok(())
 }

@@ -81,8 +81,28 @@ impl BnGeom {
     }
 }
 
+/// `Σ f(a[i], b[i])` in f64 with 8 interleaved accumulators (lane `i mod 8`, lanes added in
+/// order at the end): a fixed order, so deterministic, and not bound by the latency of one
+/// serial f64 add chain.
+#[inline]
+fn sum8<R: Real>(a: &[R], b: &[R], f: impl Fn(R, R) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += f(xa[k], xb[k]);
+        }
+    }
+    for (k, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        acc[k] += f(x, y);
+    }
+    acc.iter().sum()
+}
+
 /// Per-channel batch mean and biased variance (two passes, accumulated in f64; channels in
-/// parallel, each summed serially, so the result does not depend on the thread count).
+/// parallel, each summed in a fixed order ([`sum8`]), so the result does not depend on the
+/// thread count).
 pub fn batch_stats<R: Real>(x: &[R], g: BnGeom) -> (Vec<R>, Vec<R>) {
     let m = g.count() as f64;
     let stats: Vec<(R, R)> = (0..g.c)
@@ -90,18 +110,15 @@ pub fn batch_stats<R: Real>(x: &[R], g: BnGeom) -> (Vec<R>, Vec<R>) {
         .map(|ch| {
             let mut s = 0.0;
             for r in g.runs(ch) {
-                s += x[r].iter().map(|v| v.f64()).sum::<f64>();
+                s += sum8(&x[r.clone()], &x[r], |v, _| v.f64());
             }
             let mu = s / m;
             let mut q = 0.0;
             for r in g.runs(ch) {
-                q += x[r]
-                    .iter()
-                    .map(|v| {
-                        let d = v.f64() - mu;
-                        d * d
-                    })
-                    .sum::<f64>();
+                q += sum8(&x[r.clone()], &x[r], |v, _| {
+                    let d = v.f64() - mu;
+                    d * d
+                });
             }
             (R::of(mu), R::of(q / m))
         })
@@ -116,10 +133,8 @@ fn channel_sums<R: Real>(dy: &[R], xhat: &[R], g: BnGeom) -> Vec<(f64, f64)> {
         .map(|ch| {
             let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
             for r in g.runs(ch) {
-                for (&d, &xh) in dy[r.clone()].iter().zip(&xhat[r]) {
-                    sdy += d.f64();
-                    sdyx += (d * xh).f64();
-                }
+                sdy += sum8(&dy[r.clone()], &xhat[r.clone()], |d, _| d.f64());
+                sdyx += sum8(&dy[r.clone()], &xhat[r], |d, xh| (d * xh).f64());
             }
             (sdy, sdyx)
         })
@@ -353,8 +368,19 @@ impl<R: Real> BatchNorm<R> {
                 c.shape = vec![g.n, g.c, g.hw];
             }
             None => {
-                let mut xhat = vec![R::zero(); g.len()];
-                normalise(x, g, &mean, &s, gamma, beta, &mut xhat, &mut y);
+                // no cache: y = γ·((x − μ)·s) + β directly, same arithmetic as `normalise`
+                let block = g.c * g.hw;
+                y.par_chunks_mut(block)
+                    .zip(x.par_chunks(block))
+                    .for_each(|(yb, xb)| {
+                        for ch in 0..g.c {
+                            let (mu, sc, ga, be) = (mean[ch], s[ch], gamma[ch], beta[ch]);
+                            let r = ch * g.hw..(ch + 1) * g.hw;
+                            for (yy, &xx) in yb[r.clone()].iter_mut().zip(&xb[r]) {
+                                *yy = ga * ((xx - mu) * sc) + be;
+                            }
+                        }
+                    });
             }
         }
         Ok(y)
@@ -552,6 +578,36 @@ mod tests {
         for ((idx, &xv), &yv) in x.indexed_iter().zip(y.iter()) {
             let c = idx[1];
             assert!((k[c] * xv + b[c] - yv).abs() < 1e-12);
+        }
+    }
+
+    /// Without a cache the forward skips storing x̂ (a fast path); it must give the same output,
+    /// bit for bit, in train and eval mode.
+    #[test]
+    fn uncached_forward_equals_the_cached_forward_bit_for_bit() {
+        let mut rng = Rng::new(12);
+        for train in [true, false] {
+            let mut a = random_bn(5, &mut rng);
+            let mut b = random_bn(5, &mut rng);
+            for (pa, pb) in [
+                (&a.weight, &mut b.weight),
+                (&a.bias, &mut b.bias),
+                (&a.running_mean, &mut b.running_mean),
+                (&a.running_var, &mut b.running_var),
+            ] {
+                pb.value = pa.value.clone();
+            }
+            let x = rand_tensor(&[3, 5, 4, 7], 2.0, &mut rng);
+            let g = BnGeom::of("bn", x.shape(), 5).unwrap();
+            let xs = x.as_slice().unwrap();
+            let mut c = BnCache::default();
+            let y1 = a.forward_slice(xs, g, train, Some(&mut c)).unwrap();
+            let y2 = b.forward_slice(xs, g, train, None).unwrap();
+            assert_eq!(
+                y1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!(a.running_var.value, b.running_var.value);
         }
     }
 

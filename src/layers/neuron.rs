@@ -233,6 +233,88 @@ fn fire_back<R: Real>(
         .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
 }
 
+/// `p[i]` at the fired positions only (`H(m − θ) = 1`), in index order, one list per
+/// [`PAR_CHUNK`] item. Online training needs `v[t−1]` only where a neuron fired (`dm = dy·H`), so
+/// this keeps a fraction (the firing rate) of the full tensor: the cache no longer holds a copy of
+/// the state, and online memory stays that of `T = 1`.
+#[derive(Clone, Debug, Default)]
+pub struct FiredValues<R> {
+    parts: Vec<Vec<R>>,
+}
+
+impl<R: Real> FiredValues<R> {
+    /// Gather `p[i]` where `m[i] > th` (the firing condition of [`fire`], taken before it runs),
+    /// reusing the allocations.
+    pub fn gather(&mut self, p: &[R], m: &[R], th: R) {
+        let items = p.len().div_ceil(PAR_CHUNK);
+        self.parts.resize_with(items, Vec::new);
+        self.parts.truncate(items);
+        self.parts
+            .par_iter_mut()
+            .zip(p.par_chunks(PAR_CHUNK))
+            .zip(m.par_chunks(PAR_CHUNK))
+            .for_each(|((out, pc), mc)| {
+                out.clear();
+                for (&p, &m) in pc.iter().zip(mc) {
+                    if m > th {
+                        out.push(p);
+                    }
+                }
+            });
+    }
+}
+
+impl<R> CacheBytes for FiredValues<R> {
+    fn cache_bytes(&self) -> usize {
+        self.parts.iter().map(|v| v.len()).sum::<usize>() * std::mem::size_of::<R>()
+    }
+}
+
+/// Online backward of [`fire`] (`dv = 0`): `dm = dy·H`; returns `Σ −dy·H` (dL/dθ) and
+/// `Σ dm·v[t−1]` (dL/dλ) with `v[t−1]` given at the fired positions only ([`FiredValues`]).
+/// Agrees with [`fire_back`] given the full `v[t−1]` (same terms; the λ sum is taken in index
+/// order over the non-zero terms only).
+fn fire_back_online<R: Real>(
+    dy: &[R],
+    mask: &BitMask,
+    p: Option<&FiredValues<R>>,
+    dm: &mut [R],
+) -> (f64, f64) {
+    let parts: Vec<(f64, f64)> = dm
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(dy.par_chunks(PAR_CHUNK))
+        .zip(mask.words.par_chunks(PAR_CHUNK / 64))
+        .enumerate()
+        .map(|(k, ((dc, yc), mc))| {
+            let (mut dth, mut dlam) = (0.0f64, 0.0f64);
+            let mut pi = p.map(|p| p.parts[k].iter());
+            for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
+                let mut wsum = R::zero();
+                for (j, (o, &y)) in dw.iter_mut().zip(yw).enumerate() {
+                    let h = (bits >> j) & 1 == 1;
+                    *o = if h { y } else { R::zero() };
+                    wsum -= *o;
+                }
+                dth += wsum.f64();
+                if let Some(pi) = pi.as_mut() {
+                    let mut acc = R::zero();
+                    let mut b = bits;
+                    while b != 0 {
+                        let j = b.trailing_zeros() as usize;
+                        acc += dw[j] * *pi.next().expect("one value per fired neuron");
+                        b &= b - 1;
+                    }
+                    dlam += acc.f64();
+                }
+            }
+            (dth, dlam)
+        })
+        .collect();
+    parts
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
+}
+
 fn check_dy<R: Real>(layer: &str, dy: &Tensor<R>, shape: &[usize]) -> Result<()> {
     crate::layers::check_grad_shape(layer, dy.shape(), shape)
 }
@@ -267,14 +349,16 @@ pub struct EmpfV1<R: Real> {
     pub b: Param<R>,
 }
 
-/// V1 backward needs which neurons fired and `v[t−1]` (absent at `t = 0`).
+/// V1 backward needs which neurons fired and `v[t−1]` (absent at `t = 0`): the whole tensor in
+/// BPTT (`dm` is non-zero everywhere there), only its fired entries online ([`FiredValues`]).
 #[derive(Default)]
 pub struct EmpfV1Cache<R: Real> {
     fired: BitMask,
     v_prev: Option<Tensor<R>>,
+    v_prev_fired: Option<FiredValues<R>>,
     shape: Vec<usize>,
 }
-crate::impl_cache!(EmpfV1Cache<R> { fired, v_prev });
+crate::impl_cache!(EmpfV1Cache<R> { fired, v_prev, v_prev_fired });
 
 impl<R: Real> EmpfV1<R> {
     /// `a = b = 0` (λ = θ = 0.5) for `steps` time-steps.
@@ -322,19 +406,37 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let (lam, th) = (self.leak(t), self.threshold(t));
         let prev = take_prev(&self.name, state, x.shape())?;
         let xs = as_slice(x);
-        let mut s = vec![R::zero(); xs.len()];
-        let mut v = vec![R::zero(); xs.len()];
+        let mut s = xs.to_vec();
         let mut c = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>());
         let mut scratch = BitMask::default();
+        let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
+        if let Some(p) = pv {
+            s.par_chunks_mut(PAR_CHUNK)
+                .zip(p.par_chunks(PAR_CHUNK))
+                .for_each(|(sc, pc)| {
+                    for (o, &p) in sc.iter_mut().zip(pc) {
+                        *o = lam * p + *o;
+                    }
+                });
+        }
+        // BPTT keeps the whole v[t−1]; online keeps it where the neuron fires, and v[t] reuses
+        // v[t−1]'s buffer.
+        let keep_full = c.is_some() && ctx.grad == GradMode::Bptt;
+        if let (Some(c), Some(p), false) = (c.as_mut(), pv, keep_full) {
+            c.v_prev_fired
+                .get_or_insert_with(FiredValues::default)
+                .gather(p, &s, th);
+        } else if let Some(c) = c.as_mut() {
+            c.v_prev_fired = None;
+        }
+        let (mut v, prev) = match prev {
+            Some(p) if !keep_full => (p.into_raw_vec_and_offset().0, None),
+            p => (vec![R::zero(); xs.len()], p),
+        };
         let mask = match c.as_mut() {
             Some(c) => &mut c.fired,
             None => &mut scratch,
         };
-        let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
-        match pv {
-            Some(p) => par_zip_map(&mut s, p, &xs, |p, x| lam * p + x),
-            None => s.copy_from_slice(&xs),
-        }
         fire(th, &mut s, &mut v, mask);
         if let Some(c) = c {
             c.v_prev = prev;
@@ -359,7 +461,16 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let pv = c.v_prev.as_ref().map(|p| p.as_slice().expect("standard"));
         let dys = as_slice(dy);
         let mut dm = vec![R::zero(); dys.len()];
-        let (dth, dlam) = fire_back(&dys, dvs, &c.fired, pv, &mut dm);
+        let (dth, dlam) = match (&c.v_prev_fired, dvs) {
+            (Some(pf), None) => fire_back_online(&dys, &c.fired, Some(pf), &mut dm),
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(format!(
+                    "layer `{}`: BPTT backward of a step run forward in online mode",
+                    self.name
+                )));
+            }
+            (None, _) => fire_back(&dys, dvs, &c.fired, pv, &mut dm),
+        };
         add_grad(&mut self.a, t, dlam * (lam * (R::one() - lam)).f64());
         add_grad(&mut self.b, t, dth * (th * (R::one() - th)).f64());
         *dstate = if ctx.grad == GradMode::Bptt && pv.is_some() {
@@ -1741,7 +1852,7 @@ mod tests {
     }
 
     #[test]
-    fn online_caches_keep_only_a_bit_mask_and_the_previous_potential() {
+    fn online_caches_keep_only_a_bit_mask_and_the_fired_entries_of_the_previous_potential() {
         let shape = [8, 16, 4, 4];
         let len: usize = shape.iter().product();
         let mut rng = Rng::new(1);
@@ -1764,7 +1875,10 @@ mod tests {
             Some(&mut cache),
         )
         .unwrap();
-        assert_eq!(cache.bytes(), len / 8 + len * 4);
+        let c = cache.get::<EmpfV1Cache<f32>>("n1").unwrap();
+        let fired = (0..len).filter(|&i| c.fired.get(i)).count();
+        assert!(fired > 0 && fired < len, "{fired} of {len}");
+        assert_eq!(cache.bytes(), len / 8 + fired * 4);
         let mut l3 = EmpfV3::<f32>::new("n3", 2);
         l3.forward(
             &x,
@@ -1774,6 +1888,50 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cache.bytes(), len / 8);
+    }
+
+    /// The online backward keeps `v[t−1]` only where the neuron fired; it must give exactly what
+    /// the full-tensor reference path (the BPTT cache, with no `dL/dv[t]` coming in) gives.
+    #[test]
+    fn v1_online_backward_from_fired_values_equals_the_full_potential_reference() {
+        let shape = [4, 8, 9, 9];
+        let mut rng = Rng::new(5);
+        for big in [false, true] {
+            // big: 52272 elements, several PAR_CHUNK items
+            let shape: Vec<usize> = if big {
+                vec![3, 16, 33, 33]
+            } else {
+                shape.to_vec()
+            };
+            let mut on = EmpfV1::<f64>::new("n", 3);
+            randomise(&mut on, &mut rng);
+            let mut rf = EmpfV1::<f64>::new("n", 3);
+            rf.a.value = on.a.value.clone();
+            rf.b.value = on.b.value.clone();
+            let (mut st_on, mut st_rf) = (State::Empty, State::Empty);
+            for t in 0..3 {
+                let x = input(&shape, 1.0, &mut rng);
+                let dy = input(&shape, 1.0, &mut rng);
+                let (c_on, c_rf) = (
+                    StepCtx::train(t, 3, GradMode::Online),
+                    StepCtx::train(t, 3, GradMode::Bptt),
+                );
+                let (mut k_on, mut k_rf) = (Cache::new(), Cache::new());
+                let y_on = on.forward(&x, &c_on, &mut st_on, Some(&mut k_on)).unwrap();
+                let y_rf = rf.forward(&x, &c_rf, &mut st_rf, Some(&mut k_rf)).unwrap();
+                assert_eq!(y_on, y_rf);
+                assert_eq!(st_on.tensor().unwrap(), st_rf.tensor().unwrap());
+                if t > 0 {
+                    assert!(k_on.bytes() < k_rf.bytes());
+                }
+                let dx_on = on.backward(&dy, &c_on, &k_on, &mut State::Empty).unwrap();
+                let dx_rf = rf.backward(&dy, &c_rf, &k_rf, &mut State::Empty).unwrap();
+                assert_eq!(dx_on, dx_rf);
+                assert_eq!(on.a.grad, rf.a.grad, "dL/da at t = {t}");
+                assert_eq!(on.b.grad, rf.b.grad, "dL/db at t = {t}");
+            }
+            assert!(on.a.grad.iter().any(|&g| g != 0.0));
+        }
     }
 
     #[test]

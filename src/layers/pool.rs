@@ -153,6 +153,11 @@ impl PoolGeom {
 
     /// Input rows (or columns) `lo..hi` covered by output row (or column) `o`, clipped to `0..len`.
     #[inline]
+    /// Kernel 2, stride 2, no padding: the common downsampling, with its own fast plane loops.
+    fn is_2x2(&self) -> bool {
+        self.kernel == 2 && self.stride == 2 && self.pad == 0
+    }
+
     fn span(&self, o: usize, len: usize) -> (usize, usize) {
         let start = (o * self.stride) as isize - self.pad as isize;
         let lo = start.max(0) as usize;
@@ -241,18 +246,10 @@ impl<R: Real> Layer<R> for AvgPool2d {
         let xs = as_slice(x);
         let mut y = vec![R::zero(); out.iter().product()];
         for_planes(&xs, h * w, &mut y, oh * ow, |xp, yp| {
-            for i in 0..oh {
-                let (r0, r1) = g.span(i, h);
-                for j in 0..ow {
-                    let (c0, c1) = g.span(j, w);
-                    let mut acc = R::zero();
-                    for r in r0..r1 {
-                        for &v in &xp[r * w + c0..r * w + c1] {
-                            acc += v;
-                        }
-                    }
-                    yp[i * ow + j] = acc * inv;
-                }
+            if g.is_2x2() {
+                avg_forward_2x2(xp, yp, w, oh, ow, inv)
+            } else {
+                avg_forward_plane(g, xp, yp, h, w, oh, ow, inv)
             }
         });
         store_shape(cache, x.shape());
@@ -274,22 +271,104 @@ impl<R: Real> Layer<R> for AvgPool2d {
         let dys = as_slice(dy);
         let mut dx = vec![R::zero(); shape.iter().product()];
         for_planes(&dys, oh * ow, &mut dx, h * w, |dyp, dxp| {
-            for i in 0..oh {
-                let (r0, r1) = g.span(i, h);
-                for j in 0..ow {
-                    let (c0, c1) = g.span(j, w);
-                    let d = dyp[i * ow + j] * inv;
-                    for r in r0..r1 {
-                        for v in &mut dxp[r * w + c0..r * w + c1] {
-                            *v += d;
-                        }
-                    }
-                }
+            if g.is_2x2() {
+                avg_backward_2x2(dyp, dxp, w, oh, ow, inv)
+            } else {
+                avg_backward_plane(g, dyp, dxp, h, w, oh, ow, inv)
             }
         });
         Ok(from_vec(&shape, dx))
     }
     fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
+}
+
+/// Average-pool forward of one `h x w` plane, any geometry (the reference for the fast path).
+#[allow(clippy::too_many_arguments)]
+fn avg_forward_plane<R: Real>(
+    g: PoolGeom,
+    xp: &[R],
+    yp: &mut [R],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    inv: R,
+) {
+    for i in 0..oh {
+        let (r0, r1) = g.span(i, h);
+        for j in 0..ow {
+            let (c0, c1) = g.span(j, w);
+            let mut acc = R::zero();
+            for r in r0..r1 {
+                for &v in &xp[r * w + c0..r * w + c1] {
+                    acc += v;
+                }
+            }
+            yp[i * ow + j] = acc * inv;
+        }
+    }
+}
+
+/// [`avg_forward_plane`] for kernel 2, stride 2, no padding; the same additions in the same
+/// order (row 2i: columns 2j, 2j+1; then row 2i+1), so bit-identical.
+fn avg_forward_2x2<R: Real>(xp: &[R], yp: &mut [R], w: usize, oh: usize, ow: usize, inv: R) {
+    for (i, yr) in yp.chunks_exact_mut(ow).take(oh).enumerate() {
+        let r0 = &xp[2 * i * w..2 * i * w + 2 * ow];
+        let r1 = &xp[(2 * i + 1) * w..(2 * i + 1) * w + 2 * ow];
+        for ((y, a), b) in yr
+            .iter_mut()
+            .zip(r0.chunks_exact(2))
+            .zip(r1.chunks_exact(2))
+        {
+            *y = (R::zero() + a[0] + a[1] + b[0] + b[1]) * inv;
+        }
+    }
+}
+
+/// Average-pool backward of one plane, any geometry: `dx += dy·inv` over each window (`dxp`
+/// zeroed by the caller).
+#[allow(clippy::too_many_arguments)]
+fn avg_backward_plane<R: Real>(
+    g: PoolGeom,
+    dyp: &[R],
+    dxp: &mut [R],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    inv: R,
+) {
+    for i in 0..oh {
+        let (r0, r1) = g.span(i, h);
+        for j in 0..ow {
+            let (c0, c1) = g.span(j, w);
+            let d = dyp[i * ow + j] * inv;
+            for r in r0..r1 {
+                for v in &mut dxp[r * w + c0..r * w + c1] {
+                    *v += d;
+                }
+            }
+        }
+    }
+}
+
+/// [`avg_backward_plane`] for kernel 2, stride 2, no padding: windows do not overlap, so each
+/// covered `dx` is `0 + dy·inv`, written directly (bit-identical).
+fn avg_backward_2x2<R: Real>(dyp: &[R], dxp: &mut [R], w: usize, oh: usize, ow: usize, inv: R) {
+    for (i, dr) in dyp.chunks_exact(ow).take(oh).enumerate() {
+        let (top, bottom) = dxp[2 * i * w..(2 * i + 2) * w].split_at_mut(w);
+        for ((&d, a), b) in dr
+            .iter()
+            .zip(top[..2 * ow].chunks_exact_mut(2))
+            .zip(bottom[..2 * ow].chunks_exact_mut(2))
+        {
+            let v = R::zero() + d * inv;
+            a[0] = v;
+            a[1] = v;
+            b[0] = v;
+            b[1] = v;
+        }
+    }
 }
 
 /// Max pooling (padding acts as −∞, PyTorch semantics):
@@ -498,6 +577,36 @@ impl<R: Real> Layer<R> for GlobalAvgPool {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn avgpool_2x2_fast_path_is_bit_identical_to_the_general_loops() {
+        let g = PoolGeom {
+            kernel: 2,
+            stride: 2,
+            pad: 0,
+        };
+        let mut rng = crate::rng::Rng::new(11);
+        for (h, w) in [(2, 2), (28, 28), (7, 9), (14, 3), (5, 2)] {
+            let (oh, ow) = (h / 2, w / 2);
+            let x: Vec<f32> = (0..h * w).map(|_| rng.normal() as f32).collect();
+            let dy: Vec<f32> = (0..oh * ow).map(|_| rng.normal() as f32).collect();
+            let inv = 0.25f32;
+            let (mut y1, mut y2) = (vec![0.0; oh * ow], vec![0.0; oh * ow]);
+            avg_forward_plane(g, &x, &mut y1, h, w, oh, ow, inv);
+            avg_forward_2x2(&x, &mut y2, w, oh, ow, inv);
+            assert_eq!(
+                y1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let (mut d1, mut d2) = (vec![0.0; h * w], vec![0.0; h * w]);
+            avg_backward_plane(g, &dy, &mut d1, h, w, oh, ow, inv);
+            avg_backward_2x2(&dy, &mut d2, w, oh, ow, inv);
+            assert_eq!(
+                d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+
     use super::*;
     use crate::gradcheck::{GradCheckOpts, check_step};
     use crate::layers::GradMode;
