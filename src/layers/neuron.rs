@@ -297,6 +297,9 @@ impl<R: Real> EmpfV1<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfV1<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -481,6 +484,9 @@ impl<R: Real> EmpfV2<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfV2<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -667,6 +673,9 @@ impl<R: Real> EmpfFolded<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfFolded<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -893,6 +902,9 @@ impl<R: Real> EmpfV3<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfV3<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -1050,6 +1062,9 @@ impl<R: Real> Lif<R> {
 }
 
 impl<R: Real> Layer<R> for Lif<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
