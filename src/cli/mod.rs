@@ -9,6 +9,9 @@ use crate::train::trainer::{TrainConfig, Trainer};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+pub mod export;
+pub mod infer;
+
 /// empf: train and deploy EM-PF spiking neural networks on CPUs.
 #[derive(Parser, Debug)]
 #[command(name = "empf", version, about, long_about = None)]
@@ -33,6 +36,10 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Export a checkpoint to a deployable model file (1-bit weights, folded BN and Version II).
+    Export(export::ExportArgs),
+    /// Run a deployed model file on an MNIST-format split (float or k-bit spikes).
+    Infer(infer::InferArgs),
 }
 
 /// `empf bench ...`.
@@ -40,6 +47,8 @@ pub enum Command {
 pub enum BenchCmd {
     /// Training images/s and peak memory over T and gradient modes (synthetic inputs).
     Train(BenchTrainArgs),
+    /// Inference latency (batch 1) and throughput per precision vs the training graph's eval mode.
+    Infer(infer::BenchInferArgs),
 }
 
 /// `empf bench train`.
@@ -152,6 +161,13 @@ pub struct TrainArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Quantisation-aware training of k-bit spikes (1..8): a straight-through quantiser before
+    /// every binary layer, for `empf infer --precision Kbit`.
+    #[arg(long)]
+    pub spike_bits: Option<u32>,
+    /// Quantisation step of --spike-bits (the spec's 4-bit rule: 0.25).
+    #[arg(long, default_value_t = 0.25)]
+    pub spike_step: f64,
 }
 
 /// `empf eval`.
@@ -194,6 +210,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Info(a) => info(a),
         Command::Bench(BenchCmd::Train(a)) => bench_train(a),
+        Command::Bench(BenchCmd::Infer(a)) => infer::bench(a),
+        Command::Export(a) => export::run(a),
+        Command::Infer(a) => infer::run(a),
     }
 }
 
@@ -223,6 +242,10 @@ pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
         }
         m.widths = w.clone();
     }
+    m.spike_quant = a.spike_bits.map(|bits| crate::model::SpikeQuantConfig {
+        bits,
+        step: a.spike_step,
+    });
     m.validate()?;
     Ok(m)
 }

@@ -5,6 +5,7 @@
 //! checkpoint --empf export--> model.empfm --Model::load--> Runtime::new(precision) --run--> logits
 //! ```
 
+pub mod bench;
 pub mod export;
 pub mod format;
 pub mod runtime;

@@ -5,7 +5,7 @@
 
 pub mod config;
 pub mod zoo;
-pub use config::{ModelConfig, NeuronKind};
+pub use config::{ModelConfig, NeuronKind, SpikeQuantConfig};
 
 use crate::error::Result;
 use crate::layers::{Cache, Layer, Param, State, StepCtx};
