@@ -758,24 +758,28 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                     .zip(v.par_chunks_mut(inner))
                     .zip(xt.par_chunks(inner))
                     .for_each(|((ys, vs), xs)| {
-                        for i in 0..inner {
-                            let ch = if chs == 1 { 0 } else { (i / hw) % c };
-                            let mut m = match aff {
-                                Some((k, b)) => k[ch] * xs[i] + b[ch],
-                                None => xs[i],
-                            };
-                            if t > 0 {
-                                m = match aff {
-                                    Some(_) => m + lk[ch] * vs[i],
-                                    None => lk[ch] * vs[i] + m,
-                                };
-                            }
-                            if m > th {
-                                ys[i] = m - th;
-                                vs[i] = th;
-                            } else {
-                                ys[i] = 0.0;
-                                vs[i] = m;
+                        for ci in 0..c {
+                            let ch = if chs == 1 { 0 } else { ci };
+                            let l = lk[ch];
+                            let (k, b) = aff.map_or((1.0, 0.0), |(k, b)| (k[ch], b[ch]));
+                            let r = ci * hw..(ci + 1) * hw;
+                            let (ys, vs, xs) = (&mut ys[r.clone()], &mut vs[r.clone()], &xs[r]);
+                            for ((y, v), &x) in ys.iter_mut().zip(vs.iter_mut()).zip(xs) {
+                                let mut m = if aff.is_some() { k * x + b } else { x };
+                                if t > 0 {
+                                    m = if aff.is_some() {
+                                        m + l * *v
+                                    } else {
+                                        l * *v + m
+                                    };
+                                }
+                                if m > th {
+                                    *y = m - th;
+                                    *v = th;
+                                } else {
+                                    *y = 0.0;
+                                    *v = m;
+                                }
                             }
                         }
                     });
