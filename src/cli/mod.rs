@@ -25,6 +25,7 @@ pub struct Cli {
 }
 
 /// Subcommands.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a network (with no arguments: the quick start on the bundled MNIST subset).

@@ -41,7 +41,7 @@ pub fn export<R: Real>(cfg: &ModelConfig, net: &Sequential<R>) -> Result<Model> 
     Ok(model)
 }
 
-fn any_of<'a, R: Real>(l: &'a dyn Layer<R>) -> Result<&'a dyn Any> {
+fn any_of<R: Real>(l: &dyn Layer<R>) -> Result<&dyn Any> {
     l.as_any().ok_or_else(|| {
         Error::Config(format!(
             "layer `{}` of kind {} cannot be exported (it does not expose Layer::as_any)",

@@ -767,11 +767,9 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                             for ((y, v), &x) in ys.iter_mut().zip(vs.iter_mut()).zip(xs) {
                                 let mut m = if aff.is_some() { k * x + b } else { x };
                                 if t > 0 {
-                                    m = if aff.is_some() {
-                                        m + l * *v
-                                    } else {
-                                        l * *v + m
-                                    };
+                                    // float addition commutes: this is both `λv + x` (V1)
+                                    // and `(kx + b) + λ̂v` (folded V2), bit for bit
+                                    m += l * *v;
                                 }
                                 if m > th {
                                     *y = m - th;

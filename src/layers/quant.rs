@@ -41,7 +41,7 @@ crate::impl_cache!(QuantCache { pass });
 impl SpikeQuant {
     /// A `bits`-bit quantiser with step `step`.
     pub fn new(name: &str, bits: u32, step: f64) -> Result<Self> {
-        if !(1..=8).contains(&bits) || !(step.is_finite() && step > 0.0) {
+        if !((1..=8).contains(&bits) && step.is_finite() && step > 0.0) {
             return Err(Error::Config(format!(
                 "spike quantiser `{name}`: bits must be 1..=8 and step positive, got {bits} and {step}"
             )));

@@ -188,7 +188,7 @@ impl ModelConfig {
             )));
         }
         if let Some(q) = &self.spike_quant
-            && (!(1..=8).contains(&q.bits) || !(q.step.is_finite() && q.step > 0.0))
+            && !((1..=8).contains(&q.bits) && q.step.is_finite() && q.step > 0.0)
         {
             return Err(Error::Config(format!(
                 "spike quantisation: bits must be 1..=8 and the step positive, got {} and {}",
