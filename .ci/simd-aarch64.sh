@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Cross-tests the `empf-simd` crate (NEON kernels included) on aarch64 under qemu-user.
+# Cross-tests the `empf-simd` crate (NEON kernels included) and the inference runtime's tests
+# (tests/deploy.rs, minus the whole-MNIST-split comparison, too slow under emulation) on aarch64
+# under qemu-user.
 #
 # Installs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (apt), then the Rust target
 # (rustup target add; falling back to nightly -Zbuild-std with rust-src). When the toolchain cannot be
@@ -32,13 +34,17 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 
 if rustup target list --installed 2>/dev/null | grep -qx "$T" || rustup target add "$T"; then
     echo "== cargo test -p empf-simd --release --target $T (under qemu)"
-    exec cargo test -p empf-simd --release --target "$T"
+    cargo test -p empf-simd --release --target "$T" || exit 1
+    echo "== cargo test -p empf --release --target $T --test deploy (runtime, under qemu)"
+    exec cargo test -p empf --release --target "$T" --test deploy -- --skip whole_mnist_test_set
 fi
 
 echo "rustup target add $T failed; trying nightly -Zbuild-std"
 if rustup component add rust-src --toolchain nightly 2>/dev/null \
     || { rustup toolchain install nightly --profile minimal && rustup component add rust-src --toolchain nightly; }; then
     echo "== cargo +nightly test -Zbuild-std -p empf-simd --release --target $T (under qemu)"
-    exec cargo +nightly test -Zbuild-std -p empf-simd --release --target "$T"
+    cargo +nightly test -Zbuild-std -p empf-simd --release --target "$T" || exit 1
+    echo "== cargo +nightly test -Zbuild-std -p empf --release --target $T --test deploy (under qemu)"
+    exec cargo +nightly test -Zbuild-std -p empf --release --target "$T" --test deploy -- --skip whole_mnist_test_set
 fi
 skip "could not install the $T Rust target (rustup target add and nightly rust-src both failed)"

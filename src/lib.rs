@@ -12,6 +12,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod gradcheck;
+pub mod infer;
 pub mod io;
 pub mod layers;
 pub mod loss;

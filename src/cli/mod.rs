@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 pub mod grad;
 pub mod separability;
+pub mod export;
+pub mod infer;
 
 /// empf: train and deploy EM-PF spiking neural networks on CPUs.
 #[derive(Parser, Debug)]
@@ -25,6 +27,7 @@ pub struct Cli {
 }
 
 /// Subcommands.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a network (with no arguments: the quick start on the bundled MNIST subset).
@@ -40,6 +43,10 @@ pub enum Command {
     Separability(separability::SeparabilityArgs),
     /// Dump parameters, inputs and both modes' gradients of one batch to an .npz.
     Grad(grad::GradArgs),
+    /// Export a checkpoint to a deployable model file (1-bit weights, folded BN and Version II).
+    Export(export::ExportArgs),
+    /// Run a deployed model file on an MNIST-format split (float or k-bit spikes).
+    Infer(infer::InferArgs),
 }
 
 /// `empf bench ...`.
@@ -47,6 +54,8 @@ pub enum Command {
 pub enum BenchCmd {
     /// Training images/s and peak memory over T and gradient modes (synthetic inputs).
     Train(BenchTrainArgs),
+    /// Inference latency (batch 1) and throughput per precision vs the training graph's eval mode.
+    Infer(infer::BenchInferArgs),
 }
 
 /// `empf bench train`.
@@ -170,6 +179,13 @@ pub struct TrainArgs {
     /// samples to the epoch record (`sep_cosine`, `sep_cosine.<layer>`, ...).
     #[arg(long)]
     pub track_separability: bool,
+    /// Quantisation-aware training of k-bit spikes (1..8): a straight-through quantiser before
+    /// every binary layer, for `empf infer --precision Kbit`.
+    #[arg(long)]
+    pub spike_bits: Option<u32>,
+    /// Quantisation step of --spike-bits (the spec's 4-bit rule: 0.25).
+    #[arg(long, default_value_t = 0.25)]
+    pub spike_step: f64,
 }
 
 /// `empf eval`.
@@ -214,6 +230,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Train(a)) => bench_train(a),
         Command::Separability(a) => separability::run(a),
         Command::Grad(a) => grad::run(a),
+        Command::Bench(BenchCmd::Infer(a)) => infer::bench(a),
+        Command::Export(a) => export::run(a),
+        Command::Infer(a) => infer::run(a),
     }
 }
 
@@ -243,6 +262,10 @@ pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
         }
         m.widths = w.clone();
     }
+    m.spike_quant = a.spike_bits.map(|bits| crate::model::SpikeQuantConfig {
+        bits,
+        step: a.spike_step,
+    });
     m.validate()?;
     Ok(m)
 }

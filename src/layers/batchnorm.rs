@@ -443,6 +443,9 @@ impl<R: Real> BatchNorm<R> {
 }
 
 impl<R: Real> Layer<R> for BatchNorm<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

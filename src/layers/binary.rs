@@ -195,6 +195,9 @@ impl<R: Real> BinaryConv2d<R> {
 }
 
 impl<R: Real> Layer<R> for BinaryConv2d<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -326,6 +329,9 @@ impl<R: Real> BinaryLinear<R> {
 }
 
 impl<R: Real> Layer<R> for BinaryLinear<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -633,6 +633,9 @@ impl<R: Real> Conv2d<R> {
 }
 
 impl<R: Real> Layer<R> for Conv2d<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -129,6 +129,9 @@ pub(crate) fn linear_backward<R: Real>(
 }
 
 impl<R: Real> Layer<R> for Linear<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -30,6 +30,9 @@ impl Flatten {
 }
 
 impl<R: Real> Layer<R> for Flatten {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -30,9 +30,11 @@ pub use linear::Linear;
 pub use neuron::{EmpfFolded, EmpfV1, EmpfV2, EmpfV3, Lif};
 pub mod misc;
 pub mod pool;
+pub mod quant;
 pub mod seca;
 pub use misc::Flatten;
 pub use pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
+pub use quant::SpikeQuant;
 pub use seca::Seca;
 
 /// How gradients flow through time.
@@ -352,6 +354,12 @@ pub trait Layer<R: Real>: Send + Sync {
     /// A short description for `empf info` (kind and hyper-parameters).
     fn describe(&self) -> String {
         self.kind().to_string()
+    }
+
+    /// The concrete layer, for walkers that need its type (the deployment exporter, `infer::export`).
+    /// Layers that return `None` (the default) cannot be exported.
+    fn as_any(&self) -> Option<&dyn Any> {
+        None
     }
 }
 

@@ -381,6 +381,9 @@ impl<R: Real> EmpfV1<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfV1<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -592,6 +595,9 @@ impl<R: Real> EmpfV2<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfV2<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -778,6 +784,9 @@ impl<R: Real> EmpfFolded<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfFolded<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -1004,6 +1013,9 @@ impl<R: Real> EmpfV3<R> {
 }
 
 impl<R: Real> Layer<R> for EmpfV3<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -1161,6 +1173,9 @@ impl<R: Real> Lif<R> {
 }
 
 impl<R: Real> Layer<R> for Lif<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

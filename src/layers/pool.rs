@@ -220,6 +220,9 @@ impl AvgPool2d {
 }
 
 impl<R: Real> Layer<R> for AvgPool2d {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -404,6 +407,9 @@ impl MaxPool2d {
 }
 
 impl<R: Real> Layer<R> for MaxPool2d {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -528,6 +534,9 @@ pub(crate) fn plane_means<R: Real>(x: &[R], plane: usize) -> Vec<R> {
 }
 
 impl<R: Real> Layer<R> for GlobalAvgPool {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

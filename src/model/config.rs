@@ -63,6 +63,19 @@ pub struct ModelConfig {
     pub input: [usize; 3],
     /// Classes.
     pub classes: usize,
+    /// Quantisation-aware training of k-bit spikes (EMPF.md §10): a `SpikeQuant` before every
+    /// binary synaptic layer. `None`: float spikes. Stored as `spike_bits=`/`spike_step=` lines only
+    /// when set, so older config texts still parse.
+    pub spike_quant: Option<SpikeQuantConfig>,
+}
+
+/// k-bit spike quantisation: `q(s) = clamp(round(s/step), 0, 2^bits − 1)·step`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpikeQuantConfig {
+    /// Bits per spike, 1..=8.
+    pub bits: u32,
+    /// Quantisation step (the spec's 4-bit rule: 1/4).
+    pub step: f64,
 }
 
 impl ModelConfig {
@@ -76,23 +89,29 @@ impl ModelConfig {
             widths: vec![32, 64, 128],
             input: [1, 28, 28],
             classes: 10,
+            spike_quant: None,
         }
     }
 
     /// Serialise as `key=value` lines.
     pub fn to_text(&self) -> String {
         let w: Vec<String> = self.widths.iter().map(|x| x.to_string()).collect();
-        format!(
-            "arch={}\nneuron={}\nsteps={}\nwidths={}\ninput={}x{}x{}\nclasses={}\n",
-            self.arch,
-            self.neuron,
-            self.steps,
-            w.join(","),
-            self.input[0],
-            self.input[1],
-            self.input[2],
-            self.classes
-        )
+        let quant = match &self.spike_quant {
+            Some(q) => format!("spike_bits={}\nspike_step={}\n", q.bits, q.step),
+            None => String::new(),
+        };
+        quant
+            + &format!(
+                "arch={}\nneuron={}\nsteps={}\nwidths={}\ninput={}x{}x{}\nclasses={}\n",
+                self.arch,
+                self.neuron,
+                self.steps,
+                w.join(","),
+                self.input[0],
+                self.input[1],
+                self.input[2],
+                self.classes
+            )
     }
 
     /// Parse [`ModelConfig::to_text`].
@@ -129,6 +148,20 @@ impl ModelConfig {
             widths,
             input: [dims[0], dims[1], dims[2]],
             classes: num("classes", get("classes")?)?,
+            spike_quant: match kv.get("spike_bits") {
+                None => None,
+                Some(b) => Some(SpikeQuantConfig {
+                    bits: num("spike_bits", b)? as u32,
+                    step: match kv.get("spike_step") {
+                        Some(v) => v.trim().parse::<f64>().map_err(|_| {
+                            Error::Config(format!(
+                                "model config `spike_step`: `{v}` is not a number"
+                            ))
+                        })?,
+                        None => 0.25,
+                    },
+                }),
+            },
         };
         c.validate()?;
         Ok(c)
@@ -152,6 +185,14 @@ impl ModelConfig {
             return Err(Error::Config(format!(
                 "widths must be in 1..=16384, got {:?}",
                 self.widths
+            )));
+        }
+        if let Some(q) = &self.spike_quant
+            && !((1..=8).contains(&q.bits) && q.step.is_finite() && q.step > 0.0)
+        {
+            return Err(Error::Config(format!(
+                "spike quantisation: bits must be 1..=8 and the step positive, got {} and {}",
+                q.bits, q.step
             )));
         }
         if self.input.iter().any(|&d| d == 0 || d > 4096) {
@@ -200,6 +241,18 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("time-steps")
+        );
+        let q = ModelConfig {
+            spike_quant: Some(SpikeQuantConfig {
+                bits: 4,
+                step: 0.25,
+            }),
+            ..ModelConfig::mnist_cnn()
+        };
+        assert_eq!(ModelConfig::from_text(&q.to_text()).unwrap(), q);
+        assert!(
+            !c.to_text().contains("spike"),
+            "float configs keep the old text"
         );
         assert_eq!(NeuronKind::parse("II").unwrap(), NeuronKind::V2);
         assert!(NeuronKind::parse("v9").is_err());

@@ -5,7 +5,7 @@
 
 pub mod config;
 pub mod zoo;
-pub use config::{ModelConfig, NeuronKind};
+pub use config::{ModelConfig, NeuronKind, SpikeQuantConfig};
 
 use crate::error::Result;
 use crate::layers::{Cache, Layer, Param, State, StepCtx};
@@ -102,6 +102,9 @@ impl<R: Real> Sequential<R> {
 }
 
 impl<R: Real> Layer<R> for Sequential<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -189,6 +192,9 @@ impl<R: Real> Residual<R> {
 }
 
 impl<R: Real> Layer<R> for Residual<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

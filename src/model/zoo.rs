@@ -106,7 +106,29 @@ fn build_cnn<R: Real>(cfg: &ModelConfig, rng: &mut Rng) -> Result<Sequential<R>>
         net.push(Linear::new("fc", w2, cfg.classes, true, rng));
     }
     net.output_shape(&[1, c, h, w])?;
+    insert_spike_quant(cfg, &mut net)?;
     Ok(net)
+}
+
+/// Quantisation-aware training (EMPF.md §10): with `cfg.spike_quant` set, put a
+/// [`SpikeQuant`](crate::layers::SpikeQuant) before every binary synaptic layer of `net`, so that
+/// each binary layer sees exactly what the k-bit runtime feeds its popcount kernels.
+pub fn insert_spike_quant<R: Real>(cfg: &ModelConfig, net: &mut Sequential<R>) -> Result<()> {
+    let Some(q) = cfg.spike_quant else {
+        return Ok(());
+    };
+    let mut i = 0;
+    while i < net.layers.len() {
+        let kind = net.layers[i].kind();
+        if kind == "BinaryConv2d" || kind == "BinaryLinear" {
+            let name = format!("{}.quant", net.layers[i].name());
+            let layer = crate::layers::SpikeQuant::new(&name, q.bits, q.step)?;
+            net.layers.insert(i, Box::new(layer));
+            i += 1;
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// Parameter memory of a network (EMPF.md §9): (paper's rule: binary weights at 2 bits, every other

@@ -1,0 +1,99 @@
+//! `empf export`: a training checkpoint → a deployable model file (`src/infer/format.rs`).
+
+use crate::error::Result;
+use crate::infer::format::{Model, Op};
+use clap::Args;
+use std::path::PathBuf;
+
+/// `empf export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint (.npz) written by `empf train`.
+    pub checkpoint: PathBuf,
+    /// Output model file (default: the checkpoint path with extension `.empfm`).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+}
+
+/// (binary weights, other stored values) of a model.
+pub fn stored_counts(ops: &[Op]) -> (usize, usize) {
+    let (mut bits, mut vals) = (0, 0);
+    for op in ops {
+        match op {
+            Op::Conv { weight, bias, .. } | Op::Linear { weight, bias, .. } => {
+                vals += weight.len() + bias.as_ref().map_or(0, |b| b.len())
+            }
+            Op::BinConv {
+                signs,
+                scale,
+                shift,
+                ..
+            }
+            | Op::BinLinear {
+                signs,
+                scale,
+                shift,
+                ..
+            } => {
+                bits += signs.len;
+                vals += scale.len() + shift.len();
+            }
+            Op::Affine { scale, shift, .. } => vals += scale.len() + shift.len(),
+            Op::Empf {
+                leak,
+                threshold,
+                input,
+                ..
+            } => {
+                vals += leak.len()
+                    + threshold.len()
+                    + input.as_ref().map_or(0, |(a, b)| a.len() + b.len())
+            }
+            Op::Parallel { threshold, .. } => vals += threshold.len(),
+            Op::Lif { .. } => vals += 3,
+            Op::Seca { weight, .. } => vals += weight.len() + 1,
+            Op::SpikeQuant { .. } => vals += 2,
+            Op::Residual { body, shortcut, .. } => {
+                let (b, v) = stored_counts(body);
+                let (sb, sv) = stored_counts(shortcut.as_deref().unwrap_or(&[]));
+                bits += b + sb;
+                vals += v + sv;
+            }
+            Op::AvgPool { .. }
+            | Op::MaxPool { .. }
+            | Op::GlobalAvgPool { .. }
+            | Op::Flatten { .. } => {}
+        }
+    }
+    (bits, vals)
+}
+
+/// Run `empf export`.
+pub fn run(a: ExportArgs) -> Result<()> {
+    let (cfg, net) = crate::train::checkpoint::load_model(&a.checkpoint)?;
+    let model: Model = crate::infer::export(&cfg, &net)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| a.checkpoint.with_extension("empfm"));
+    model.save(&out)?;
+    let size = model.to_bytes().len();
+    let (bits, vals) = stored_counts(&model.ops);
+    let ideal = bits as f64 / 8.0 + 4.0 * vals as f64;
+    println!(
+        "{}: {} ops, T = {}, input {:?}, {} classes{}",
+        out.display(),
+        model.ops.len(),
+        model.steps,
+        model.input,
+        model.classes,
+        cfg.spike_quant
+            .map(|q| format!(", {}-bit spikes (QAT, step {})", q.bits, q.step))
+            .unwrap_or_default()
+    );
+    println!(
+        "size {size} B = {:.3}x (1 bit x {bits} binary weights + 4 B x {vals} other values = {ideal:.0} B)",
+        size as f64 / ideal.max(1.0)
+    );
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! `empf bench infer`: batch-1 latency and batch-64 throughput of the runtime per precision mode,
+//! against the training graph's eval mode on the same model, in the same run (synthetic inputs of
+//! the model's shape).
+
+use super::{Precision, Runtime};
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, Sequential};
+use crate::rng::Rng;
+use crate::tensor::{Tensor, from_vec};
+use crate::train::step::{StepInput, eval_batch};
+use empf_simd::Simd;
+use std::time::Instant;
+
+/// One measured engine.
+#[derive(Clone, Debug)]
+pub struct InferBenchRow {
+    /// `eval` (training graph) or the runtime's precision.
+    pub engine: String,
+    /// Median seconds per batch-1 call.
+    pub latency_s: f64,
+    /// Images per second at the large batch.
+    pub throughput: f64,
+}
+
+fn images(n: usize, input: [usize; 3], rng: &mut Rng) -> Tensor<f32> {
+    let len = n * input.iter().product::<usize>();
+    from_vec(
+        &[n, input[0], input[1], input[2]],
+        (0..len).map(|_| rng.uniform() as f32).collect(),
+    )
+}
+
+fn measure(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?; // warm-up
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Measure eval mode of `net` and the runtime at each precision: median of `reps` batch-1 calls and
+/// of `reps` calls at `batch`.
+pub fn bench_infer(
+    cfg: &ModelConfig,
+    net: &mut Sequential<f32>,
+    precisions: &[Precision],
+    batch: usize,
+    reps: usize,
+) -> Result<Vec<InferBenchRow>> {
+    if batch == 0 || reps == 0 {
+        return Err(Error::Config(
+            "bench infer needs --batch >= 1 and --reps >= 1".into(),
+        ));
+    }
+    let model = super::export(cfg, net)?;
+    let mut rng = Rng::new(1);
+    let x1 = images(1, cfg.input, &mut rng);
+    let xb = images(batch, cfg.input, &mut rng);
+    let steps = cfg.steps;
+    let mut rows = Vec::new();
+    let mut eval = |x: &Tensor<f32>| -> Result<()> {
+        eval_batch(net, StepInput::Static(x), steps).map(|_| ())
+    };
+    let lat = measure(reps, || eval(&x1))?;
+    let thr = measure(reps, || eval(&xb))?;
+    rows.push(InferBenchRow {
+        engine: "eval (training graph)".into(),
+        latency_s: lat,
+        throughput: batch as f64 / thr,
+    });
+    for &p in precisions {
+        let mut rt = Runtime::new(model.clone(), p, None, Simd::global())?;
+        let lat = measure(reps, || rt.run(&x1).map(|_| ()))?;
+        let thr = measure(reps, || rt.run(&xb).map(|_| ()))?;
+        rows.push(InferBenchRow {
+            engine: format!("runtime {}", p.name()),
+            latency_s: lat,
+            throughput: batch as f64 / thr,
+        });
+    }
+    Ok(rows)
+}
+
+/// The table `empf bench infer` prints.
+pub fn format_rows(cfg: &ModelConfig, batch: usize, rows: &[InferBenchRow]) -> String {
+    let mut s = format!(
+        "model {} ({} neurons, T = {}, widths {:?}), kernels {}, {} threads\n",
+        cfg.arch,
+        cfg.neuron,
+        cfg.steps,
+        cfg.widths,
+        Simd::global().kernel_name(),
+        rayon::current_num_threads()
+    );
+    s += &format!(
+        "{:<24} {:>14} {:>9} {:>18} {:>9} {:>10}\n",
+        "engine",
+        "batch-1 ms",
+        "vs eval",
+        format!("batch-{batch} img/s"),
+        "vs eval",
+        "vs float"
+    );
+    let (el, et) = (rows[0].latency_s, rows[0].throughput);
+    let ft = rows
+        .iter()
+        .find(|r| r.engine == "runtime float")
+        .map(|r| r.throughput);
+    for r in rows {
+        s += &format!(
+            "{:<24} {:>14.3} {:>8.2}x {:>18.1} {:>8.2}x {:>10}\n",
+            r.engine,
+            r.latency_s * 1e3,
+            el / r.latency_s,
+            r.throughput,
+            r.throughput / et,
+            ft.map(|f| format!("{:.2}x", r.throughput / f))
+                .unwrap_or_default()
+        );
+    }
+    s
+}

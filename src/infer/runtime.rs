@@ -1,0 +1,889 @@
+//! The inference runtime: runs a [`Model`] over T steps with no training machinery.
+//!
+//! Execution is layer-major over time: an activation holds all `T` steps at once (`T·N` rows,
+//! step-major), so convolutions, pools and Version III neurons run as one batched call over `T·N`,
+//! and only stateful neurons (Version I / folded II, LIF) loop over `t` inside their op. Until the
+//! first neuron the activation is the same at every step (direct encoding) and is kept once
+//! (`N` rows): the stem runs once instead of `T` times.
+//!
+//! Precision of binary layers ([`Precision`]):
+//! * `Float`: exact float spikes; f32 GEMM with ±1 weights, `α` (and the folded BN) in the epilogue.
+//! * `Bits(k)`: the layer input is quantised to `q = clamp(round(x/step), 0, 2^k − 1)` and the layer
+//!   runs the bit-serial AND-popcount kernels of `empf-simd` with `scale·step` in the epilogue.
+//! * An input known to be binary spikes (LIF with Heaviside spikes) always takes the 1-bit kernels
+//!   (exact).
+
+use super::format::{ConvDims, Model, Op};
+use crate::error::{Error, Result};
+use crate::layers::conv::{ConvCore, ConvSpec};
+use crate::layers::quant::{DEFAULT_STEP, level};
+use crate::layers::{
+    AvgPool2d, Flatten, GlobalAvgPool, Layer, MaxPool2d, Seca, State, StepCtx, check_shape,
+};
+use crate::tensor::{Tensor, as_slice, from_vec, gemm};
+use empf_simd::{BinOp, Binarize, Epilogue, PackedConvWeights, PackedMatrix, Simd, SpikeOut};
+use rayon::prelude::*;
+
+/// How binary layers compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Float spikes, exact.
+    Float,
+    /// k-bit quantised spikes (k in 1..=8), bit-serial popcount kernels.
+    Bits(u32),
+}
+
+impl Precision {
+    /// Parse `float`, `f32` or `k` / `kbit` / `k-bit` with k in 1..=8.
+    pub fn parse(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        if t == "float" || t == "f32" {
+            return Ok(Precision::Float);
+        }
+        let digits = t.trim_end_matches("bit").trim_end_matches('-');
+        match digits.parse::<u32>() {
+            Ok(k) if (1..=8).contains(&k) => Ok(Precision::Bits(k)),
+            _ => Err(Error::Config(format!(
+                "unknown precision `{s}` (expected float or 1..8, e.g. 4bit)"
+            ))),
+        }
+    }
+    /// `float` or `k-bit`.
+    pub fn name(&self) -> String {
+        match self {
+            Precision::Float => "float".into(),
+            Precision::Bits(k) => format!("{k}-bit"),
+        }
+    }
+}
+
+/// A prepared op.
+enum Node {
+    Conv {
+        name: String,
+        core: ConvCore<f32>,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    },
+    BinConv {
+        name: String,
+        core: ConvCore<f32>,
+        dims: ConvDims,
+        pm1: Vec<f32>,
+        packed: PackedConvWeights,
+        binary_input: bool,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
+    Linear {
+        name: String,
+        in_f: usize,
+        out_f: usize,
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    },
+    BinLinear {
+        name: String,
+        in_f: usize,
+        out_f: usize,
+        pm1: Vec<f32>,
+        packed: PackedMatrix,
+        binary_input: bool,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
+    Affine {
+        name: String,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
+    Empf {
+        name: String,
+        channels: usize,
+        leak: Vec<f32>,
+        threshold: Vec<f32>,
+        input: Option<(Vec<f32>, Vec<f32>)>,
+    },
+    Parallel {
+        threshold: Vec<f32>,
+    },
+    Lif {
+        leak: f32,
+        threshold: f32,
+        gamma: f32,
+        hard_reset: bool,
+        smooth: bool,
+    },
+    /// A stateless layer of the library (pools, flatten, SECA), run step-free.
+    Layer(Box<dyn Layer<f32>>),
+    Residual {
+        name: String,
+        body: Vec<Node>,
+        shortcut: Option<Vec<Node>>,
+    },
+    Quant {
+        bits: u32,
+        step: f32,
+    },
+}
+
+/// An activation: `T·N` rows (step-major), or `N` rows equal at every step (`repeated`).
+struct Act {
+    x: Tensor<f32>,
+    repeated: bool,
+}
+
+/// A loaded model ready to run.
+pub struct Runtime {
+    nodes: Vec<Node>,
+    steps: usize,
+    input: [usize; 3],
+    classes: usize,
+    precision: Precision,
+    step: f32,
+    simd: Simd,
+}
+
+fn conv_spec(d: &ConvDims) -> ConvSpec {
+    ConvSpec::new(d.in_ch, d.out_ch, d.kernel)
+        .stride(d.stride)
+        .padding(d.pad)
+}
+
+fn simd_err(name: &str, e: empf_simd::SimdError) -> Error {
+    Error::Internal(format!("op `{name}`: {e}"))
+}
+
+fn first_quant(ops: &[Op]) -> Option<f32> {
+    ops.iter().find_map(|op| match op {
+        Op::SpikeQuant { step, .. } => Some(*step),
+        Op::Residual { body, shortcut, .. } => {
+            first_quant(body).or_else(|| shortcut.as_deref().and_then(first_quant))
+        }
+        _ => None,
+    })
+}
+
+fn prepare(ops: Vec<Op>, simd: &Simd) -> Result<Vec<Node>> {
+    ops.into_iter().map(|op| prepare_op(op, simd)).collect()
+}
+
+fn prepare_op(op: Op, simd: &Simd) -> Result<Node> {
+    Ok(match op {
+        Op::Conv {
+            name,
+            dims,
+            weight,
+            bias,
+        } => Node::Conv {
+            name,
+            core: ConvCore::new(conv_spec(&dims)),
+            weight,
+            bias,
+        },
+        Op::BinConv {
+            name,
+            dims,
+            binary_input,
+            signs,
+            scale,
+            shift,
+        } => {
+            let pm1 = signs.to_f32();
+            let packed = PackedConvWeights::from_f32_oihw(
+                &pm1,
+                dims.out_ch,
+                dims.in_ch,
+                dims.kernel,
+                dims.kernel,
+            )
+            .map_err(|e| simd_err(&name, e))?;
+            Node::BinConv {
+                core: ConvCore::new(conv_spec(&dims)),
+                name,
+                dims,
+                pm1,
+                packed,
+                binary_input,
+                scale,
+                shift,
+            }
+        }
+        Op::Linear {
+            name,
+            in_f,
+            out_f,
+            weight,
+            bias,
+        } => Node::Linear {
+            name,
+            in_f,
+            out_f,
+            weight,
+            bias,
+        },
+        Op::BinLinear {
+            name,
+            in_f,
+            out_f,
+            binary_input,
+            signs,
+            scale,
+            shift,
+        } => {
+            let pm1 = signs.to_f32();
+            let packed = simd
+                .pack_rows(&pm1, out_f, in_f, Binarize::Sign)
+                .map_err(|e| simd_err(&name, e))?;
+            Node::BinLinear {
+                name,
+                in_f,
+                out_f,
+                pm1,
+                packed,
+                binary_input,
+                scale,
+                shift,
+            }
+        }
+        Op::Affine { name, scale, shift } => Node::Affine { name, scale, shift },
+        Op::Empf {
+            name,
+            channels,
+            leak,
+            threshold,
+            input,
+        } => Node::Empf {
+            name,
+            channels,
+            leak,
+            threshold,
+            input,
+        },
+        Op::Parallel { threshold, .. } => Node::Parallel { threshold },
+        Op::Lif {
+            leak,
+            threshold,
+            gamma,
+            hard_reset,
+            smooth,
+            ..
+        } => Node::Lif {
+            leak,
+            threshold,
+            gamma,
+            hard_reset,
+            smooth,
+        },
+        Op::AvgPool {
+            name,
+            kernel,
+            stride,
+            pad,
+        } => Node::Layer(Box::new(AvgPool2d::new(&name, kernel, stride, pad)?)),
+        Op::MaxPool {
+            name,
+            kernel,
+            stride,
+            pad,
+        } => Node::Layer(Box::new(MaxPool2d::new(&name, kernel, stride, pad)?)),
+        Op::GlobalAvgPool { name } => Node::Layer(Box::new(GlobalAvgPool::new(&name))),
+        Op::Flatten { name } => Node::Layer(Box::new(Flatten::new(&name))),
+        Op::Seca { name, weight, bias } => {
+            let mut s = Seca::<f32>::new(&name, weight.len(), &mut crate::rng::Rng::new(0))?;
+            s.weight.value = from_vec(&[weight.len()], weight);
+            s.bias.value = from_vec(&[1], vec![bias]);
+            Node::Layer(Box::new(s))
+        }
+        Op::Residual {
+            name,
+            body,
+            shortcut,
+        } => Node::Residual {
+            name,
+            body: prepare(body, simd)?,
+            shortcut: match shortcut {
+                Some(s) => Some(prepare(s, simd)?),
+                None => None,
+            },
+        },
+        Op::SpikeQuant { bits, step, .. } => Node::Quant { bits, step },
+    })
+}
+
+/// Per-channel `y = scale[c]·y + shift[c]` over an `N x C x ...` buffer.
+fn affine_inplace(y: &mut [f32], c: usize, inner: usize, scale: &[f32], shift: &[f32]) {
+    y.par_chunks_mut(inner.max(1))
+        .enumerate()
+        .for_each(|(i, plane)| {
+            let ch = i % c;
+            let (k, b) = (scale[ch], shift[ch]);
+            for v in plane {
+                *v = k * *v + b;
+            }
+        });
+}
+
+/// NCHW floats → NHWC k-bit levels.
+fn quantise_nhwc(x: &[f32], shape: &[usize], step: f32, bits: u32) -> Vec<u8> {
+    let (c, hw) = (shape[1], shape[2] * shape[3]);
+    let mut q = vec![0u8; x.len()];
+    q.par_chunks_mut(c * hw)
+        .zip(x.par_chunks(c * hw))
+        .for_each(|(qn, xn)| {
+            for ci in 0..c {
+                for p in 0..hw {
+                    qn[p * c + ci] = level(xn[ci * hw + p], step, bits);
+                }
+            }
+        });
+    q
+}
+
+/// NHWC → NCHW.
+fn nhwc_to_nchw(y: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    let mut out = vec![0f32; y.len()];
+    out.par_chunks_mut(c * hw)
+        .zip(y.par_chunks(c * hw))
+        .take(n)
+        .for_each(|(on, yn)| {
+            for p in 0..hw {
+                for ci in 0..c {
+                    on[ci * hw + p] = yn[p * c + ci];
+                }
+            }
+        });
+    out
+}
+
+impl Runtime {
+    /// Prepare `model` for `precision`, with the ISA level `simd`. The quantisation step of k-bit
+    /// modes is the model's own (from its `SpikeQuant` ops, when trained with QAT), else `step`, else
+    /// [`DEFAULT_STEP`]. Checks the whole graph's shapes on a batch of one.
+    pub fn new(model: Model, precision: Precision, step: Option<f32>, simd: Simd) -> Result<Self> {
+        let step = first_quant(&model.ops)
+            .or(step)
+            .unwrap_or(DEFAULT_STEP as f32);
+        if !(step.is_finite() && step > 0.0) {
+            return Err(Error::Config(format!(
+                "quantisation step must be positive, got {step}"
+            )));
+        }
+        if let Precision::Bits(k) = precision
+            && !(1..=8).contains(&k)
+        {
+            return Err(Error::Config(format!("spike bits {k} out of range 1..=8")));
+        }
+        let elems = model.input.iter().product::<usize>();
+        if elems > 1 << 26 {
+            return Err(Error::Config(format!(
+                "input {:?} too large ({elems} values per sample)",
+                model.input
+            )));
+        }
+        let rt = Runtime {
+            nodes: prepare(model.ops, &simd)?,
+            steps: model.steps,
+            input: model.input,
+            classes: model.classes,
+            precision,
+            step,
+            simd,
+        };
+        let [c, h, w] = rt.input;
+        let out = shapes(&rt.nodes, vec![1, c, h, w])?;
+        if out != [1, rt.classes] {
+            return Err(Error::Config(format!(
+                "the model maps an input 1x{c}x{h}x{w} to {out:?}, not to 1 x {} logits",
+                rt.classes
+            )));
+        }
+        Ok(rt)
+    }
+
+    /// Time-steps.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+    /// Input `C x H x W`.
+    pub fn input(&self) -> [usize; 3] {
+        self.input
+    }
+    /// Classes.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+    /// The precision mode.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+    /// The k-bit quantisation step.
+    pub fn step(&self) -> f32 {
+        self.step
+    }
+    /// The popcount kernel level in use (e.g. `avx512`).
+    pub fn kernel_name(&self) -> &'static str {
+        self.simd.kernel_name()
+    }
+
+    /// Run a batch `N x C x H x W` through the T steps; returns the logits summed over steps,
+    /// `N x classes` (the prediction is their argmax, as in the trainer).
+    pub fn run(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
+        let [c, h, w] = self.input;
+        check_shape(
+            "input",
+            x.shape(),
+            &[None, Some(c), Some(h), Some(w)],
+            &format!("N x {c} x {h} x {w}"),
+        )?;
+        let n = x.shape()[0];
+        let ctx = Ctx {
+            steps: self.steps,
+            precision: self.precision,
+            step: self.step,
+            simd: self.simd,
+        };
+        let mut a = Act {
+            x: crate::tensor::standard(x.clone()),
+            repeated: true,
+        };
+        for node in &mut self.nodes {
+            a = apply(node, a, &ctx)?;
+        }
+        let ys = as_slice(&a.x);
+        let k = self.classes;
+        let mut out = vec![0f32; n * k];
+        if a.repeated {
+            for (o, &y) in out.iter_mut().zip(ys.iter()) {
+                for _ in 0..self.steps {
+                    *o += y;
+                }
+            }
+        } else {
+            for t in 0..self.steps {
+                for (o, &y) in out.iter_mut().zip(&ys[t * n * k..(t + 1) * n * k]) {
+                    *o += y;
+                }
+            }
+        }
+        Ok(from_vec(&[n, k], out))
+    }
+
+    /// Predicted classes of a batch.
+    pub fn predict(&mut self, x: &Tensor<f32>) -> Result<Vec<usize>> {
+        let o = self.run(x)?;
+        Ok(argmax_rows(&o))
+    }
+}
+
+/// Row-wise argmax of an `N x K` tensor.
+pub fn argmax_rows(o: &Tensor<f32>) -> Vec<usize> {
+    let k = o.shape()[1];
+    as_slice(o)
+        .chunks(k)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0
+        })
+        .collect()
+}
+
+struct Ctx {
+    steps: usize,
+    precision: Precision,
+    step: f32,
+    simd: Simd,
+}
+
+fn shapes(nodes: &[Node], mut s: Vec<usize>) -> Result<Vec<usize>> {
+    for n in nodes {
+        s = shape_of(n, &s)?;
+    }
+    Ok(s)
+}
+
+fn shape_of(node: &Node, s: &[usize]) -> Result<Vec<usize>> {
+    Ok(match node {
+        Node::Conv { name, core, .. } | Node::BinConv { name, core, .. } => {
+            core.output_shape(name, s)?
+        }
+        Node::Linear {
+            name, in_f, out_f, ..
+        }
+        | Node::BinLinear {
+            name, in_f, out_f, ..
+        } => {
+            check_shape(name, s, &[None, Some(*in_f)], &format!("N x {in_f}"))?;
+            vec![s[0], *out_f]
+        }
+        Node::Affine { name, scale, .. } => {
+            if s.len() < 2 || s[1] != scale.len() {
+                return Err(Error::shape(name, format!("N x {} x ...", scale.len()), s));
+            }
+            s.to_vec()
+        }
+        Node::Empf { name, channels, .. } => {
+            let ok = matches!(s.len(), 2 | 4) && (*channels == 1 || s[1] == *channels);
+            if !ok {
+                return Err(Error::shape(
+                    name,
+                    format!("N x {channels} (x H x W) for a per-channel neuron"),
+                    s,
+                ));
+            }
+            s.to_vec()
+        }
+        Node::Parallel { .. } | Node::Lif { .. } | Node::Quant { .. } => s.to_vec(),
+        Node::Layer(l) => l.output_shape(s)?,
+        Node::Residual {
+            name,
+            body,
+            shortcut,
+        } => {
+            let a = shapes(body, s.to_vec())?;
+            let b = match shortcut {
+                Some(sc) => shapes(sc, s.to_vec())?,
+                None => s.to_vec(),
+            };
+            if a != b {
+                return Err(Error::shape(
+                    name,
+                    format!("body output {a:?} and shortcut output {b:?} must match"),
+                    s,
+                ));
+            }
+            a
+        }
+    })
+}
+
+/// The `N x ...` slice of step `t`.
+fn step_slice(a: &Act, t: usize, per: usize) -> &[f32] {
+    let xs = a.x.as_slice().expect("standard layout");
+    if a.repeated {
+        &xs[..per]
+    } else {
+        &xs[t * per..(t + 1) * per]
+    }
+}
+
+fn rows_shape(a: &Act, steps: usize) -> (usize, usize, Vec<usize>) {
+    let s = a.x.shape();
+    let n = if a.repeated { s[0] } else { s[0] / steps };
+    let inner: usize = s[1..].iter().product();
+    let mut out = s.to_vec();
+    out[0] = n * steps;
+    (n, inner, out)
+}
+
+fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
+    let shape = a.x.shape().to_vec();
+    let out_shape = shape_of(node, &shape)?;
+    let xs = a.x.as_slice().expect("standard layout");
+    let rep = a.repeated;
+    let y = match node {
+        Node::Conv {
+            core, weight, bias, ..
+        } => core.forward(xs, &shape, weight, bias.as_deref()),
+        Node::BinConv {
+            name,
+            core,
+            dims,
+            pm1,
+            packed,
+            binary_input,
+            scale,
+            shift,
+        } => {
+            let quant = match (*binary_input, ctx.precision) {
+                (true, _) => Some((1, 1.0)),
+                (false, Precision::Bits(k)) => Some((k, ctx.step)),
+                (false, Precision::Float) => None,
+            };
+            match quant {
+                None => {
+                    let mut y = core.forward(xs, &shape, pm1, None);
+                    let inner = out_shape[2] * out_shape[3];
+                    affine_inplace(&mut y, dims.out_ch, inner, scale, shift);
+                    y
+                }
+                Some((bits, step)) => {
+                    let (n, h, w) = (shape[0], shape[2], shape[3]);
+                    let q = quantise_nhwc(xs, &shape, step, bits);
+                    let img = ctx
+                        .simd
+                        .pack_image_u8_nhwc(&q, n, h, w, dims.in_ch, bits)
+                        .map_err(|e| simd_err(name, e))?;
+                    let sc: Vec<f32> = scale.iter().map(|&k| k * step).collect();
+                    let ep = Epilogue {
+                        scale: &sc,
+                        bias: shift,
+                        neuron: None,
+                    };
+                    let len: usize = out_shape.iter().product();
+                    let mut y = vec![0f32; len];
+                    ctx.simd
+                        .bconv_fused(
+                            BinOp::And,
+                            &img,
+                            packed,
+                            dims.stride,
+                            dims.pad,
+                            &ep,
+                            SpikeOut::F32(&mut y),
+                            &mut [],
+                        )
+                        .map_err(|e| simd_err(name, e))?;
+                    nhwc_to_nchw(&y, n, dims.out_ch, out_shape[2] * out_shape[3])
+                }
+            }
+        }
+        Node::Linear {
+            in_f,
+            out_f,
+            weight,
+            bias,
+            ..
+        } => {
+            let m = shape[0];
+            let mut y = vec![0f32; m * *out_f];
+            if let Some(b) = bias {
+                for r in y.chunks_mut(*out_f) {
+                    r.copy_from_slice(b);
+                }
+            }
+            let beta = if bias.is_some() { 1.0 } else { 0.0 };
+            gemm(m, *in_f, *out_f, 1.0, xs, false, weight, true, beta, &mut y);
+            y
+        }
+        Node::BinLinear {
+            name,
+            in_f,
+            out_f,
+            pm1,
+            packed,
+            binary_input,
+            scale,
+            shift,
+        } => {
+            let m = shape[0];
+            let quant = match (*binary_input, ctx.precision) {
+                (true, _) => Some((1, 1.0)),
+                (false, Precision::Bits(k)) => Some((k, ctx.step)),
+                (false, Precision::Float) => None,
+            };
+            let mut y = vec![0f32; m * *out_f];
+            match quant {
+                None => {
+                    gemm(m, *in_f, *out_f, 1.0, xs, false, pm1, true, 0.0, &mut y);
+                    affine_inplace(&mut y, *out_f, 1, scale, shift);
+                }
+                Some((bits, step)) => {
+                    let q: Vec<u8> = xs.iter().map(|&v| level(v, step, bits)).collect();
+                    let a = ctx
+                        .simd
+                        .pack_rows_u8(&q, m, *in_f, bits)
+                        .map_err(|e| simd_err(name, e))?;
+                    let sc: Vec<f32> = scale.iter().map(|&k| k * step).collect();
+                    let ep = Epilogue {
+                        scale: &sc,
+                        bias: shift,
+                        neuron: None,
+                    };
+                    ctx.simd
+                        .bgemm_fused(BinOp::And, &a, packed, &ep, SpikeOut::F32(&mut y), &mut [])
+                        .map_err(|e| simd_err(name, e))?;
+                }
+            }
+            y
+        }
+        Node::Affine { scale, shift, .. } => {
+            let mut y = xs.to_vec();
+            let inner: usize = shape[2..].iter().product();
+            affine_inplace(&mut y, scale.len(), inner, scale, shift);
+            y
+        }
+        Node::Quant { bits, step } => {
+            let (b, s) = (*bits, *step);
+            xs.par_iter()
+                .map(|&v| f32::from(level(v, s, b)) * s)
+                .collect()
+        }
+        Node::Parallel { threshold } => {
+            let (n, inner, os) = rows_shape(&a, ctx.steps);
+            let per = n * inner;
+            let mut y = vec![0f32; per * ctx.steps];
+            for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
+                let th = threshold[t];
+                yt.par_iter_mut()
+                    .zip(step_slice(&a, t, per))
+                    .for_each(|(o, &x)| *o = if x > th { x - th } else { 0.0 });
+            }
+            return Ok(Act {
+                x: from_vec(&os, y),
+                repeated: false,
+            });
+        }
+        Node::Empf {
+            channels,
+            leak,
+            threshold,
+            input,
+            ..
+        } => {
+            let (n, inner, os) = rows_shape(&a, ctx.steps);
+            let per = n * inner;
+            let chs = *channels;
+            let hw = if shape.len() == 4 {
+                shape[2] * shape[3]
+            } else {
+                1
+            };
+            let c = shape[1];
+            let mut y = vec![0f32; per * ctx.steps];
+            let mut v = vec![0f32; per];
+            for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
+                let th = threshold[t];
+                let lk = &leak[t * chs..(t + 1) * chs];
+                let aff = input
+                    .as_ref()
+                    .map(|(k, b)| (&k[t * chs..(t + 1) * chs], &b[t * chs..(t + 1) * chs]));
+                let xt = step_slice(&a, t, per);
+                yt.par_chunks_mut(inner)
+                    .zip(v.par_chunks_mut(inner))
+                    .zip(xt.par_chunks(inner))
+                    .for_each(|((ys, vs), xs)| {
+                        for ci in 0..c {
+                            let ch = if chs == 1 { 0 } else { ci };
+                            let l = lk[ch];
+                            let (k, b) = aff.map_or((1.0, 0.0), |(k, b)| (k[ch], b[ch]));
+                            let r = ci * hw..(ci + 1) * hw;
+                            let (ys, vs, xs) = (&mut ys[r.clone()], &mut vs[r.clone()], &xs[r]);
+                            for ((y, v), &x) in ys.iter_mut().zip(vs.iter_mut()).zip(xs) {
+                                let mut m = if aff.is_some() { k * x + b } else { x };
+                                if t > 0 {
+                                    // float addition commutes: this is both `λv + x` (V1)
+                                    // and `(kx + b) + λ̂v` (folded V2), bit for bit
+                                    m += l * *v;
+                                }
+                                if m > th {
+                                    *y = m - th;
+                                    *v = th;
+                                } else {
+                                    *y = 0.0;
+                                    *v = m;
+                                }
+                            }
+                        }
+                    });
+            }
+            return Ok(Act {
+                x: from_vec(&os, y),
+                repeated: false,
+            });
+        }
+        Node::Lif {
+            leak,
+            threshold,
+            gamma,
+            hard_reset,
+            smooth,
+            ..
+        } => {
+            let (n, inner, os) = rows_shape(&a, ctx.steps);
+            let per = n * inner;
+            let (lk, th, g, hard, smooth) = (*leak, *threshold, *gamma, *hard_reset, *smooth);
+            let spike = move |m: f32| {
+                let x = m - th;
+                if !smooth {
+                    return if x >= 0.0 { 1.0 } else { 0.0 };
+                }
+                if x <= -g {
+                    0.0
+                } else if x <= 0.0 {
+                    0.5 * (x + g) * (x + g) / (g * g)
+                } else if x < g {
+                    1.0 - 0.5 * (g - x) * (g - x) / (g * g)
+                } else {
+                    1.0
+                }
+            };
+            let mut y = vec![0f32; per * ctx.steps];
+            let mut v = vec![0f32; per];
+            for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
+                let xt = step_slice(&a, t, per);
+                yt.par_iter_mut()
+                    .zip(v.par_iter_mut())
+                    .zip(xt.par_iter())
+                    .for_each(|((o, vv), &x)| {
+                        let m = if t > 0 { lk * *vv + x } else { x };
+                        let s = spike(m);
+                        *o = s;
+                        *vv = if hard { m * (1.0 - s) } else { m - th * s };
+                    });
+            }
+            return Ok(Act {
+                x: from_vec(&os, y),
+                repeated: false,
+            });
+        }
+        Node::Layer(l) => {
+            let out = l.forward(&a.x, &StepCtx::eval(0, 1), &mut State::Empty, None)?;
+            return Ok(Act {
+                x: crate::tensor::standard(out),
+                repeated: rep,
+            });
+        }
+        Node::Residual { body, shortcut, .. } => {
+            let mut b = Act {
+                x: a.x.clone(),
+                repeated: rep,
+            };
+            for n in body.iter_mut() {
+                b = apply(n, b, ctx)?;
+            }
+            let s = match shortcut {
+                Some(sc) => {
+                    let mut s = a;
+                    for n in sc.iter_mut() {
+                        s = apply(n, s, ctx)?;
+                    }
+                    s
+                }
+                None => a,
+            };
+            return Ok(add(b, s, ctx.steps));
+        }
+    };
+    Ok(Act {
+        x: from_vec(&out_shape, y),
+        repeated: rep,
+    })
+}
+
+/// `a + b`, expanding a repeated operand over the steps when the other is not repeated.
+fn add(a: Act, b: Act, steps: usize) -> Act {
+    let (mut full, other) = match (a.repeated, b.repeated) {
+        (true, false) => (b, a),
+        _ => (a, b),
+    };
+    let os = as_slice(&other.x).into_owned();
+    let fx = full.x.as_slice_mut().expect("standard layout");
+    if full.repeated == other.repeated {
+        fx.par_iter_mut().zip(&os).for_each(|(y, &x)| *y += x);
+    } else {
+        let per = os.len();
+        for t in 0..steps {
+            fx[t * per..(t + 1) * per]
+                .par_iter_mut()
+                .zip(&os)
+                .for_each(|(y, &x)| *y += x);
+        }
+    }
+    full
+}
