@@ -16,6 +16,7 @@ fn tiny(neuron: NeuronKind, steps: usize) -> ModelConfig {
         widths: vec![3, 4, 5],
         input: [1, 8, 8],
         classes: 3,
+        opts: Default::default(),
     }
 }
 

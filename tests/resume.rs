@@ -31,6 +31,7 @@ fn config(out: &Path, bp: BpMode) -> (TrainConfig, ModelConfig) {
         widths: vec![4, 6, 8],
         input: [1, 28, 28],
         classes: 10,
+        opts: Default::default(),
     };
     (tc, mc)
 }
