@@ -17,6 +17,7 @@ pub mod layers;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod recipes;
 pub mod rng;
 pub mod tensor;
 pub mod train;

@@ -9,6 +9,8 @@ use crate::train::trainer::{TrainConfig, Trainer};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+pub mod recipes;
+
 /// empf: train and deploy EM-PF spiking neural networks on CPUs.
 #[derive(Parser, Debug)]
 #[command(name = "empf", version, about, long_about = None)]
@@ -22,6 +24,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// parsed once per process: the size of the `train` arguments does not matter
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a network (with no arguments: the quick start on the bundled MNIST subset).
@@ -33,6 +37,8 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// List the named training recipes (the paper's Tab. S1), or show one.
+    Recipes(recipes::RecipesArgs),
 }
 
 /// `empf bench ...`.
@@ -152,6 +158,22 @@ pub struct TrainArgs {
     /// No progress line.
     #[arg(long, short)]
     pub quiet: bool,
+    /// A named recipe (`empf recipes`): the paper's model and hyper-parameters as defaults that
+    /// explicit flags override.
+    #[arg(long)]
+    pub recipe: Option<String>,
+    /// Augmentation list, e.g. crop:4,flip,autoaugment:cifar10,cutout:16,mixup:0.2,cutmix:1.0.
+    #[arg(long)]
+    pub augment: Option<String>,
+    /// Channel attention in residual blocks: none, i or ii (SECA_II except at down-sampling convs).
+    #[arg(long)]
+    pub seca: Option<String>,
+    /// ResNet stem: cifar (conv3x3) or imagenet (conv7x7/s2 + max-pool).
+    #[arg(long)]
+    pub stem: Option<String>,
+    /// Parallel neurons in residual blocks: half (N1 = --neuron, N2 = v3) or all (both v3).
+    #[arg(long)]
+    pub parallel: Option<String>,
 }
 
 /// `empf eval`.
@@ -173,7 +195,8 @@ pub struct EvalArgs {
 /// `empf info`.
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// A checkpoint (.npz) or an architecture name (small, mnist-cnn).
+    /// A checkpoint (.npz), an architecture (small, mnist-cnn, resnet18, resnet19, resnet34, vgg13,
+    /// vgg-snn) or a recipe name (`empf recipes`).
     #[arg(default_value = "mnist-cnn")]
     pub model: String,
 }
@@ -194,20 +217,17 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval(a),
         Command::Info(a) => info(a),
         Command::Bench(BenchCmd::Train(a)) => bench_train(a),
+        Command::Recipes(a) => recipes::run(a),
     }
 }
 
 /// The model configuration `train` builds from its arguments.
 pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
-    let mut m = match a.arch.as_str() {
-        "mnist-cnn" => ModelConfig::mnist_cnn(),
-        "small" => crate::model::zoo::small_config(),
-        other => {
-            return Err(Error::Config(format!(
-                "unknown architecture `{other}` (expected small or mnist-cnn)"
-            )));
-        }
+    let mut m = match a.recipe.as_deref().map(crate::recipes::find).transpose()? {
+        Some(r) if r.model.arch == a.arch => r.model,
+        _ => crate::model::zoo::named_config(&a.arch)?,
     };
+    recipes::apply_arch_options(a, &mut m)?;
     m.neuron = NeuronKind::parse(&a.neuron)?;
     if let Some(t) = a.steps {
         m.steps = t;
@@ -288,6 +308,7 @@ pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    let a = recipes::with_recipe(a)?;
     let model = model_config(&a)?;
     let cfg = train_config(&a, &model)?;
     let data_dir = a
@@ -433,8 +454,11 @@ fn info(a: InfoArgs) -> Result<()> {
     let model = if Path::new(&a.model).exists() {
         crate::train::checkpoint::peek_model_config(Path::new(&a.model))?
     } else {
-        let args = TrainArgs::parse_default(&a.model);
-        model_config(&args)?
+        let (m, r) = recipes::info_model(&a.model)?;
+        if let Some(r) = r {
+            println!("{}", recipes::describe(&r));
+        }
+        m
     };
     let mut rng = crate::rng::Rng::new(0);
     let mut net = crate::model::zoo::build::<f32>(&model, &mut rng)?;

@@ -13,18 +13,20 @@
 //! * `vgg13` (64x64 inputs): 64 | 64,P,128,128,P | 256,256,P | 512,512,512,P | 512, GAP → Linear;
 //!   first conv full precision. `vgg-snn` (DVS 48x48): 64 | 128,P | 256,256,P | 512,512,P |
 //!   512,512,P → Linear(512·3·3, classes); first conv binary. Each conv is followed by BN and the
-//!   neuron; P is AvgPool2d(2). `widths` are the channels of every conv.
+//!   neuron; P is AvgPool2d(2). `widths` are the channels of every conv. With `seca` on, SECA_I
+//!   follows the BN of every binary conv (a VGG has no residual stream for SECA_II's `I_prev`).
 //!
 //! Stems and heads stay full precision, synaptic convolutions are binary (EMPF.md §4, §9).
 
 use crate::error::{Error, Result};
+use crate::layers::Seca;
 use crate::layers::batchnorm::BatchNorm;
 use crate::layers::neuron::{EmpfV1, EmpfV2, EmpfV3, Lif};
 use crate::layers::pool::{AvgPool2d, GlobalAvgPool, MaxPool2d};
 use crate::layers::{
     BinaryConv2d, BinaryInit, Conv2d, ConvSpec, Flatten, Layer, Linear, ParamKind,
 };
-use crate::model::blocks::{BasicBlock, BlockSpec};
+use crate::model::blocks::{BasicBlock, BlockSpec, SecaMode};
 use crate::model::{ArchOptions, ModelConfig, NeuronKind, Parallel, Sequential, Stem};
 use crate::rng::Rng;
 use crate::tensor::Real;
@@ -227,6 +229,10 @@ fn build_vgg<R: Real>(
             net.push(BinaryConv2d::new(&name, spec, BinaryInit::Kaiming, rng));
         }
         net.push(BatchNorm::new(&format!("bn{}", i + 1), width));
+        if cfg.opts.seca != SecaMode::None && (i > 0 || first_binary) {
+            // no residual stream in a VGG: SECA_I on the current of each binary conv
+            net.push(Seca::for_channels(&format!("seca{}", i + 1), width, rng)?);
+        }
         net.push_boxed(neuron(cfg.neuron, &format!("sn{}", i + 1), width, t));
         if pools_after.contains(&i) {
             net.push(AvgPool2d::new(&format!("pool{}", i + 1), 2, 2, 0)?);
