@@ -75,6 +75,9 @@ pub struct BenchTrainArgs {
     /// Print the time spent in each layer.
     #[arg(long)]
     pub profile: bool,
+    /// Measure a recipe's network (`empf recipes`) instead of `--arch`/`--neuron`/`--widths`.
+    #[arg(long)]
+    pub recipe: Option<String>,
 }
 
 /// `empf train`.
@@ -484,7 +487,10 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let mut ta = TrainArgs::parse_default(&a.arch);
     ta.neuron = a.neuron.clone();
     ta.widths = a.widths.clone();
-    let model = model_config(&ta)?;
+    let model = match &a.recipe {
+        Some(r) => crate::recipes::find(r)?.model,
+        None => model_config(&ta)?,
+    };
     let modes = a
         .modes
         .iter()
