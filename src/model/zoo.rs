@@ -436,6 +436,72 @@ mod tests {
         assert_eq!((one / 1e4).round() / 100.0, 1.42, "{one} bytes");
     }
 
+    /// A narrow ResNet-18 (both stems, SECA_II, all-parallel) and VGG-SNN run in the trainer's time
+    /// loop: every binary conv of every block, the stem and the head receive a finite, non-zero
+    /// gradient in online and BPTT training.
+    #[test]
+    fn narrow_paper_models_train_in_the_time_loop() {
+        use crate::train::step::{BpMode, StepInput, train_batch};
+        let mut cases = Vec::new();
+        for (stem, seca, parallel) in [
+            (Stem::Cifar, SecaMode::II, Parallel::Half),
+            (Stem::Imagenet, SecaMode::None, Parallel::All),
+        ] {
+            let mut c = named_config("resnet18").unwrap();
+            c.widths = vec![4, 6, 6, 8];
+            c.input = [3, 16, 16];
+            c.steps = 2;
+            c.opts = ArchOptions {
+                seca,
+                stem,
+                parallel,
+            };
+            cases.push(c);
+        }
+        let mut v = named_config("vgg-snn").unwrap();
+        v.widths = vec![4, 4, 6, 6, 8, 8, 8, 8];
+        v.steps = 2;
+        v.input = [2, 16, 16];
+        cases.push(v);
+        for c in cases {
+            for mode in [BpMode::Online, BpMode::Bptt] {
+                let mut rng = Rng::new(4);
+                let mut net = build::<f64>(&c, &mut rng).unwrap();
+                let [ch, h, w] = c.input;
+                let n = 4 * ch * h * w;
+                let x =
+                    crate::tensor::from_vec(&[4, ch, h, w], (0..n).map(|_| rng.normal()).collect());
+                let y = [0usize, 1, 2, 3];
+                let mut loss = |_t: usize, o: &crate::tensor::Tensor<f64>| {
+                    crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0)
+                };
+                let r = train_batch(
+                    &mut net,
+                    StepInput::Static(&x),
+                    c.steps,
+                    mode,
+                    &mut rng,
+                    &mut loss,
+                    None,
+                )
+                .unwrap();
+                assert!(r.loss.is_finite());
+                net.visit_params(&mut |p| {
+                    let weight = matches!(p.kind, ParamKind::Weight | ParamKind::BinaryWeight);
+                    if weight && !p.name.contains("seca") {
+                        let g: f64 = p.grad.iter().map(|g| g.abs()).sum();
+                        assert!(
+                            g.is_finite() && g > 0.0,
+                            "{} {mode:?}: {} has no gradient",
+                            c.arch,
+                            p.name
+                        );
+                    }
+                });
+            }
+        }
+    }
+
     #[test]
     fn every_named_model_builds_with_its_output_shape() {
         for arch in ARCHS {
