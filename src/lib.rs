@@ -18,6 +18,7 @@ pub mod layers;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod recipes;
 pub mod rng;
 pub mod separability;
 pub mod tensor;

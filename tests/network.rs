@@ -17,6 +17,7 @@ fn tiny(neuron: NeuronKind, steps: usize) -> ModelConfig {
         input: [1, 8, 8],
         classes: 3,
         spike_quant: None,
+        opts: Default::default(),
     }
 }
 

@@ -32,6 +32,7 @@ fn config(out: &Path, bp: BpMode) -> (TrainConfig, ModelConfig) {
         input: [1, 28, 28],
         classes: 10,
         spike_quant: None,
+        opts: Default::default(),
     };
     (tc, mc)
 }

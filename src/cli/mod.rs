@@ -9,10 +9,11 @@ use crate::train::trainer::{TrainConfig, Trainer};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
-pub mod grad;
-pub mod separability;
 pub mod export;
+pub mod grad;
 pub mod infer;
+pub mod recipes;
+pub mod separability;
 
 /// empf: train and deploy EM-PF spiking neural networks on CPUs.
 #[derive(Parser, Debug)]
@@ -27,6 +28,7 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// parsed once per process: the size of the `train` arguments does not matter
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -47,6 +49,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Run a deployed model file on an MNIST-format split (float or k-bit spikes).
     Infer(infer::InferArgs),
+    /// List the named training recipes (the paper's Tab. S1), or show one.
+    Recipes(recipes::RecipesArgs),
 }
 
 /// `empf bench ...`.
@@ -92,6 +96,9 @@ pub struct BenchTrainArgs {
     /// Internal: print machine-readable rows (used by the child processes).
     #[arg(long, hide = true)]
     pub child_rows: bool,
+    /// Measure a recipe's network (`empf recipes`) instead of `--arch`/`--neuron`/`--widths`.
+    #[arg(long)]
+    pub recipe: Option<String>,
 }
 
 /// `empf train`.
@@ -186,6 +193,22 @@ pub struct TrainArgs {
     /// Quantisation step of --spike-bits (the spec's 4-bit rule: 0.25).
     #[arg(long, default_value_t = 0.25)]
     pub spike_step: f64,
+    /// A named recipe (`empf recipes`): the paper's model and hyper-parameters as defaults that
+    /// explicit flags override.
+    #[arg(long)]
+    pub recipe: Option<String>,
+    /// Augmentation list, e.g. crop:4,flip,autoaugment:cifar10,cutout:16,mixup:0.2,cutmix:1.0.
+    #[arg(long)]
+    pub augment: Option<String>,
+    /// Channel attention in residual blocks: none, i or ii (SECA_II except at down-sampling convs).
+    #[arg(long)]
+    pub seca: Option<String>,
+    /// ResNet stem: cifar (conv3x3) or imagenet (conv7x7/s2 + max-pool).
+    #[arg(long)]
+    pub stem: Option<String>,
+    /// Parallel neurons in residual blocks: half (N1 = --neuron, N2 = v3) or all (both v3).
+    #[arg(long)]
+    pub parallel: Option<String>,
 }
 
 /// `empf eval`.
@@ -207,7 +230,8 @@ pub struct EvalArgs {
 /// `empf info`.
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// A checkpoint (.npz) or an architecture name (small, mnist-cnn).
+    /// A checkpoint (.npz), an architecture (small, mnist-cnn, resnet18, resnet19, resnet34, vgg13,
+    /// vgg-snn) or a recipe name (`empf recipes`).
     #[arg(default_value = "mnist-cnn")]
     pub model: String,
 }
@@ -233,20 +257,17 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Infer(a)) => infer::bench(a),
         Command::Export(a) => export::run(a),
         Command::Infer(a) => infer::run(a),
+        Command::Recipes(a) => recipes::run(a),
     }
 }
 
 /// The model configuration `train` builds from its arguments.
 pub fn model_config(a: &TrainArgs) -> Result<ModelConfig> {
-    let mut m = match a.arch.as_str() {
-        "mnist-cnn" => ModelConfig::mnist_cnn(),
-        "small" => crate::model::zoo::small_config(),
-        other => {
-            return Err(Error::Config(format!(
-                "unknown architecture `{other}` (expected small or mnist-cnn)"
-            )));
-        }
+    let mut m = match a.recipe.as_deref().map(crate::recipes::find).transpose()? {
+        Some(r) if r.model.arch == a.arch => r.model,
+        _ => crate::model::zoo::named_config(&a.arch)?,
     };
+    recipes::apply_arch_options(a, &mut m)?;
     m.neuron = NeuronKind::parse(&a.neuron)?;
     if let Some(t) = a.steps {
         m.steps = t;
@@ -331,6 +352,7 @@ pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    let a = recipes::with_recipe(a)?;
     let model = model_config(&a)?;
     let cfg = train_config(&a, &model)?;
     let data_dir = a
@@ -480,8 +502,11 @@ fn info(a: InfoArgs) -> Result<()> {
     let model = if Path::new(&a.model).exists() {
         crate::train::checkpoint::peek_model_config(Path::new(&a.model))?
     } else {
-        let args = TrainArgs::parse_default(&a.model);
-        model_config(&args)?
+        let (m, r) = recipes::info_model(&a.model)?;
+        if let Some(r) = r {
+            println!("{}", recipes::describe(&r));
+        }
+        m
     };
     let mut rng = crate::rng::Rng::new(0);
     let mut net = crate::model::zoo::build::<f32>(&model, &mut rng)?;
@@ -507,7 +532,10 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let mut ta = TrainArgs::parse_default(&a.arch);
     ta.neuron = a.neuron.clone();
     ta.widths = a.widths.clone();
-    let model = model_config(&ta)?;
+    let model = match &a.recipe {
+        Some(r) => crate::recipes::find(r)?.model,
+        None => model_config(&ta)?,
+    };
     let modes = a
         .modes
         .iter()

@@ -2,6 +2,7 @@
 //! `empf export` and `--resume` rebuild the same network.
 
 use crate::error::{Error, Result};
+pub use crate::model::blocks::SecaMode;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -48,6 +49,79 @@ impl fmt::Display for NeuronKind {
     }
 }
 
+/// Stem of a ResNet (EMPF.md §9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Stem {
+    /// FP conv3x3 stride 1 + BN (CIFAR, DVS).
+    #[default]
+    Cifar,
+    /// FP conv7x7 stride 2 + BN + max-pool 3x3 stride 2 (ImageNet).
+    Imagenet,
+}
+
+impl Stem {
+    /// `cifar`, `imagenet`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stem::Cifar => "cifar",
+            Stem::Imagenet => "imagenet",
+        }
+    }
+    /// Parse [`Stem::name`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "cifar" => Ok(Stem::Cifar),
+            "imagenet" => Ok(Stem::Imagenet),
+            _ => Err(Error::Config(format!(
+                "unknown stem `{s}` (expected cifar or imagenet)"
+            ))),
+        }
+    }
+}
+
+/// How many neurons of a residual block are parallel (Version III), EMPF.md §6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Parallel {
+    /// N1 is the configured neuron (Version I or II), N2 Version III ("50% parallel").
+    #[default]
+    Half,
+    /// N1 and N2 both Version III ("100% parallel").
+    All,
+}
+
+impl Parallel {
+    /// `half`, `all`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Parallel::Half => "half",
+            Parallel::All => "all",
+        }
+    }
+    /// Parse [`Parallel::name`].
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "half" | "50" => Ok(Parallel::Half),
+            "all" | "100" => Ok(Parallel::All),
+            _ => Err(Error::Config(format!(
+                "unknown parallel `{s}` (expected half or all)"
+            ))),
+        }
+    }
+}
+
+/// Architecture options beyond the basic fields (ResNets, VGGs). All default to the paper's
+/// plain setting; [`ModelConfig::to_text`] writes only the non-default ones, so older configs
+/// read back unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ArchOptions {
+    /// Channel attention in residual blocks (`seca = none|i|ii`).
+    pub seca: SecaMode,
+    /// ResNet stem (`stem = cifar|imagenet`).
+    pub stem: Stem,
+    /// Parallel neurons in residual blocks (`parallel = half|all`).
+    pub parallel: Parallel,
+}
+
 /// A network to build.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -67,6 +141,8 @@ pub struct ModelConfig {
     /// binary synaptic layer. `None`: float spikes. Stored as `spike_bits=`/`spike_step=` lines only
     /// when set, so older config texts still parse.
     pub spike_quant: Option<SpikeQuantConfig>,
+    /// Architecture options (SECA, stem, parallel neurons).
+    pub opts: ArchOptions,
 }
 
 /// k-bit spike quantisation: `q(s) = clamp(round(s/step), 0, 2^bits − 1)·step`.
@@ -76,6 +152,13 @@ pub struct SpikeQuantConfig {
     pub bits: u32,
     /// Quantisation step (the spec's 4-bit rule: 1/4).
     pub step: f64,
+}
+
+impl Default for ModelConfig {
+    /// The benchmark network ([`ModelConfig::mnist_cnn`]).
+    fn default() -> Self {
+        ModelConfig::mnist_cnn()
+    }
 }
 
 impl ModelConfig {
@@ -90,6 +173,7 @@ impl ModelConfig {
             input: [1, 28, 28],
             classes: 10,
             spike_quant: None,
+            opts: ArchOptions::default(),
         }
     }
 
@@ -100,18 +184,29 @@ impl ModelConfig {
             Some(q) => format!("spike_bits={}\nspike_step={}\n", q.bits, q.step),
             None => String::new(),
         };
-        quant
-            + &format!(
-                "arch={}\nneuron={}\nsteps={}\nwidths={}\ninput={}x{}x{}\nclasses={}\n",
-                self.arch,
-                self.neuron,
-                self.steps,
-                w.join(","),
-                self.input[0],
-                self.input[1],
-                self.input[2],
-                self.classes
-            )
+        let d = ArchOptions::default();
+        let mut extra = String::new();
+        if self.opts.seca != d.seca {
+            extra += &format!("seca={}\n", self.opts.seca.name());
+        }
+        if self.opts.stem != d.stem {
+            extra += &format!("stem={}\n", self.opts.stem.name());
+        }
+        if self.opts.parallel != d.parallel {
+            extra += &format!("parallel={}\n", self.opts.parallel.name());
+        }
+        let base = format!(
+            "arch={}\nneuron={}\nsteps={}\nwidths={}\ninput={}x{}x{}\nclasses={}\n",
+            self.arch,
+            self.neuron,
+            self.steps,
+            w.join(","),
+            self.input[0],
+            self.input[1],
+            self.input[2],
+            self.classes
+        );
+        quant + &base + &extra
     }
 
     /// Parse [`ModelConfig::to_text`].
@@ -161,6 +256,15 @@ impl ModelConfig {
                         None => 0.25,
                     },
                 }),
+            },
+            opts: ArchOptions {
+                seca: kv
+                    .get("seca")
+                    .map_or(Ok(SecaMode::None), |v| SecaMode::parse(v))?,
+                stem: kv.get("stem").map_or(Ok(Stem::Cifar), |v| Stem::parse(v))?,
+                parallel: kv
+                    .get("parallel")
+                    .map_or(Ok(Parallel::Half), |v| Parallel::parse(v))?,
             },
         };
         c.validate()?;
@@ -255,6 +359,27 @@ mod tests {
             "float configs keep the old text"
         );
         assert_eq!(NeuronKind::parse("II").unwrap(), NeuronKind::V2);
+        // architecture options: written only when not default, read back
+        assert!(!c.to_text().contains("seca"));
+        let r = ModelConfig {
+            opts: ArchOptions {
+                seca: SecaMode::II,
+                stem: Stem::Imagenet,
+                parallel: Parallel::All,
+            },
+            ..c.clone()
+        };
+        assert!(
+            r.to_text()
+                .contains("seca=ii\nstem=imagenet\nparallel=all\n")
+        );
+        assert_eq!(ModelConfig::from_text(&r.to_text()).unwrap(), r);
+        assert!(
+            ModelConfig::from_text(&(c.to_text() + "seca=iii\n"))
+                .unwrap_err()
+                .to_string()
+                .contains("seca")
+        );
         assert!(NeuronKind::parse("v9").is_err());
     }
 }

@@ -3,8 +3,11 @@
 //! Composite layers are layers too: their [`State`] and [`Cache`] hold their children's, so the
 //! trainer sees a network as one layer and the time loop stays in `train/` and `infer/`.
 
+pub mod blocks;
 pub mod config;
 pub mod zoo;
+pub use blocks::{BasicBlock, BlockSpec, SecaMode};
+pub use config::{ArchOptions, ModelConfig, NeuronKind, Parallel, Stem};
 pub use config::{ModelConfig, NeuronKind, SpikeQuantConfig};
 
 use crate::error::Result;
