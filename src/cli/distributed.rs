@@ -100,17 +100,18 @@ pub fn bench_allreduce(a: BenchAllreduceArgs) -> Result<()> {
         return Ok(());
     }
     let mb = 4.0 * params as f64 / 1e6;
-    println!(
-        "allreduce of {params} f32 ({mb:.2} MB) over {} rank(s): {:.3} ms per update ({:.2} GB/s algorithm bandwidth){}",
-        comm.size(),
-        1e3 * secs,
-        if secs > 0.0 { 1e-3 * mb / secs } else { 0.0 },
-        if comm.size() == 1 {
-            " [one process: no communication; run under `mpirun -np N`]"
-        } else {
-            ""
-        }
-    );
+    if comm.size() == 1 {
+        println!(
+            "allreduce of {params} f32 ({mb:.2} MB): one process, no communication (run under `mpirun -np N`)"
+        );
+    } else {
+        println!(
+            "allreduce of {params} f32 ({mb:.2} MB) over {} ranks: {:.3} ms per update ({:.2} GB/s algorithm bandwidth)",
+            comm.size(),
+            1e3 * secs,
+            if secs > 0.0 { 1e-3 * mb / secs } else { 0.0 },
+        );
+    }
     let Some(ips) = a.img_per_s else {
         return Ok(());
     };

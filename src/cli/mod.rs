@@ -439,7 +439,12 @@ fn eval(a: EvalArgs) -> Result<()> {
     let loss = |o: &crate::Tensor<f32>, y: &[usize]| {
         crate::loss::cross_entropy(o, crate::loss::Targets::Hard(y), 0.0)
     };
-    let ev = crate::train::trainer::evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
+    // under mpirun each rank evaluates a shard and the counts are summed
+    let dp = crate::dist::DataParallel::new(crate::dist::init()?);
+    let ev = dp.evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
+    if !dp.is_root() {
+        return Ok(());
+    }
     println!(
         "{}: {} split of {}: accuracy {:.2}% loss {:.4} ({} images, T = {}, {:.1}s); accuracy per t: {}",
         a.checkpoint.display(),
