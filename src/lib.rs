@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod gradcheck;
 pub mod infer;

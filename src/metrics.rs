@@ -175,6 +175,16 @@ impl MetricsLog {
         Ok(log)
     }
 
+    /// A log that writes nothing unless its methods are called (under MPI the ranks other than 0
+    /// hold one and never call them: only rank 0 writes the files).
+    pub fn unopened(dir: &Path) -> Self {
+        MetricsLog {
+            dir: dir.to_path_buf(),
+            epochs: Vec::new(),
+            steps: Vec::new(),
+        }
+    }
+
     /// Drop records after `epoch` epochs and `step` steps (a resume from an earlier checkpoint).
     pub fn truncate(&mut self, epochs_done: usize, global_step: u64) -> Result<()> {
         self.epochs

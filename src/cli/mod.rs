@@ -9,6 +9,7 @@ use crate::train::trainer::{TrainConfig, Trainer};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+pub mod distributed;
 pub mod export;
 pub mod grad;
 pub mod infer;
@@ -60,6 +61,8 @@ pub enum BenchCmd {
     Train(BenchTrainArgs),
     /// Inference latency (batch 1) and throughput per precision vs the training graph's eval mode.
     Infer(infer::BenchInferArgs),
+    /// Time the gradient allreduce (run under mpirun) and project data-parallel epoch times.
+    Allreduce(distributed::BenchAllreduceArgs),
 }
 
 /// `empf bench train`.
@@ -248,7 +251,7 @@ pub fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Error::Config(format!("thread pool: {e}")))?;
     }
     match cli.cmd {
-        Command::Train(a) => train(a),
+        Command::Train(a) => distributed::train(a),
         Command::Eval(a) => eval(a),
         Command::Info(a) => info(a),
         Command::Bench(BenchCmd::Train(a)) => bench_train(a),
@@ -258,6 +261,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(a) => export::run(a),
         Command::Infer(a) => infer::run(a),
         Command::Recipes(a) => recipes::run(a),
+        Command::Bench(BenchCmd::Allreduce(a)) => distributed::bench_allreduce(a),
     }
 }
 
@@ -351,7 +355,9 @@ pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
     })
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+/// `empf train` on the process group `comm` (one process, or every rank of an MPI job).
+pub fn train_on(a: TrainArgs, comm: std::sync::Arc<dyn crate::dist::Comm>) -> Result<()> {
+    let root = comm.rank() == 0;
     let a = recipes::with_recipe(a)?;
     let model = model_config(&a)?;
     let cfg = train_config(&a, &model)?;
@@ -392,38 +398,57 @@ fn train(a: TrainArgs) -> Result<()> {
         let steps = trainer.model_cfg.steps;
         trainer.epoch_hook = Some(separability::track_hook(&train_set, 64, steps)?);
     }
-    let mut log = MetricsLog::open(&out, resume_path.is_some())?;
+    trainer.dist = crate::dist::DataParallel::new(comm.clone());
+    // only rank 0 writes metrics and checkpoints
+    let mut log = if root {
+        MetricsLog::open(&out, resume_path.is_some())?
+    } else {
+        MetricsLog::unopened(&out)
+    };
     if let Some(p) = &resume_path {
         crate::train::checkpoint::load_training(p, &mut trainer)?;
-        log.truncate(trainer.pos.epoch, trainer.pos.global_step)?;
+        if root {
+            log.truncate(trainer.pos.epoch, trainer.pos.global_step)?;
+        }
+        if root {
+            eprintln!(
+                "resumed from {} at epoch {} batch {} (step {})",
+                p.display(),
+                trainer.pos.epoch + 1,
+                trainer.pos.batch,
+                trainer.pos.global_step
+            );
+        }
+    }
+    if root {
         eprintln!(
-            "resumed from {} at epoch {} batch {} (step {})",
-            p.display(),
-            trainer.pos.epoch + 1,
-            trainer.pos.batch,
-            trainer.pos.global_step
+            "training {} ({} neurons, T = {}) on {} ({} train / {} test images) with {} threads{}; bp {}; output {}",
+            trainer.model_cfg.arch,
+            trainer.model_cfg.neuron,
+            trainer.model_cfg.steps,
+            data_dir.display(),
+            train_set.len(),
+            test_set.len(),
+            rayon::current_num_threads(),
+            distributed::ranks_note(&*comm),
+            trainer.cfg.bp.name(),
+            out.display()
         );
     }
-    eprintln!(
-        "training {} ({} neurons, T = {}) on {} ({} train / {} test images) with {} threads; bp {}; output {}",
-        trainer.model_cfg.arch,
-        trainer.model_cfg.neuron,
-        trainer.model_cfg.steps,
-        data_dir.display(),
-        train_set.len(),
-        test_set.len(),
-        rayon::current_num_threads(),
-        trainer.cfg.bp.name(),
-        out.display()
-    );
     let loss = |o: &crate::Tensor<f32>, y: &[usize]| {
         crate::loss::cross_entropy(o, crate::loss::Targets::Hard(y), 0.0)
     };
     let mut save = |t: &mut Trainer, name: &str| -> Result<()> {
+        if !t.dist.is_root() {
+            return Ok(());
+        }
         let p = t.cfg.out.join(format!("{name}.npz"));
         crate::train::checkpoint::save_training(&p, t)
     };
     let ev = trainer.fit(&train_set, Some(&test_set), &loss, &mut log, &mut save)?;
+    if !root {
+        return Ok(());
+    }
     if trainer.pos.epoch >= trainer.cfg.epochs {
         let model_path = out.join("model.npz");
         crate::train::checkpoint::save_model(&model_path, &mut trainer)?;
@@ -482,7 +507,12 @@ fn eval(a: EvalArgs) -> Result<()> {
     let loss = |o: &crate::Tensor<f32>, y: &[usize]| {
         crate::loss::cross_entropy(o, crate::loss::Targets::Hard(y), 0.0)
     };
-    let ev = crate::train::trainer::evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
+    // under mpirun each rank evaluates a shard and the counts are summed
+    let dp = crate::dist::DataParallel::new(crate::dist::init()?);
+    let ev = dp.evaluate(&mut net, model.steps, a.batch, &data, &loss)?;
+    if !dp.is_root() {
+        return Ok(());
+    }
     println!(
         "{}: {} split of {}: accuracy {:.2}% loss {:.4} ({} images, T = {}, {:.1}s); accuracy per t: {}",
         a.checkpoint.display(),

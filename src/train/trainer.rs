@@ -140,6 +140,8 @@ pub struct Trainer {
     pub pos: Position,
     /// Called at each epoch end with the network and the epoch record, before it is logged.
     pub epoch_hook: Option<EpochHook>,
+    /// Data parallelism over processes (one process by default; see [`crate::dist`]).
+    pub dist: crate::dist::DataParallel,
 }
 
 /// An epoch-end hook: may add fields to the epoch record (`empf train --track-separability`).
@@ -156,6 +158,7 @@ impl Trainer {
             opt,
             pos: Position::default(),
             epoch_hook: None,
+            dist: Default::default(),
         }
     }
 
@@ -164,7 +167,11 @@ impl Trainer {
     pub fn batches_per_epoch(&self, n: usize) -> usize {
         let b = self.cfg.batch;
         let full = n / b;
-        if n % b >= 2 { full + 1 } else { full.max(1) }
+        if n % b >= 2 * self.dist.size() {
+            full + 1
+        } else {
+            full.max(1)
+        }
     }
 
     /// The learning-rate schedule for `n` training samples.
@@ -195,7 +202,8 @@ impl Trainer {
         idx
     }
 
-    /// Train one batch (`bi`-th of epoch `e`); returns (loss, correct predictions).
+    /// Train one batch (`bi`-th of epoch `e`; under data parallelism this rank's shard of it);
+    /// returns (loss, correct predictions) over the whole (global) batch.
     pub fn train_one_batch(
         &mut self,
         x: &Tensor<f32>,
@@ -214,8 +222,10 @@ impl Trainer {
         let per_step = self.cfg.per_step_update;
         let opt = &mut self.opt;
         let pos = &mut self.pos;
+        let dist = &mut self.dist;
         let mut after = |net: &mut dyn Layer<f32>| -> Result<()> {
             if per_step {
+                dist.sync_grads(net, y.len(), &mut []);
                 opt.update(net, sched.lr(pos.global_step));
                 pos.global_step += 1;
                 zero_grads(net);
@@ -238,18 +248,29 @@ impl Trainer {
                 e + 1
             )));
         }
-        if !per_step {
+        // loss·n and correct predictions, summed over the ranks (in the gradient bucket)
+        let mut stats = [
+            res.loss * y.len() as f64,
+            count_correct(&res.outputs, y) as f64,
+        ];
+        let n = if per_step {
+            let mut s = [stats[0], stats[1], y.len() as f64];
+            self.dist.sum(&mut s);
+            stats = [s[0], s[1]];
+            s[2]
+        } else {
+            let n = self.dist.sync_grads(&mut self.net, y.len(), &mut stats);
             self.opt
                 .update(&mut self.net, sched.lr(self.pos.global_step));
             self.pos.global_step += 1;
-        }
-        let correct = count_correct(&res.outputs, y);
-        Ok((res.loss, correct))
+            n as f64
+        };
+        Ok((stats[0] / n, stats[1].round() as usize))
     }
 
-    /// Evaluate on a dataset (eval mode: BatchNorm running statistics).
+    /// Evaluate on a dataset (eval mode: BatchNorm running statistics; sharded over the ranks).
     pub fn evaluate(&mut self, data: &dyn BatchSource, loss: LossFn<'_>) -> Result<EvalResult> {
-        evaluate(
+        self.dist.evaluate(
             &mut self.net,
             self.model_cfg.steps,
             self.cfg.eval_batch,
@@ -274,6 +295,8 @@ impl Trainer {
                 "the training set has {n} samples; need at least 2"
             )));
         }
+        self.dist.check_batch(self.cfg.batch)?;
+        let root = self.dist.is_root();
         let sched = self.schedule(n);
         let per = self.batches_per_epoch(n);
         let mut last_eval = None;
@@ -284,36 +307,36 @@ impl Trainer {
             let mut prog = Progress::new(
                 &format!("epoch {}/{}", e + 1, self.cfg.epochs),
                 per * self.cfg.batch.min(n),
-                self.cfg.quiet,
+                self.cfg.quiet || !root,
             );
             let t0 = Instant::now();
             let (mut lsum, mut csum, mut seen, mut nb) = (0.0, 0usize, 0usize, 0usize);
             while self.pos.batch < per {
                 let bi = self.pos.batch;
                 let idx = &order[bi * self.cfg.batch..((bi + 1) * self.cfg.batch).min(n)];
-                let (x, y) = train.batch(idx)?;
+                let (x, y) = train.batch(self.dist.shard(idx))?;
                 let (l, c) = self.train_one_batch(&x, &y, e, bi, &sched, loss)?;
                 lsum += l;
                 csum += c;
-                seen += y.len();
+                seen += idx.len();
                 nb += 1;
                 self.pos.batch += 1;
                 done_batches += 1;
                 prog.inc(
-                    y.len(),
+                    idx.len(),
                     &format!(
                         "loss {:.4} acc {:.2}%",
                         lsum / nb as f64,
                         100.0 * csum as f64 / seen as f64
                     ),
                 );
-                if self.cfg.log_every > 0 && (bi + 1) % self.cfg.log_every == 0 {
+                if root && self.cfg.log_every > 0 && (bi + 1) % self.cfg.log_every == 0 {
                     log.step(
                         Record::new()
                             .int("step", self.pos.global_step as i64)
                             .num("epoch", e as f64 + (bi + 1) as f64 / per as f64)
                             .num("loss", l)
-                            .num("acc", 100.0 * c as f64 / y.len() as f64)
+                            .num("acc", 100.0 * c as f64 / idx.len() as f64)
                             .num("lr", sched.lr(self.pos.global_step.saturating_sub(1))),
                     )?;
                 }
@@ -321,6 +344,7 @@ impl Trainer {
                     && self.pos.batch % self.cfg.checkpoint_every == 0
                     && self.pos.batch < per
                 {
+                    self.dist.average_buffers(&mut self.net);
                     save(self, "last")?;
                 }
                 if self.cfg.stop_after_batches > 0 && done_batches >= self.cfg.stop_after_batches {
@@ -332,6 +356,7 @@ impl Trainer {
             let train_secs = t0.elapsed().as_secs_f64().max(secs);
             self.pos.epoch += 1;
             self.pos.batch = 0;
+            self.dist.average_buffers(&mut self.net);
             let mut rec = Record::new()
                 .int("epoch", self.pos.epoch as i64)
                 .int("step", self.pos.global_step as i64)
@@ -340,24 +365,33 @@ impl Trainer {
                 .num("train_acc", 100.0 * csum as f64 / seen.max(1) as f64)
                 .num("train_secs", train_secs)
                 .num("train_img_per_s", ips);
+            let (comm_secs, comm_n) = self.dist.take_comm_stats();
+            if self.dist.size() > 1 {
+                rec = rec.int("ranks", self.dist.size() as i64).num(
+                    "allreduce_ms_per_update",
+                    1e3 * comm_secs / comm_n.max(1) as f64,
+                );
+            }
             if let Some(test) = test {
                 let ev = self.evaluate(test, loss)?;
                 // the epoch line is the run's log: printed even with `quiet` (which hides the progress line)
-                eprintln!(
-                    "epoch {}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% (per t: {}) | {:.1}s, {:.0} img/s",
-                    self.pos.epoch,
-                    lsum / nb.max(1) as f64,
-                    100.0 * csum as f64 / seen.max(1) as f64,
-                    ev.loss,
-                    ev.acc,
-                    ev.acc_per_t
-                        .iter()
-                        .map(|a| format!("{a:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    train_secs,
-                    ips
-                );
+                if root {
+                    eprintln!(
+                        "epoch {}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% (per t: {}) | {:.1}s, {:.0} img/s",
+                        self.pos.epoch,
+                        lsum / nb.max(1) as f64,
+                        100.0 * csum as f64 / seen.max(1) as f64,
+                        ev.loss,
+                        ev.acc,
+                        ev.acc_per_t
+                            .iter()
+                            .map(|a| format!("{a:.2}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        train_secs,
+                        ips
+                    );
+                }
                 rec = rec
                     .num("test_loss", ev.loss)
                     .num("test_acc", ev.acc)
@@ -370,7 +404,9 @@ impl Trainer {
             if let Some(h) = self.epoch_hook.as_mut() {
                 rec = h(&mut self.net, rec)?;
             }
-            log.epoch(rec)?;
+            if root {
+                log.epoch(rec)?;
+            }
             save(self, "last")?;
         }
         Ok(last_eval)
