@@ -9,6 +9,8 @@
 //! Readers: [`idx`] (MNIST, Fashion-MNIST). The quick-start subset of MNIST bundled with the
 //! repository is found by [`bundled_mnist_dir`].
 
+pub mod cifar;
+pub mod folder;
 pub mod idx;
 
 pub use idx::{Mnist, load_mnist, parse_idx_bytes, read_idx};
