@@ -44,8 +44,11 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// Class names (label order) and the (file, label) list of an ImageFolder root.
+pub type FolderScan = (Vec<String>, Vec<(PathBuf, u16)>);
+
 /// The class names and the (file, label) list of an ImageFolder root, sorted.
-pub fn scan_folder(root: impl AsRef<Path>) -> Result<(Vec<String>, Vec<(PathBuf, u16)>)> {
+pub fn scan_folder(root: impl AsRef<Path>) -> Result<FolderScan> {
     let root = root.as_ref();
     let mut classes = Vec::new();
     let mut files = Vec::new();
