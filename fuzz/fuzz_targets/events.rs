@@ -1,9 +1,9 @@
-//! Arbitrary bytes into the event readers: the first byte picks N-MNIST, AEDAT 2.0 (as is), or
+//! Arbitrary bytes into the event readers: the first byte picks N-MNIST, AEDAT 2.0 or 3.1 (as is), or
 //! AEDAT 2.0 behind a valid header (so mutations reach the records). Whatever parses is binned
 //! into frames by count and by time, and every event must land in a frame.
 #![no_main]
 
-use empf::data::events::{FramesBy, bin_events, parse_aedat2, parse_nmnist};
+use empf::data::events::{FramesBy, bin_events, parse_aedat, parse_aedat2, parse_nmnist};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let rec = match mode % 3 {
         0 => parse_nmnist(rest, "fuzz.bin"),
-        1 => parse_aedat2(rest, "fuzz.aedat"),
+        1 => parse_aedat(rest, "fuzz.aedat"),
         _ => parse_aedat2(&[b"#!AER-DAT2.0\r\n".as_slice(), rest].concat(), "fuzz.aedat"),
     };
     if let Ok(r) = rec {

@@ -7,7 +7,14 @@
 //!   (the first is `#!AER-DAT2.0`), then 8-byte records, each a big-endian `u32` address and a
 //!   big-endian `u32` timestamp (µs). DVS128 address layout: polarity = bit 0, `x` = bits 1..=7,
 //!   `y` = bits 8..=14; addresses with bit 15 set (external / special events) are skipped.
-//!   Sensor 128 × 128. (AEDAT 3.x is not read.)
+//!   Sensor 128 × 128.
+//! * **AEDAT 3.1**: `#` header lines up to `#!END-HEADER`, then packets, each a 28-byte
+//!   little-endian header (type i16, source i16, size i32, timestamp offset i32, timestamp
+//!   overflow i32, capacity i32, number i32, valid i32) and `number × size` bytes of events.
+//!   Polarity packets (type 1, 8-byte events: u32 with valid = bit 0, polarity = bit 1,
+//!   `y` = bits 2..=16, `x` = bits 17..=31, then the i32 timestamp) are read, invalid events and
+//!   other packet types skipped. The sensor is taken as 128 × 128, or larger when a coordinate
+//!   needs it. [`parse_aedat`] dispatches on the version line.
 //!
 //! Binning ([`bin_events`]): the events of one recording become `T` frames of 2 polarity channels,
 //! either **by count** (frame `k` gets events `⌊kN/T⌋ .. ⌊(k+1)N/T⌋`) or **by time** (frame
@@ -171,6 +178,99 @@ pub fn parse_aedat2(bytes: &[u8], path: impl AsRef<Path>) -> Result<Recording> {
     Ok(Recording {
         height: 128,
         width: 128,
+        events,
+    })
+}
+
+/// Parse an AEDAT file of version 2.0 or 3.1 (by its first line).
+pub fn parse_aedat(bytes: &[u8], path: impl AsRef<Path>) -> Result<Recording> {
+    if bytes.starts_with(b"#!AER-DAT3") {
+        parse_aedat3(bytes, path)
+    } else {
+        parse_aedat2(bytes, path)
+    }
+}
+
+/// Parse an AEDAT 3.1 recording (polarity events). `path` only labels the errors.
+pub fn parse_aedat3(bytes: &[u8], path: impl AsRef<Path>) -> Result<Recording> {
+    let path = path.as_ref();
+    if !bytes.starts_with(b"#!AER-DAT3.1") {
+        return Err(Error::format(
+            path,
+            "bad header: an AEDAT 3.1 file starts with `#!AER-DAT3.1`",
+        ));
+    }
+    let end = b"#!END-HEADER";
+    let mut off = 0;
+    loop {
+        if off >= bytes.len() || bytes[off] != b'#' {
+            return Err(Error::format(path, "bad header: no `#!END-HEADER` line"));
+        }
+        let nl = bytes[off..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|p| off + p + 1)
+            .ok_or_else(|| Error::format(path, "bad header: a `#` line is not terminated"))?;
+        let done = bytes[off..].starts_with(end);
+        off = nl;
+        if done {
+            break;
+        }
+    }
+    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let mut events = Vec::new();
+    let (mut maxx, mut maxy) = (127u16, 127u16);
+    while off < bytes.len() {
+        let h = bytes.get(off..off + 28).ok_or_else(|| {
+            Error::format(
+                path,
+                format!("truncated packet header at byte offset {off}"),
+            )
+        })?;
+        let ty = u16::from_le_bytes([h[0], h[1]]);
+        let size = le32(&h[4..8]) as usize;
+        let overflow = u64::from(le32(&h[12..16]));
+        let number = le32(&h[20..24]) as usize;
+        let len = size
+            .checked_mul(number)
+            .filter(|&l| l <= bytes.len() - off - 28);
+        let Some(len) = len else {
+            return Err(Error::format(
+                path,
+                format!(
+                    "packet at byte offset {off}: {number} events of {size} bytes run past the end of the file"
+                ),
+            ));
+        };
+        let body = &bytes[off + 28..off + 28 + len];
+        if ty == 1 {
+            if size < 8 {
+                return Err(Error::format(
+                    path,
+                    format!("polarity packet at byte offset {off}: event size {size} < 8"),
+                ));
+            }
+            for e in body.chunks_exact(size) {
+                let d = le32(&e[0..4]);
+                if d & 1 == 0 {
+                    continue;
+                }
+                let (x, y) = (((d >> 17) & 0x7FFF) as u16, ((d >> 2) & 0x7FFF) as u16);
+                maxx = maxx.max(x);
+                maxy = maxy.max(y);
+                events.push(Event {
+                    x,
+                    y,
+                    p: ((d >> 1) & 1) as u8,
+                    t: (overflow << 31) | u64::from(le32(&e[4..8]) & 0x7FFF_FFFF),
+                });
+            }
+        }
+        off += 28 + len;
+    }
+    Ok(Recording {
+        height: usize::from(maxy) + 1,
+        width: usize::from(maxx) + 1,
         events,
     })
 }
@@ -418,7 +518,7 @@ pub fn read_recording(path: impl AsRef<Path>) -> Result<Recording> {
         .map(str::to_ascii_lowercase)
         .as_deref()
     {
-        Some("aedat") => parse_aedat2(&bytes, path),
+        Some("aedat") => parse_aedat(&bytes, path),
         _ => parse_nmnist(&bytes, path),
     }
 }
@@ -640,6 +740,62 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not terminated"), "{e}");
+    }
+
+    fn aedat3(packets: &[(u16, u32, Vec<(u32, u32)>)]) -> Vec<u8> {
+        let mut b = b"#!AER-DAT3.1\r\n#Format: RAW\r\n#!END-HEADER\r\n".to_vec();
+        for (ty, ovf, evs) in packets {
+            b.extend_from_slice(&ty.to_le_bytes());
+            b.extend_from_slice(&1u16.to_le_bytes());
+            b.extend_from_slice(&8u32.to_le_bytes());
+            b.extend_from_slice(&4u32.to_le_bytes());
+            b.extend_from_slice(&ovf.to_le_bytes());
+            b.extend_from_slice(&(evs.len() as u32).to_le_bytes());
+            b.extend_from_slice(&(evs.len() as u32).to_le_bytes());
+            b.extend_from_slice(&(evs.len() as u32).to_le_bytes());
+            for (d, t) in evs {
+                b.extend_from_slice(&d.to_le_bytes());
+                b.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn aedat3_reads_valid_polarity_events_and_skips_other_packets() {
+        let ev = |x: u32, y: u32, p: u32, valid: u32| (x << 17) | (y << 2) | (p << 1) | valid;
+        let b = aedat3(&[
+            (1, 0, vec![(ev(5, 7, 1, 1), 100), (ev(6, 7, 0, 0), 101)]),
+            (2, 0, vec![(0, 0)]),
+            (1, 1, vec![(ev(200, 3, 0, 1), 5)]),
+        ]);
+        let r = parse_aedat(&b, "d.aedat").unwrap();
+        assert_eq!(
+            r.events,
+            vec![
+                Event {
+                    x: 5,
+                    y: 7,
+                    p: 1,
+                    t: 100
+                },
+                Event {
+                    x: 200,
+                    y: 3,
+                    p: 0,
+                    t: (1 << 31) | 5
+                }
+            ]
+        );
+        assert_eq!((r.height, r.width), (128, 201));
+        let e = parse_aedat(&b[..b.len() - 3], "t.aedat")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.aedat") && e.contains("past the end"), "{e}");
+        let e = parse_aedat(b"#!AER-DAT3.1\r\n", "h.aedat")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("END-HEADER"), "{e}");
     }
 
     #[test]
