@@ -742,7 +742,10 @@ mod tests {
         assert!(e.contains("not terminated"), "{e}");
     }
 
-    fn aedat3(packets: &[(u16, u32, Vec<(u32, u32)>)]) -> Vec<u8> {
+    /// (packet type, timestamp overflow, events as (data word, timestamp)).
+    type Packet = (u16, u32, Vec<(u32, u32)>);
+
+    fn aedat3(packets: &[Packet]) -> Vec<u8> {
         let mut b = b"#!AER-DAT3.1\r\n#Format: RAW\r\n#!END-HEADER\r\n".to_vec();
         for (ty, ovf, evs) in packets {
             b.extend_from_slice(&ty.to_le_bytes());
