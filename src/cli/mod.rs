@@ -1,5 +1,7 @@
 //! The `empf` command line: `train`, `eval`, `info`.
 
+pub mod data;
+
 use crate::error::{Error, Result};
 use crate::metrics::MetricsLog;
 use crate::model::{ModelConfig, NeuronKind};
@@ -63,6 +65,8 @@ pub enum BenchCmd {
     Infer(infer::BenchInferArgs),
     /// Time the gradient allreduce (run under mpirun) and project data-parallel epoch times.
     Allreduce(distributed::BenchAllreduceArgs),
+    /// Input-pipeline images/s (reading, augmentation, batching on the background loader).
+    Data(data::BenchDataArgs),
 }
 
 /// `empf bench train`.
@@ -107,9 +111,19 @@ pub struct BenchTrainArgs {
 /// `empf train`.
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// Directory with MNIST-format IDX files (default: the bundled subset).
+    /// Dataset `KIND:PATH`, KIND one of mnist, fashion-mnist, cifar10, cifar100, folder, npz,
+    /// nmnist, cifar10-dvs; a plain path is an MNIST IDX directory (default: the bundled subset).
     #[arg(long)]
-    pub data: Option<PathBuf>,
+    pub data: Option<String>,
+    /// Augmentation list, e.g. crop:4,flip,autoaugment:cifar10,cutout:16,mixup:0.2,normalize:cifar10.
+    #[arg(long)]
+    pub augment: Option<String>,
+    /// Image side for folder datasets, frame side for event data.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Event binning into T frames: count or time.
+    #[arg(long, default_value = "count")]
+    pub frames_by: String,
     /// Architecture: `small` (quick start) or `mnist-cnn` (benchmark network).
     #[arg(long, default_value = "small")]
     pub arch: String,
@@ -200,9 +214,6 @@ pub struct TrainArgs {
     /// explicit flags override.
     #[arg(long)]
     pub recipe: Option<String>,
-    /// Augmentation list, e.g. crop:4,flip,autoaugment:cifar10,cutout:16,mixup:0.2,cutmix:1.0.
-    #[arg(long)]
-    pub augment: Option<String>,
     /// Channel attention in residual blocks: none, i or ii (SECA_II except at down-sampling convs).
     #[arg(long)]
     pub seca: Option<String>,
@@ -219,9 +230,18 @@ pub struct TrainArgs {
 pub struct EvalArgs {
     /// Checkpoint (.npz) written by `empf train`.
     pub checkpoint: PathBuf,
-    /// Directory with MNIST-format IDX files (default: the bundled subset).
+    /// Dataset `KIND:PATH` as for train (default: the bundled MNIST subset).
     #[arg(long)]
-    pub data: Option<PathBuf>,
+    pub data: Option<String>,
+    /// Normalisation used in training (e.g. cifar10, auto), as in train's `--augment normalize:...`.
+    #[arg(long)]
+    pub normalize: Option<String>,
+    /// Image side for folder datasets, frame side for event data.
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Event binning into T frames: count or time.
+    #[arg(long, default_value = "count")]
+    pub frames_by: String,
     /// Split: test or train.
     #[arg(long, default_value = "test")]
     pub split: String,
@@ -262,6 +282,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Infer(a) => infer::run(a),
         Command::Recipes(a) => recipes::run(a),
         Command::Bench(BenchCmd::Allreduce(a)) => distributed::bench_allreduce(a),
+        Command::Bench(BenchCmd::Data(a)) => data::bench_data(a),
     }
 }
 
@@ -361,19 +382,20 @@ pub fn train_on(a: TrainArgs, comm: std::sync::Arc<dyn crate::dist::Comm>) -> Re
     let a = recipes::with_recipe(a)?;
     let model = model_config(&a)?;
     let cfg = train_config(&a, &model)?;
-    let data_dir = a
-        .data
-        .clone()
-        .unwrap_or_else(crate::data::bundled_mnist_dir);
-    let crate::data::idx::Mnist {
-        train: mut train_set,
-        test: mut test_set,
-    } = crate::data::idx::load_mnist(&data_dir)?;
+    use crate::train::trainer::BatchSource;
+    let (mut train_set, mut test_set, data_name) = data::load_data(
+        a.data.as_deref(),
+        a.augment.as_deref(),
+        a.image_size,
+        &a.frames_by,
+        model.steps,
+        cfg.seed,
+    )?;
     if let Some(n) = a.limit_train {
-        train_set = train_set.subset(&(0..n.min(train_set.len())).collect::<Vec<_>>())?;
+        train_set.truncate(n)?;
     }
     if let Some(n) = a.limit_test {
-        test_set = test_set.subset(&(0..n.min(test_set.len())).collect::<Vec<_>>())?;
+        test_set.truncate(n)?;
     }
     let out = cfg.out.clone();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
@@ -426,7 +448,7 @@ pub fn train_on(a: TrainArgs, comm: std::sync::Arc<dyn crate::dist::Comm>) -> Re
             trainer.model_cfg.arch,
             trainer.model_cfg.neuron,
             trainer.model_cfg.steps,
-            data_dir.display(),
+            data_name,
             train_set.len(),
             test_set.len(),
             rayon::current_num_threads(),
@@ -487,14 +509,15 @@ fn fmt_list(v: &[f64]) -> String {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let (model, mut net) = crate::train::checkpoint::load_model(&a.checkpoint)?;
-    let dir = a
-        .data
-        .clone()
-        .unwrap_or_else(crate::data::bundled_mnist_dir);
-    let crate::data::idx::Mnist {
-        train: train_set,
-        test: test_set,
-    } = crate::data::idx::load_mnist(&dir)?;
+    let norm = a.normalize.as_ref().map(|n| format!("normalize:{n}"));
+    let (train_set, test_set, dir) = data::load_data(
+        a.data.as_deref(),
+        norm.as_deref(),
+        a.image_size,
+        &a.frames_by,
+        model.steps,
+        0,
+    )?;
     let data = match a.split.as_str() {
         "test" => test_set,
         "train" => train_set,
@@ -517,7 +540,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         "{}: {} split of {}: accuracy {:.2}% loss {:.4} ({} images, T = {}, {:.1}s); accuracy per t: {}",
         a.checkpoint.display(),
         a.split,
-        dir.display(),
+        dir,
         ev.acc,
         ev.loss,
         ev.n,

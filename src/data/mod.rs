@@ -9,7 +9,14 @@
 //! Readers: [`idx`] (MNIST, Fashion-MNIST). The quick-start subset of MNIST bundled with the
 //! repository is found by [`bundled_mnist_dir`].
 
+pub mod augment;
+pub mod cifar;
+pub mod events;
+pub mod folder;
 pub mod idx;
+pub mod loader;
+pub mod npy;
+pub mod spec;
 
 pub use idx::{Mnist, load_mnist, parse_idx_bytes, read_idx};
 
@@ -136,6 +143,29 @@ impl Dataset {
         (mean, std)
     }
 
+    /// The per-channel `(mean, std)` set by [`with_normalization`](Self::with_normalization).
+    pub fn normalization(&self) -> Option<(&[f32], &[f32])> {
+        self.norm.as_ref().map(|(m, s)| (&m[..], &s[..]))
+    }
+
+    /// Per-channel lookup table of the 256 possible pixel values:
+    /// `lut[c][p] = (p / 255 - mean[c]) / std[c]` (or `p / 255` without normalisation).
+    pub fn pixel_lut(&self) -> Vec<[f32; 256]> {
+        (0..self.chw[0])
+            .map(|ch| {
+                let mut t = [0f32; 256];
+                for (p, v) in t.iter_mut().enumerate() {
+                    let x = p as f32 / 255.0;
+                    *v = match &self.norm {
+                        None => x,
+                        Some((m, s)) => (x - m[ch]) / s[ch],
+                    };
+                }
+                t
+            })
+            .collect()
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -236,20 +266,7 @@ impl Dataset {
         })?;
         let per = c * h * w;
         let hw = h * w;
-        // Per-channel lookup table of the 256 possible pixel values: lut[c][p] = (p / 255 - m) / s.
-        let lut: Vec<[f32; 256]> = (0..c)
-            .map(|ch| {
-                let mut t = [0f32; 256];
-                for (p, v) in t.iter_mut().enumerate() {
-                    let x = p as f32 / 255.0;
-                    *v = match &self.norm {
-                        None => x,
-                        Some((m, s)) => (x - m[ch]) / s[ch],
-                    };
-                }
-                t
-            })
-            .collect();
+        let lut = self.pixel_lut();
         // Each output image is written by one task: no reduction, so the result does not depend
         // on the thread count.
         out.par_chunks_mut(per)

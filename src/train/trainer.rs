@@ -7,6 +7,7 @@
 //! stopped. Reductions inside layers happen in a fixed order for a given thread count, so the same
 //! seed and thread count give the same weights.
 
+use crate::data::loader::{Batch, BatchInput};
 use crate::error::{Error, Result};
 use crate::layers::{Layer, Param};
 use crate::metrics::{MetricsLog, Progress, Record};
@@ -28,6 +29,18 @@ pub trait BatchSource: Sync {
     }
     /// Samples `idx` as an N x C x H x W f32 tensor (normalised) and their labels.
     fn batch(&self, idx: &[usize]) -> Result<(Tensor<f32>, Vec<usize>)>;
+    /// Training batch `bi` of epoch `epoch` holding samples `idx`: augmented (seeded by epoch and
+    /// index), possibly with soft targets or per-step frames. Default: [`batch`](Self::batch).
+    fn train_batch(&self, idx: &[usize], epoch: usize, bi: usize) -> Result<Batch> {
+        let _ = (epoch, bi);
+        let (x, y) = self.batch(idx)?;
+        Ok(Batch::hard(x, y))
+    }
+    /// Evaluation batch (no augmentation; frames for event data). Default: [`batch`](Self::batch).
+    fn eval_batch(&self, idx: &[usize]) -> Result<Batch> {
+        let (x, y) = self.batch(idx)?;
+        Ok(Batch::hard(x, y))
+    }
 }
 
 impl BatchSource for crate::data::Dataset {
@@ -213,6 +226,38 @@ impl Trainer {
         sched: &Schedule,
         loss: LossFn<'_>,
     ) -> Result<(f64, usize)> {
+        self.train_one_input(StepInput::Static(x), y, None, e, bi, sched, loss)
+    }
+
+    /// Train one batch given as a [`Batch`] (static images or frames, hard or soft targets).
+    pub fn train_one(
+        &mut self,
+        b: &Batch,
+        e: usize,
+        bi: usize,
+        sched: &Schedule,
+        loss: LossFn<'_>,
+    ) -> Result<(f64, usize)> {
+        let input = match &b.x {
+            BatchInput::Static(x) => StepInput::Static(x),
+            BatchInput::Frames(f) => StepInput::Frames(f),
+        };
+        self.train_one_input(input, &b.labels, b.soft.as_ref(), e, bi, sched, loss)
+    }
+
+    /// Train one batch; with `soft` targets (Mixup / CutMix) the per-step loss is the soft
+    /// cross-entropy and `y` (the unmixed labels) only counts the accuracy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_one_input(
+        &mut self,
+        input: StepInput<'_, f32>,
+        y: &[usize],
+        soft: Option<&Tensor<f32>>,
+        e: usize,
+        bi: usize,
+        sched: &Schedule,
+        loss: LossFn<'_>,
+    ) -> Result<(f64, usize)> {
         let steps = self.model_cfg.steps;
         let mut rng = Rng::derive(
             self.cfg.seed,
@@ -234,11 +279,14 @@ impl Trainer {
         };
         let res = train_batch(
             &mut self.net,
-            StepInput::Static(x),
+            input,
             steps,
             self.cfg.bp,
             &mut rng,
-            &mut |_, o| loss(o, y),
+            &mut |_, o| match soft {
+                Some(q) => crate::loss::cross_entropy(o, crate::loss::Targets::Soft(q), 0.0),
+                None => loss(o, y),
+            },
             if per_step { Some(&mut after) } else { None },
         )?;
         if !res.loss.is_finite() {
@@ -311,46 +359,69 @@ impl Trainer {
             );
             let t0 = Instant::now();
             let (mut lsum, mut csum, mut seen, mut nb) = (0.0, 0usize, 0usize, 0usize);
-            while self.pos.batch < per {
-                let bi = self.pos.batch;
-                let idx = &order[bi * self.cfg.batch..((bi + 1) * self.cfg.batch).min(n)];
-                let (x, y) = train.batch(self.dist.shard(idx))?;
-                let (l, c) = self.train_one_batch(&x, &y, e, bi, &sched, loss)?;
-                lsum += l;
-                csum += c;
-                seen += idx.len();
-                nb += 1;
-                self.pos.batch += 1;
-                done_batches += 1;
-                prog.inc(
-                    idx.len(),
-                    &format!(
-                        "loss {:.4} acc {:.2}%",
-                        lsum / nb as f64,
-                        100.0 * csum as f64 / seen as f64
-                    ),
+            // batches come ready from a background thread (augmentation off the training cores)
+            let (start, bsz, order) = (self.pos.batch, self.cfg.batch, &order);
+            let (rank, size) = (self.dist.comm.rank(), self.dist.size());
+            let stopped = std::thread::scope(|s| -> Result<bool> {
+                let feed = crate::data::loader::prefetch(
+                    s,
+                    crate::data::loader::PREFETCH_DEPTH,
+                    per - start,
+                    move |k| {
+                        let bi = start + k;
+                        let idx = &order[bi * bsz..((bi + 1) * bsz).min(n)];
+                        train.train_batch(crate::dist::shard(idx, rank, size), e, bi)
+                    },
                 );
-                if root && self.cfg.log_every > 0 && (bi + 1) % self.cfg.log_every == 0 {
-                    log.step(
-                        Record::new()
-                            .int("step", self.pos.global_step as i64)
-                            .num("epoch", e as f64 + (bi + 1) as f64 / per as f64)
-                            .num("loss", l)
-                            .num("acc", 100.0 * c as f64 / idx.len() as f64)
-                            .num("lr", sched.lr(self.pos.global_step.saturating_sub(1))),
-                    )?;
+                while self.pos.batch < per {
+                    let bi = self.pos.batch;
+                    let b = crate::data::loader::next(&feed)?;
+                    let y = &b.labels;
+                    // the global batch (all ranks): counts are summed over the ranks
+                    let global = ((bi + 1) * bsz).min(n) - bi * bsz;
+                    let (l, c) = self.train_one(&b, e, bi, &sched, loss)?;
+                    lsum += l;
+                    csum += c;
+                    seen += global;
+                    nb += 1;
+                    self.pos.batch += 1;
+                    done_batches += 1;
+                    prog.inc(
+                        global,
+                        &format!(
+                            "loss {:.4} acc {:.2}%",
+                            lsum / nb as f64,
+                            100.0 * csum as f64 / seen as f64
+                        ),
+                    );
+                    if root && self.cfg.log_every > 0 && (bi + 1) % self.cfg.log_every == 0 {
+                        log.step(
+                            Record::new()
+                                .int("step", self.pos.global_step as i64)
+                                .num("epoch", e as f64 + (bi + 1) as f64 / per as f64)
+                                .num("loss", l)
+                                .num("acc", 100.0 * c as f64 / global as f64)
+                                .num("lr", sched.lr(self.pos.global_step.saturating_sub(1))),
+                        )?;
+                    }
+                    if self.cfg.checkpoint_every > 0
+                        && self.pos.batch % self.cfg.checkpoint_every == 0
+                        && self.pos.batch < per
+                    {
+                        self.dist.average_buffers(&mut self.net);
+                        save(self, "last")?;
+                    }
+                    if self.cfg.stop_after_batches > 0
+                        && done_batches >= self.cfg.stop_after_batches
+                    {
+                        return Ok(true);
+                    }
                 }
-                if self.cfg.checkpoint_every > 0
-                    && self.pos.batch % self.cfg.checkpoint_every == 0
-                    && self.pos.batch < per
-                {
-                    self.dist.average_buffers(&mut self.net);
-                    save(self, "last")?;
-                }
-                if self.cfg.stop_after_batches > 0 && done_batches >= self.cfg.stop_after_batches {
-                    prog.finish();
-                    return Ok(last_eval);
-                }
+                Ok(false)
+            })?;
+            if stopped {
+                prog.finish();
+                return Ok(last_eval);
             }
             let (secs, ips) = prog.finish();
             let train_secs = t0.elapsed().as_secs_f64().max(secs);
@@ -526,8 +597,12 @@ pub fn evaluate(
     let mut nb = 0;
     let idx: Vec<usize> = (0..n).collect();
     for chunk in idx.chunks(batch.max(1)) {
-        let (x, y) = data.batch(chunk)?;
-        let outs = eval_batch(net, StepInput::Static(&x), steps)?;
+        let b = data.eval_batch(chunk)?;
+        let y = &b.labels;
+        let outs = match &b.x {
+            BatchInput::Static(x) => eval_batch(net, StepInput::Static(x), steps)?,
+            BatchInput::Frames(f) => eval_batch(net, StepInput::Frames(f), steps)?,
+        };
         let mut sum = outs[0].clone();
         for (t, o) in outs.iter().enumerate() {
             if t > 0 {
@@ -535,12 +610,12 @@ pub fn evaluate(
             }
             correct_t[t] += argmax_rows(&sum)
                 .iter()
-                .zip(&y)
+                .zip(y)
                 .filter(|(a, b)| a == b)
                 .count();
         }
         let mean = sum.mapv(|v| v / steps as f32);
-        lsum += loss(&mean, &y)?.0 * y.len() as f64;
+        lsum += loss(&mean, y)?.0 * y.len() as f64;
         nb += y.len();
     }
     let acc_per_t: Vec<f64> = correct_t
