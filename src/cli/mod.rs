@@ -418,7 +418,15 @@ pub fn train_on(a: TrainArgs, comm: std::sync::Arc<dyn crate::dist::Comm>) -> Re
     let mut trainer = Trainer::new(cfg, model, net);
     if a.track_separability {
         let steps = trainer.model_cfg.steps;
-        trainer.epoch_hook = Some(separability::track_hook(&train_set, 64, steps)?);
+        let images = match &train_set {
+            crate::data::spec::Source::Images(a) => &a.data,
+            crate::data::spec::Source::Events(_) => {
+                return Err(Error::Config(
+                    "--track-separability supports image datasets, not event frames".into(),
+                ));
+            }
+        };
+        trainer.epoch_hook = Some(separability::track_hook(images, 64, steps)?);
     }
     trainer.dist = crate::dist::DataParallel::new(comm.clone());
     // only rank 0 writes metrics and checkpoints

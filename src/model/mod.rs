@@ -8,7 +8,7 @@ pub mod config;
 pub mod zoo;
 pub use blocks::{BasicBlock, BlockSpec, SecaMode};
 pub use config::{ArchOptions, ModelConfig, NeuronKind, Parallel, Stem};
-pub use config::{ModelConfig, NeuronKind, SpikeQuantConfig};
+pub use config::SpikeQuantConfig;
 
 use crate::error::Result;
 use crate::layers::{Cache, Layer, Param, State, StepCtx};

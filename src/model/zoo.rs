@@ -73,6 +73,7 @@ pub const ARCHS: &[&str] = &[
 /// VGG-SNN on DVS 2x48x48).
 pub fn named_config(arch: &str) -> Result<ModelConfig> {
     let base = ModelConfig {
+        spike_quant: None,
         arch: arch.to_string(),
         neuron: NeuronKind::V1,
         steps: 4,

@@ -376,7 +376,6 @@ impl Trainer {
                 while self.pos.batch < per {
                     let bi = self.pos.batch;
                     let b = crate::data::loader::next(&feed)?;
-                    let y = &b.labels;
                     // the global batch (all ranks): counts are summed over the ranks
                     let global = ((bi + 1) * bsz).min(n) - bi * bsz;
                     let (l, c) = self.train_one(&b, e, bi, &sched, loss)?;
