@@ -7,8 +7,8 @@ pub mod blocks;
 pub mod config;
 pub mod zoo;
 pub use blocks::{BasicBlock, BlockSpec, SecaMode};
-pub use config::{ArchOptions, ModelConfig, NeuronKind, Parallel, Stem};
 pub use config::SpikeQuantConfig;
+pub use config::{ArchOptions, ModelConfig, NeuronKind, Parallel, Stem};
 
 use crate::error::Result;
 use crate::layers::{Cache, Layer, Param, State, StepCtx};
