@@ -104,13 +104,7 @@ fn export_seq<R: Real>(layers: &[Box<dyn Layer<R>>]) -> Result<Vec<Op>> {
             let (scale, shift) = epilogue(&sa.alpha, bn);
             ops.push(Op::BinConv {
                 name,
-                dims: ConvDims {
-                    in_ch: s.in_ch,
-                    out_ch: s.out_ch,
-                    kernel: s.kernel,
-                    stride: s.stride,
-                    pad: s.padding,
-                },
+                dims: conv_dims(&s),
                 binary_input: binary_source(&ops),
                 signs: Signs::pack(&sa.positive),
                 scale,
@@ -134,13 +128,7 @@ fn export_seq<R: Real>(layers: &[Box<dyn Layer<R>>]) -> Result<Vec<Op>> {
             let s = c.spec();
             ops.push(Op::Conv {
                 name,
-                dims: ConvDims {
-                    in_ch: s.in_ch,
-                    out_ch: s.out_ch,
-                    kernel: s.kernel,
-                    stride: s.stride,
-                    pad: s.padding,
-                },
+                dims: conv_dims(&s),
                 weight: values(&c.weight),
                 bias: c.bias.as_ref().map(values),
             });
@@ -249,5 +237,16 @@ fn folded_op<R: Real>(name: String, n: &EmpfFolded<R>) -> Op {
         leak: flat(&n.leak),
         threshold: f32s(&n.threshold),
         input: Some((flat(&n.scale), flat(&n.shift))),
+    }
+}
+
+/// The stored geometry of a conv layer's spec.
+fn conv_dims(s: &crate::layers::conv::ConvSpec) -> ConvDims {
+    ConvDims {
+        in_ch: s.in_ch,
+        out_ch: s.out_ch,
+        kernel: s.kernel,
+        stride: s.stride,
+        pad: s.padding,
     }
 }
