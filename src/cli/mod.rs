@@ -187,10 +187,10 @@ pub struct TrainArgs {
     /// Log a step record every N batches.
     #[arg(long, default_value_t = 50)]
     pub log_every: usize,
-    /// Use only the first N training samples.
+    /// Use only N training samples, spread evenly over the set (every class of a class-sorted folder).
     #[arg(long)]
     pub limit_train: Option<usize>,
-    /// Use only the first N test samples.
+    /// Use only N test samples, spread evenly over the set.
     #[arg(long)]
     pub limit_test: Option<usize>,
     /// Stop after N batches (simulates an interrupted run; used by the resume test).
@@ -636,6 +636,10 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(","),
             );
+        }
+        if let Some(r) = &a.recipe {
+            args.push("--recipe".into());
+            args.push(r.clone());
         }
         if a.profile {
             args.push("--profile".into());

@@ -146,17 +146,28 @@ impl Source {
             Source::Events(e) => e.classes(),
         }
     }
-    /// Keep the first `n` samples.
+    /// Keep `n` samples spread evenly over the set (indices `⌊i·len/n⌋`), so that a set stored
+    /// class by class (an image folder, an AEDAT tree) keeps every class; `n ≥ len` keeps all.
     pub fn truncate(&mut self, n: usize) -> Result<()> {
+        let idx = spread_indices(self.len(), n);
+        if idx.len() == self.len() {
+            return Ok(());
+        }
         match self {
-            Source::Images(a) => {
-                let n = n.min(a.data.len());
-                a.data = a.data.subset(&(0..n).collect::<Vec<_>>())?;
-            }
-            Source::Events(e) => e.truncate(n),
+            Source::Images(a) => a.data = a.data.subset(&idx)?,
+            Source::Events(e) => *e = e.select(&idx)?,
         }
         Ok(())
     }
+}
+
+/// `n` indices spread evenly over `0..len` (`⌊i·len/n⌋`, strictly increasing); all of them when
+/// `n ≥ len`.
+pub fn spread_indices(len: usize, n: usize) -> Vec<usize> {
+    if n >= len {
+        return (0..len).collect();
+    }
+    (0..n).map(|i| i * len / n).collect()
 }
 
 impl BatchSource for Source {
@@ -336,5 +347,22 @@ mod tests {
         let e = te.eval_batch(&[0]).unwrap();
         assert!(e.soft.is_none());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod spread_tests {
+    use super::spread_indices;
+
+    #[test]
+    fn spread_indices_cover_the_set() {
+        assert_eq!(spread_indices(10, 20), (0..10).collect::<Vec<_>>());
+        assert_eq!(spread_indices(10, 5), vec![0, 2, 4, 6, 8]);
+        // 10 classes of 5000 sorted by class: 1000 samples take 100 of each
+        let idx = spread_indices(50_000, 1000);
+        for c in 0..10 {
+            assert_eq!(idx.iter().filter(|&&i| i / 5000 == c).count(), 100);
+        }
+        assert!(idx.windows(2).all(|w| w[0] < w[1]));
     }
 }
