@@ -106,6 +106,22 @@ pub fn apply(mut a: TrainArgs, r: &Recipe, explicit: &dyn Fn(&str) -> bool) -> T
     if !explicit("augment") {
         a.augment = Some(r.augment.to_string());
     }
+    if !explicit("image_size") && r.image_size.is_some() {
+        a.image_size = r.image_size;
+    }
+    // a bare `--data PATH` reads the recipe's dataset kind
+    if let Some(d) = &a.data {
+        let bare = matches!(
+            crate::data::spec::DataSpec::parse(d),
+            Ok(crate::data::spec::DataSpec {
+                kind: crate::data::spec::DataKind::Mnist,
+                ..
+            })
+        ) && !d.starts_with("mnist:");
+        if bare && r.dataset != "mnist" {
+            a.data = Some(format!("{}:{d}", r.dataset));
+        }
+    }
     if !explicit("seca") {
         a.seca = Some(r.model.opts.seca.name().to_string());
     }
@@ -142,6 +158,7 @@ pub fn with_recipe(a: TrainArgs) -> Result<TrainArgs> {
         "wd" => a.wd != d.wd,
         "no_cosine" => a.no_cosine,
         "augment" => a.augment.is_some(),
+        "image_size" => a.image_size.is_some(),
         "seca" => a.seca.is_some(),
         "stem" => a.stem.is_some(),
         "parallel" => a.parallel.is_some(),
@@ -153,7 +170,7 @@ pub fn with_recipe(a: TrainArgs) -> Result<TrainArgs> {
     };
     if a.data.is_none() {
         return Err(Error::Config(format!(
-            "recipe `{name}` trains on {}: give --data {}:PATH",
+            "recipe `{name}` trains on {}: give --data {}:PATH (or --data PATH)",
             r.dataset, r.dataset
         )));
     }
@@ -247,6 +264,41 @@ mod tests {
         assert!(e.contains("cifar10:PATH"), "{e}");
         a.recipe = Some("nope".into());
         assert!(with_recipe(a).is_err());
+    }
+
+    #[test]
+    fn recipe_supplies_dataset_kind_and_image_size() {
+        // a bare path takes the recipe's dataset kind; the folder recipe's image side applies
+        let b = with_recipe(args(&[
+            "--recipe",
+            "imagenet200-vgg13",
+            "--data",
+            "/d/tiny",
+        ]))
+        .unwrap();
+        assert_eq!(b.data.as_deref(), Some("folder:/d/tiny"));
+        assert_eq!(b.image_size, Some(64));
+        assert!(
+            b.augment
+                .as_deref()
+                .unwrap()
+                .contains("autoaugment:imagenet")
+        );
+        // an explicit kind and an explicit image size win
+        let b = with_recipe(args(&[
+            "--recipe",
+            "imagenet200-vgg13",
+            "--data",
+            "npz:/d/x.npz",
+            "--image-size",
+            "32",
+        ]))
+        .unwrap();
+        assert_eq!(b.data.as_deref(), Some("npz:/d/x.npz"));
+        assert_eq!(b.image_size, Some(32));
+        let b = with_recipe(args(&["--recipe", "cifar10-resnet18", "--data", "d/c10"])).unwrap();
+        assert_eq!(b.data.as_deref(), Some("cifar10:d/c10"));
+        assert_eq!(b.image_size, None);
     }
 
     #[test]
