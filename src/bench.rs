@@ -87,9 +87,11 @@ pub fn bench_train(
                     Ok(r.peak_cache_bytes)
                 };
             // warm-up: allocations, caches; at least WARMUP_STEPS time-steps, so every T starts
-            // its measurement with the allocator in the same steady state
+            // its measurement with the allocator in the same steady state; on a copy of the
+            // generator, so the random-BP draws of the timed batches do not depend on it
+            let mut warm = rng.clone();
             for _ in 0..WARMUP_STEPS.div_ceil(t).max(1) {
-                run(&mut net, &mut rng)?;
+                run(&mut net, &mut warm)?;
             }
             if profile {
                 net.enable_profile();
