@@ -28,7 +28,9 @@ pub fn keep_freed_pages() -> i64 {
     }
     // SAFETY: `mi_option_get` reads mimalloc's option table; any index below `_mi_option_last`
     // is valid.
-    i64::from(unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) })
+    let v = unsafe { mi_option_get(MI_OPTION_PURGE_DELAY) };
+    #[allow(clippy::useless_conversion)] // `c_long` is `i32` on some targets
+    i64::from(v)
 }
 
 #[cfg(test)]

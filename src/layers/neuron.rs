@@ -2037,7 +2037,7 @@ mod tests {
             let mut m = x.clone();
             if from != ChargeFrom::Zero {
                 for (o, &q) in m.iter_mut().zip(&p) {
-                    *o = lam * q + *o;
+                    *o += lam * q;
                 }
             }
             let mut want_fired = FiredValues::default();
