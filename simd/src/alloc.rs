@@ -8,6 +8,10 @@
 
 use std::os::raw::{c_int, c_long};
 
+// Link mimalloc even where nothing else uses it (this crate's own tests): it defines the two
+// functions declared below.
+extern crate libmimalloc_sys as _;
+
 // mimalloc's `mi_option_purge_delay` (enum `mi_option_e` in mimalloc.h, v2 and v3: index 15).
 const MI_OPTION_PURGE_DELAY: c_int = 15;
 
