@@ -4,7 +4,7 @@
 //! Memory is measured honestly by running each (mode, T) configuration in a fresh child process
 //! ([`bench_train_isolated`]): in one process the allocator keeps pages freed by an earlier
 //! configuration (BPTT's caches at a large T, say) and later rows would inherit them. Within a
-//! process the peak RSS (`VmHWM`) is reset after the warm-up batch, so the figure is the peak over
+//! process the peak RSS (`VmHWM`) is reset after the warm-up batches, so the figure is the peak over
 //! the timed batches of that configuration alone, model and allocator warm.
 
 use crate::error::{Error, Result};
@@ -32,13 +32,18 @@ pub struct TrainBenchRow {
     pub peak_cache_bytes: usize,
 }
 
+/// Time-steps run before the measurement of each configuration (`ceil(16 / T)` warm-up batches):
+/// with one warm-up batch, a small T would start its measurement after a few steps, before the
+/// allocator's pools settle, and its peak RSS would not be comparable with a large T's.
+pub const WARMUP_STEPS: usize = 16;
+
 /// Reset the process's peak-RSS counter (Linux: write 5 to /proc/self/clear_refs).
 fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Measure training throughput of `model` at batch `batch` for each (mode, T), `batches` timed
-/// batches after one warm-up batch.
+/// batches after `ceil(WARMUP_STEPS / T)` warm-up batches.
 pub fn bench_train(
     model: &ModelConfig,
     batch: usize,
@@ -81,7 +86,13 @@ pub fn bench_train(
                     opt.update(net, 0.01);
                     Ok(r.peak_cache_bytes)
                 };
-            run(&mut net, &mut rng)?; // warm-up: allocations, caches
+            // warm-up: allocations, caches; at least WARMUP_STEPS time-steps, so every T starts
+            // its measurement with the allocator in the same steady state; on a copy of the
+            // generator, so the random-BP draws of the timed batches do not depend on it
+            let mut warm = rng.clone();
+            for _ in 0..WARMUP_STEPS.div_ceil(t).max(1) {
+                run(&mut net, &mut warm)?;
+            }
             if profile {
                 net.enable_profile();
             }

@@ -30,6 +30,7 @@
 mod aarch64 {
     pub(crate) mod neon;
 }
+pub mod alloc;
 mod dispatch;
 mod driver;
 mod reference;

@@ -100,6 +100,26 @@ fn sum8<R: Real>(a: &[R], b: &[R], f: impl Fn(R, R) -> f64) -> f64 {
     acc.iter().sum()
 }
 
+/// `(Σ a[i], Σ a[i]·b[i])` in one pass, each sum exactly as [`sum8`] takes it (same lanes, same
+/// order, so the same bits as two separate `sum8` passes).
+#[inline]
+fn sum8_pair<R: Real>(a: &[R], b: &[R]) -> (f64, f64) {
+    let (mut s1, mut s2) = ([0.0f64; 8], [0.0f64; 8]);
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for k in 0..8 {
+            s1[k] += xa[k].f64();
+            s2[k] += (xa[k] * xb[k]).f64();
+        }
+    }
+    for (k, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        s1[k] += x.f64();
+        s2[k] += (x * y).f64();
+    }
+    (s1.iter().sum(), s2.iter().sum())
+}
+
 /// Per-channel batch mean and biased variance (two passes, accumulated in f64; channels in
 /// parallel, each summed in a fixed order ([`sum8`]), so the result does not depend on the
 /// thread count).
@@ -133,8 +153,9 @@ fn channel_sums<R: Real>(dy: &[R], xhat: &[R], g: BnGeom) -> Vec<(f64, f64)> {
         .map(|ch| {
             let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
             for r in g.runs(ch) {
-                sdy += sum8(&dy[r.clone()], &xhat[r.clone()], |d, _| d.f64());
-                sdyx += sum8(&dy[r.clone()], &xhat[r], |d, xh| (d * xh).f64());
+                let (a, b) = sum8_pair(&dy[r.clone()], &xhat[r]);
+                sdy += a;
+                sdyx += b;
             }
             (sdy, sdyx)
         })

@@ -166,6 +166,117 @@ fn fire<R: Real>(th: R, s: &mut [R], v: &mut [R], mask: &mut BitMask) {
         });
 }
 
+/// Where [`charge_fire`] takes `v[t−1]` from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChargeFrom {
+    /// No `v[t−1]` (`v[0] = 0`): `m = I`.
+    Zero,
+    /// `v[t−1]` is in the `v` buffer and is overwritten by `v[t]`.
+    InPlace,
+    /// `v[t−1]` is the `prev` slice (kept), `v[t]` goes to `v`.
+    Separate,
+}
+
+/// The whole Version I forward in one pass over the data: charge `m = λ·p + I` (`m = I` without
+/// `p = v[t−1]`), then fire as [`fire`] (`s = ReLU(m − θ)`, `v = min(m, θ)`, mask `H(m − θ)`), and
+/// when `fired` is given gather `p` at the fired positions as [`FiredValues::gather`] does. Same
+/// arithmetic, element by element, as the separate passes (so bit-identical results); in parallel
+/// over [`PAR_CHUNK`] items.
+#[allow(clippy::too_many_arguments)]
+fn charge_fire<R: Real>(
+    lam: R,
+    th: R,
+    x: &[R],
+    prev: Option<&[R]>,
+    from: ChargeFrom,
+    v: &mut [R],
+    s: &mut [R],
+    mask: &mut BitMask,
+    fired: Option<&mut FiredValues<R>>,
+) {
+    let n = x.len();
+    debug_assert!(v.len() == n && s.len() == n);
+    debug_assert_eq!(from == ChargeFrom::Separate, prev.is_some());
+    mask.reset(n);
+    let gather = fired.is_some() && from == ChargeFrom::InPlace;
+    let items = n.div_ceil(PAR_CHUNK);
+    let mut none = Vec::new();
+    let parts: &mut Vec<Vec<R>> = match fired {
+        Some(f) => {
+            f.parts.resize_with(items, Vec::new);
+            f.parts.truncate(items);
+            &mut f.parts
+        }
+        None => {
+            none.resize_with(items, Vec::new);
+            &mut none
+        }
+    };
+    s.par_chunks_mut(PAR_CHUNK)
+        .zip(v.par_chunks_mut(PAR_CHUNK))
+        .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
+        .zip(parts.par_iter_mut())
+        .enumerate()
+        .for_each(|(k, (((sc, vc), mc), out))| {
+            let lo = k * PAR_CHUNK;
+            let xc = &x[lo..lo + sc.len()];
+            let pc = prev.map(|p| &p[lo..lo + sc.len()]);
+            out.clear();
+            let mut pbuf = [R::zero(); 64];
+            for (w, word) in mc.iter_mut().enumerate() {
+                let r = w * 64..(w * 64 + 64).min(sc.len());
+                let (sw, vw, xw) = (&mut sc[r.clone()], &mut vc[r.clone()], &xc[r.clone()]);
+                let mut bits = 0u64;
+                match (from, pc) {
+                    (ChargeFrom::Separate, Some(pc)) => {
+                        let pw = &pc[r];
+                        for (j, (((o, vo), &i), &p)) in
+                            sw.iter_mut().zip(vw.iter_mut()).zip(xw).zip(pw).enumerate()
+                        {
+                            let m = lam * p + i;
+                            bits |= u64::from(m > th) << j;
+                            *vo = m.min(th);
+                            *o = (m - th).max(R::zero());
+                        }
+                    }
+                    (ChargeFrom::InPlace, _) => {
+                        for (j, ((o, vo), &i)) in
+                            sw.iter_mut().zip(vw.iter_mut()).zip(xw).enumerate()
+                        {
+                            let p = *vo;
+                            pbuf[j] = p;
+                            let m = lam * p + i;
+                            bits |= u64::from(m > th) << j;
+                            *vo = m.min(th);
+                            *o = (m - th).max(R::zero());
+                        }
+                        if gather {
+                            let mut b = bits;
+                            while b != 0 {
+                                out.push(pbuf[b.trailing_zeros() as usize]);
+                                b &= b - 1;
+                            }
+                        }
+                    }
+                    _ => {
+                        for (j, ((o, vo), &m)) in
+                            sw.iter_mut().zip(vw.iter_mut()).zip(xw).enumerate()
+                        {
+                            bits |= u64::from(m > th) << j;
+                            *vo = m.min(th);
+                            *o = (m - th).max(R::zero());
+                        }
+                    }
+                }
+                *word = bits;
+            }
+            // bound the slack a high-firing step leaves behind (memory must not creep with T)
+            if out.capacity() > 2 * out.len() + 1024 {
+                out.shrink_to(out.len() + out.len() / 4);
+            }
+        });
+}
+
 /// `out[i] = f(a[i], b[i])` in parallel over [`PAR_CHUNK`] items.
 fn par_zip_map<R: Real>(out: &mut [R], a: &[R], b: &[R], f: impl Fn(R, R) -> R + Sync) {
     out.par_chunks_mut(PAR_CHUNK)
@@ -409,38 +520,44 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         let (lam, th) = (self.leak(t), self.threshold(t));
         let prev = take_prev(&self.name, state, x.shape())?;
         let xs = as_slice(x);
-        let mut s = xs.to_vec();
         let mut c = cache.map(|c| c.get_or_default::<EmpfV1Cache<R>>());
         let mut scratch = BitMask::default();
-        let pv = prev.as_ref().map(|p| p.as_slice().expect("standard"));
-        if let Some(p) = pv {
-            s.par_chunks_mut(PAR_CHUNK)
-                .zip(p.par_chunks(PAR_CHUNK))
-                .for_each(|(sc, pc)| {
-                    for (o, &p) in sc.iter_mut().zip(pc) {
-                        *o = lam * p + *o;
-                    }
-                });
-        }
         // BPTT keeps the whole v[t−1]; online keeps it where the neuron fires, and v[t] reuses
         // v[t−1]'s buffer.
         let keep_full = c.is_some() && ctx.grad == GradMode::Bptt;
-        if let (Some(c), Some(p), false) = (c.as_mut(), pv, keep_full) {
-            c.v_prev_fired
-                .get_or_insert_with(FiredValues::default)
-                .gather(p, &s, th);
-        } else if let Some(c) = c.as_mut() {
-            c.v_prev_fired = None;
-        }
-        let (mut v, prev) = match prev {
-            Some(p) if !keep_full => (p.into_raw_vec_and_offset().0, None),
-            p => (vec![R::zero(); xs.len()], p),
+        let (mut v, prev, from) = match prev {
+            None => (vec![R::zero(); xs.len()], None, ChargeFrom::Zero),
+            Some(p) if keep_full => (vec![R::zero(); xs.len()], Some(p), ChargeFrom::Separate),
+            Some(p) => (p.into_raw_vec_and_offset().0, None, ChargeFrom::InPlace),
         };
+        let mut fired = match c.as_mut() {
+            Some(c) if from == ChargeFrom::InPlace => c.v_prev_fired.take().unwrap_or_default(),
+            Some(c) => {
+                c.v_prev_fired = None;
+                FiredValues::default()
+            }
+            None => FiredValues::default(),
+        };
+        let gather = c.is_some() && from == ChargeFrom::InPlace;
+        let mut s = vec![R::zero(); xs.len()];
         let mask = match c.as_mut() {
             Some(c) => &mut c.fired,
             None => &mut scratch,
         };
-        fire(th, &mut s, &mut v, mask);
+        charge_fire(
+            lam,
+            th,
+            &xs,
+            prev.as_ref().map(|p| p.as_slice().expect("standard")),
+            from,
+            &mut v,
+            &mut s,
+            mask,
+            gather.then_some(&mut fired),
+        );
+        if let (Some(c), true) = (c.as_mut(), gather) {
+            c.v_prev_fired = Some(fired);
+        }
         if let Some(c) = c {
             c.v_prev = prev;
             c.shape = x.shape().to_vec();
@@ -1903,6 +2020,65 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cache.bytes(), len / 8);
+    }
+
+    /// The one-pass V1 forward kernel gives bit for bit what the separate passes give (charge
+    /// `m = λ·p + I`, gather `p` where `m > θ`, fire), in all three state layouts and across
+    /// several parallel items with a ragged tail.
+    #[test]
+    fn fused_charge_fire_equals_the_separate_passes_bit_for_bit() {
+        let n = 2 * PAR_CHUNK + 777;
+        let mut rng = Rng::new(5);
+        let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let p: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.5) as f32).collect();
+        let (lam, th) = (0.6f32, 0.45f32);
+        for from in [ChargeFrom::Zero, ChargeFrom::InPlace, ChargeFrom::Separate] {
+            // reference: the separate passes
+            let mut m = x.clone();
+            if from != ChargeFrom::Zero {
+                for (o, &q) in m.iter_mut().zip(&p) {
+                    *o += lam * q;
+                }
+            }
+            let mut want_fired = FiredValues::default();
+            want_fired.gather(&p, &m, th);
+            let (mut want_s, mut want_v, mut want_mask) = (m, vec![0.0f32; n], BitMask::default());
+            fire(th, &mut want_s, &mut want_v, &mut want_mask);
+            // fused
+            let mut v = match from {
+                ChargeFrom::InPlace => p.clone(),
+                _ => vec![0.0f32; n],
+            };
+            let (mut s, mut mask, mut fired) =
+                (vec![0.0f32; n], BitMask::default(), FiredValues::default());
+            let prev = (from == ChargeFrom::Separate).then_some(p.as_slice());
+            charge_fire(
+                lam,
+                th,
+                &x,
+                prev,
+                from,
+                &mut v,
+                &mut s,
+                &mut mask,
+                Some(&mut fired),
+            );
+            let bits = |a: &[f32]| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&s), bits(&want_s), "{from:?}: spikes");
+            assert_eq!(bits(&v), bits(&want_v), "{from:?}: potential");
+            assert_eq!(mask.words, want_mask.words, "{from:?}: mask");
+            if from == ChargeFrom::InPlace {
+                let flat = |f: &FiredValues<f32>| f.parts.concat();
+                assert_eq!(
+                    bits(&flat(&fired)),
+                    bits(&flat(&want_fired)),
+                    "fired values"
+                );
+                assert!(fired.cache_bytes() > 0);
+            } else {
+                assert_eq!(fired.cache_bytes(), 0, "{from:?} gathers nothing");
+            }
+        }
     }
 
     /// The online backward keeps `v[t−1]` only where the neuron fired; it must give exactly what
