@@ -11,6 +11,8 @@
 //! runs the same generic code (only the instruction set it is compiled for differs), hence results
 //! are bit-identical across levels. The epilogue `y = scale·acc + shift` is the same scalar code.
 
+#![allow(clippy::needless_range_loop)] // register blocks read clearest as indexed loops
+
 use crate::{Result, shape_err};
 
 /// ±1 convolution weights laid out for [`crate::Simd::sparse_conv`].
@@ -196,7 +198,9 @@ fn block<const FMA: bool, const IMG: usize, const OB: usize>(
     let nout = (wt.out_ch - ob).min(OB);
     for oy in t.oy0..t.oy1 {
         for ox in 0..t.ow {
-            let mut acc = [[0f32; OB]; IMG];
+            // separate arrays, not `[[f32; OB]; IMG]`: LLVM keeps these in registers
+            let mut a0 = [0f32; OB];
+            let mut a1 = [0f32; OB];
             for ky in 0..kh {
                 let iy = (oy * t.stride + ky) as isize - t.pad as isize;
                 if iy < 0 || iy >= h {
@@ -210,31 +214,39 @@ fn block<const FMA: bool, const IMG: usize, const OB: usize>(
                     let p = (iy * w + ix) as usize - p0;
                     let base = (ky * kw + kx) * c * opad + ob;
                     let (e0, e1) = (sc.off[p] as usize, sc.off[p + 1] as usize);
-                    let vals = &sc.val[e0 * IMG..e1 * IMG];
-                    for (&i, vs) in sc.idx[e0..e1].iter().zip(vals.chunks_exact(IMG)) {
-                        let row: &[f32; OB] = wt.w[base + i as usize..][..OB]
+                    for e in e0..e1 {
+                        let row: &[f32; OB] = wt.w[base + sc.idx[e] as usize..][..OB]
                             .try_into()
                             .expect("weight row");
-                        for (a, &v) in acc.iter_mut().zip(vs) {
-                            for j in 0..OB {
-                                a[j] = if FMA {
-                                    v.mul_add(row[j], a[j])
-                                } else {
-                                    a[j] + v * row[j]
-                                };
-                            }
+                        let vs: &[f32; IMG] =
+                            sc.val[e * IMG..e * IMG + IMG].try_into().expect("values");
+                        axpy::<FMA, OB>(vs[0], row, &mut a0);
+                        if IMG == 2 {
+                            axpy::<FMA, OB>(vs[IMG - 1], row, &mut a1);
                         }
                     }
                 }
             }
             let px = (oy - t.oy0) * t.ow + ox;
-            for (yk, a) in y.iter_mut().zip(&acc) {
+            for (yk, a) in y.iter_mut().zip([&a0, &a1]) {
                 for j in 0..nout {
                     let o = ob + j;
                     yk[o * plane + px] = t.scale[o] * a[j] + t.shift[o];
                 }
             }
         }
+    }
+}
+
+/// `a += v·row`, lane by lane.
+#[inline(always)]
+fn axpy<const FMA: bool, const OB: usize>(v: f32, row: &[f32; OB], a: &mut [f32; OB]) {
+    for j in 0..OB {
+        a[j] = if FMA {
+            v.mul_add(row[j], a[j])
+        } else {
+            a[j] + v * row[j]
+        };
     }
 }
 
