@@ -479,3 +479,56 @@ fn hostile_model_files_are_rejected_before_allocating() {
         .to_string();
     assert!(e.contains("expected"), "{e}");
 }
+
+/// A seeded tiny ResNet-18 (widths 8,8,16,16, 16x16 input) with `neuron` N1, `seca` attention and
+/// `parallel` blocks: the exported model (BasicBlocks as nested Residuals) gives the eval-mode
+/// logits to 1e-4 and the same predictions, and the file round-trips.
+fn check_tiny_resnet18(
+    neuron: NeuronKind,
+    seca: empf::model::blocks::SecaMode,
+    parallel: empf::model::Parallel,
+    seed: u64,
+) {
+    let cfg = ModelConfig {
+        arch: "resnet18".into(),
+        neuron,
+        steps: 3,
+        widths: vec![8, 8, 16, 16],
+        input: [3, 16, 16],
+        classes: 10,
+        spike_quant: None,
+        opts: empf::model::ArchOptions {
+            seca,
+            parallel,
+            ..Default::default()
+        },
+    };
+    let mut rng = Rng::new(seed);
+    let mut net = zoo::build::<f32>(&cfg, &mut rng).unwrap();
+    perturb(&mut net, seed + 1);
+    let model = round_trip(&export(&cfg, &net).unwrap());
+    let blocks = model
+        .ops
+        .iter()
+        .filter(|o| matches!(o, Op::Residual { .. }))
+        .count();
+    assert_eq!(blocks, 8, "ResNet-18 has 8 blocks");
+    let x = images(5, cfg.input, &mut rng);
+    let want = eval_logits(&mut net, &x, cfg.steps);
+    let got = runtime(&model, Precision::Float).run(&x).unwrap();
+    let d = max_rel(&got, &want);
+    assert!(d <= 1e-4, "resnet18 ({neuron}, {seca:?}) differs by {d:e}");
+    assert_eq!(argmax(&got), argmax(&want));
+    // k-bit modes run too (the same graph through the popcount kernels)
+    let q = runtime(&model, Precision::Bits(4)).run(&x).unwrap();
+    assert_eq!(q.shape(), got.shape());
+}
+
+#[test]
+fn tiny_resnet18_exports_and_runs_like_eval_mode() {
+    use empf::model::Parallel;
+    use empf::model::blocks::SecaMode;
+    check_tiny_resnet18(NeuronKind::V1, SecaMode::None, Parallel::Half, 21);
+    check_tiny_resnet18(NeuronKind::V2, SecaMode::II, Parallel::Half, 22);
+    check_tiny_resnet18(NeuronKind::V1, SecaMode::I, Parallel::All, 23);
+}

@@ -34,6 +34,7 @@ pub mod alloc;
 mod dispatch;
 mod driver;
 mod reference;
+mod sparse;
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     pub(crate) mod avx2;
@@ -42,6 +43,7 @@ mod x86_64 {
 
 pub use dispatch::{Isa, kernel_name};
 use driver::{ConvRows, Finish, Kernels, MatrixRows};
+pub use sparse::SignConvWeights;
 
 /// Errors of this crate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,6 +436,7 @@ impl Simd {
                 pack_row: reference::pack_row,
                 masked_gemv: reference::masked_gemv,
                 pack_u8_planes: reference::pack_u8_planes,
+                sparse_conv: sparse::sparse_generic,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernels {
@@ -442,6 +445,7 @@ impl Simd {
                 pack_row: x86_64::avx2::pack_row,
                 masked_gemv: x86_64::avx2::masked_gemv,
                 pack_u8_planes: x86_64::avx2::pack_u8_planes,
+                sparse_conv: sparse::x86::sparse_avx2,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Kernels {
@@ -450,6 +454,7 @@ impl Simd {
                 pack_row: x86_64::avx512::pack_row,
                 masked_gemv: x86_64::avx512::masked_gemv,
                 pack_u8_planes: x86_64::avx512::pack_u8_planes,
+                sparse_conv: sparse::x86::sparse_avx512,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Kernels {
@@ -458,6 +463,7 @@ impl Simd {
                 pack_row: aarch64::neon::pack_row,
                 masked_gemv: aarch64::neon::masked_gemv,
                 pack_u8_planes: reference::pack_u8_planes,
+                sparse_conv: sparse::sparse_generic,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("require() accepted an ISA not compiled for this target"),
@@ -946,6 +952,119 @@ impl Simd {
         let k = self.k();
         let bp = k.prepare(b, n, kw, kw);
         k.popc_prepared(op == BinOp::Xor, a, m, &bp, n, kw, kw, out);
+        Ok(())
+    }
+
+    /// Float input × ±1 weights convolution that skips zero inputs (see the `sparse` module docs):
+    /// `y[i][o] = scale[o]·Σ_{tap,c} x[i][c][tap]·w[o][c][tap] + shift[o]` for the `n` images of `x`
+    /// (`n x C x H x W`, NCHW) into `y` (`n x O x OH x OW`, NCHW). Bit-identical across levels.
+    /// Images `i` and `i + pair` (`pair > 0`) run together, sharing every weight load: pass the
+    /// images per time-step of a step-major batch, so that consecutive steps of one sample, whose
+    /// spikes mostly coincide, are paired. The result does not depend on `pair`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_conv(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize),
+        pair: usize,
+        w: &SignConvWeights,
+        stride: usize,
+        pad: usize,
+        scale: &[f32],
+        shift: &[f32],
+        y: &mut [f32],
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let (n, h, wd) = dims;
+        let (o, c) = (w.out_ch, w.in_ch);
+        let (oh, ow) = match (
+            (h + 2 * pad).checked_sub(w.kh),
+            (wd + 2 * pad).checked_sub(w.kw),
+        ) {
+            (Some(a), Some(b)) if stride > 0 => (a / stride + 1, b / stride + 1),
+            _ => {
+                return shape_err(format!(
+                    "sparse_conv: {h}x{wd} input, pad {pad}, stride {stride}, {}x{} kernel",
+                    w.kh, w.kw
+                ));
+            }
+        };
+        if x.len() != n * c * h * wd
+            || y.len() != n * o * oh * ow
+            || scale.len() != o
+            || shift.len() != o
+        {
+            return shape_err(format!(
+                "sparse_conv: x {} for {n}x{c}x{h}x{wd}, y {} for {n}x{o}x{oh}x{ow}, scale {}, shift {}",
+                x.len(),
+                y.len(),
+                scale.len(),
+                shift.len()
+            ));
+        }
+        if n == 0 || oh == 0 || ow == 0 {
+            return Ok(());
+        }
+        // split every image into bands of output rows so that all threads work at batch 1
+        let bands = (2 * rayon::current_num_threads()).div_ceil(n).clamp(1, oh);
+        let rows = oh.div_ceil(bands);
+        let (xs, ys) = (c * h * wd, o * oh * ow);
+        let kernel = self.k().sparse_conv;
+        let task = |i: usize, i2: Option<usize>, oy0: usize, oy1: usize| sparse::Task {
+            x: &x[i * xs..(i + 1) * xs],
+            x2: i2.map(|j| &x[j * xs..(j + 1) * xs]),
+            h,
+            w: wd,
+            ow,
+            stride,
+            pad,
+            oy0,
+            oy1,
+            weights: w,
+            scale,
+            shift,
+        };
+        if bands == 1 {
+            // pairs (i, i + pair) share every weight load; the rest run alone
+            let mut outs: Vec<Option<&mut [f32]>> = y.chunks_mut(ys).map(Some).collect();
+            let mut jobs = Vec::with_capacity(n);
+            for i in 0..n {
+                let Some(yi) = outs[i].take() else { continue };
+                let j = i + pair;
+                if pair > 0 && j < n {
+                    let yj = outs[j].take().expect("paired image is taken once");
+                    jobs.push((i, Some(j), yi, yj));
+                } else {
+                    jobs.push((i, None, yi, &mut [][..]));
+                }
+            }
+            jobs.into_par_iter()
+                .for_each_init(sparse::Scratch::default, |sc, (i, j, yi, yj)| {
+                    kernel(&task(i, j, 0, oh), sc, yi, yj)
+                });
+            return Ok(());
+        }
+        let mut tasks = Vec::with_capacity(n * bands);
+        for i in 0..n {
+            for r in (0..oh).step_by(rows) {
+                tasks.push((i, r, (r + rows).min(oh)));
+            }
+        }
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map_init(sparse::Scratch::default, |sc, &(i, oy0, oy1)| {
+                let mut part = vec![0f32; o * (oy1 - oy0) * ow];
+                kernel(&task(i, None, oy0, oy1), sc, &mut part, &mut []);
+                part
+            })
+            .collect();
+        for (&(i, oy0, oy1), part) in tasks.iter().zip(&parts) {
+            let band = (oy1 - oy0) * ow;
+            for oc in 0..o {
+                let dst = (i * o + oc) * oh * ow + oy0 * ow;
+                y[dst..dst + band].copy_from_slice(&part[oc * band..(oc + 1) * band]);
+            }
+        }
         Ok(())
     }
 

@@ -652,3 +652,55 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// Sparse float conv: with small-integer inputs (half zero) the float sums are exact, so every
+    /// level equals the naive integer conv times scale plus shift; with arbitrary floats every level
+    /// is bit-identical to the scalar level (same operations in the same order), batch 1 included
+    /// (the row-band split), with and without pairing images (`pair`).
+    #[test]
+    fn sparse_conv_matches_naive_and_is_bit_identical_across_levels(
+        cc in conv_case(), seed in any::<u64>(), pair in 0usize..3
+    ) {
+        let mut g = Gen(seed);
+        let wf: Vec<f32> = (0..cc.cout * cc.c * cc.k * cc.k).map(|_| g.sign_f32()).collect();
+        let xi: Vec<i32> = (0..cc.n * cc.c * cc.h * cc.w)
+            .map(|_| if g.below(2) == 0 { 0 } else { g.below(7) as i32 })
+            .collect();
+        let xf: Vec<f32> = xi.iter().map(|&v| v as f32).collect();
+        let xr: Vec<f32> = xi.iter().map(|&v| v as f32 * 0.377 + (v != 0) as i32 as f32 * 1e-3).collect();
+        let wi: Vec<i32> = wf.iter().map(|&v| sign_val(v)).collect();
+        let (want, oh, ow) = naive_conv(&cc, &xi, &wi);
+        let scale: Vec<f32> = (0..cc.cout).map(|o| 0.5 + o as f32 * 0.25).collect();
+        let shift: Vec<f32> = (0..cc.cout).map(|o| o as f32 - 3.0).collect();
+        let sw = empf_simd::SignConvWeights::from_f32_oihw(&wf, cc.cout, cc.c, cc.k, cc.k).unwrap();
+        let dims = (cc.n, cc.h, cc.w);
+        let mut base = vec![0f32; cc.n * cc.cout * oh * ow];
+        Simd::new(Isa::Scalar).unwrap()
+            .sparse_conv(&xr, dims, 0, &sw, cc.stride, cc.pad, &scale, &shift, &mut base).unwrap();
+        for s in levels() {
+            let mut y = vec![f32::NAN; cc.n * cc.cout * oh * ow];
+            s.sparse_conv(&xf, dims, pair, &sw, cc.stride, cc.pad, &scale, &shift, &mut y).unwrap();
+            for ni in 0..cc.n {
+                for o in 0..cc.cout {
+                    for p in 0..oh * ow {
+                        let exp = scale[o] * want[(ni * oh * ow + p) * cc.cout + o] as f32 + shift[o];
+                        prop_assert_eq!(y[(ni * cc.cout + o) * oh * ow + p], exp, "{}", s.kernel_name());
+                    }
+                }
+            }
+            let mut yr = vec![f32::NAN; base.len()];
+            s.sparse_conv(&xr, dims, pair, &sw, cc.stride, cc.pad, &scale, &shift, &mut yr).unwrap();
+            prop_assert!(
+                yr.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} differs from scalar", s.kernel_name()
+            );
+        }
+        // wrong lengths are errors, not panics
+        let mut short = vec![0f32; 1];
+        prop_assert!(Simd::new(Isa::Scalar).unwrap()
+            .sparse_conv(&xf, dims, 1, &sw, cc.stride, cc.pad, &scale, &shift, &mut short).is_err());
+    }
+}

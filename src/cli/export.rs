@@ -8,7 +8,8 @@ use std::path::PathBuf;
 /// `empf export`.
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// Checkpoint (.npz) written by `empf train`.
+    /// Checkpoint (.npz) written by `empf train`; or a recipe or architecture name (e.g.
+    /// `cifar10-resnet18`), exported from its seeded initialisation (for sizes and benchmarks).
     pub checkpoint: PathBuf,
     /// Output model file (default: the checkpoint path with extension `.empfm`).
     #[arg(long, short)]
@@ -70,7 +71,20 @@ pub fn stored_counts(ops: &[Op]) -> (usize, usize) {
 
 /// Run `empf export`.
 pub fn run(a: ExportArgs) -> Result<()> {
-    let (cfg, net) = crate::train::checkpoint::load_model(&a.checkpoint)?;
+    let seeded = !a.checkpoint.exists();
+    let (cfg, mut net) = if seeded {
+        let name = a.checkpoint.to_string_lossy().to_string();
+        let (cfg, _) = super::recipes::info_model(&name).map_err(|e| {
+            crate::error::Error::Config(format!(
+                "{}: no such checkpoint file, and {e}",
+                a.checkpoint.display()
+            ))
+        })?;
+        let net = crate::model::zoo::build::<f32>(&cfg, &mut crate::rng::Rng::new(0))?;
+        (cfg, net)
+    } else {
+        crate::train::checkpoint::load_model(&a.checkpoint)?
+    };
     let model: Model = crate::infer::export(&cfg, &net)?;
     let out = a
         .out
@@ -94,6 +108,18 @@ pub fn run(a: ExportArgs) -> Result<()> {
     println!(
         "size {size} B = {:.3}x (1 bit x {bits} binary weights + 4 B x {vals} other values = {ideal:.0} B)",
         size as f64 / ideal.max(1.0)
+    );
+    let (two, one) = crate::model::zoo::param_memory(&mut net);
+    println!(
+        "Param.(B) of the network (EMPF.md §9, BN and neuron parameters excluded): {:.2} MB at 2 bits \
+         per binary weight (the paper's rule), {:.2} MB at 1 bit{}",
+        two / 1e6,
+        one / 1e6,
+        if seeded {
+            " (seeded initialisation: the sizes do not depend on the weights)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -8,6 +8,12 @@
 //! * `EmpfV3` → `Parallel` (run over all T at once); `Lif` → `Lif`.
 //! * `Conv2d` / `Linear` (stems and heads) stay f32; pools, `Flatten`, `Seca`, `SpikeQuant` copy;
 //!   nested `Sequential`s are inlined; `Residual` → `Residual` with its two sub-graphs.
+//! * `BasicBlock` (Fig. 3(b), [`crate::model::blocks`]) → nested `Residual`s (no new op needed):
+//!   with `A1(x, c1)` identity or SECA_I and `A2` identity or SECA_I,
+//!   `Residual{[N1, BinConv1+BN1, A1, N2, BinConv2+BN2, A2], shortcut}`; a SECA_II attention
+//!   `A(prev, c) = SECA(prev + c)` wraps its half in an identity `Residual` (`prev + c`) followed by
+//!   the `Seca` op, e.g. `Residual{[Residual{[N1, BinConv1]}, Seca1, Residual{[N2, BinConv2]},
+//!   Seca2], identity}`. N2 (Version III) becomes `Parallel`, run over all T at once.
 //! * Anything else is an error naming the layer.
 
 use super::format::{ConvDims, Model, Op, Signs};
@@ -17,6 +23,7 @@ use crate::layers::{
     AvgPool2d, BatchNorm, BinaryConv2d, BinaryLinear, Conv2d, Flatten, GlobalAvgPool, Layer,
     Linear, MaxPool2d, Seca, SpikeQuant,
 };
+use crate::model::blocks::{Attention, BasicBlock};
 use crate::model::{ModelConfig, Residual, Sequential};
 use crate::tensor::Real;
 use std::any::Any;
@@ -210,6 +217,8 @@ fn export_seq<R: Real>(layers: &[Box<dyn Layer<R>>]) -> Result<Vec<Op>> {
             });
         } else if let Some(s) = a.downcast_ref::<Sequential<R>>() {
             ops.extend(export_seq(&s.layers)?);
+        } else if let Some(b) = a.downcast_ref::<BasicBlock<R>>() {
+            ops.push(block_op(name, b)?);
         } else if let Some(r) = a.downcast_ref::<Residual<R>>() {
             ops.push(Op::Residual {
                 name,
@@ -227,6 +236,89 @@ fn export_seq<R: Real>(layers: &[Box<dyn Layer<R>>]) -> Result<Vec<Op>> {
         }
     }
     Ok(ops)
+}
+
+/// The `BinConv` op of a binary conv with its following BatchNorm folded.
+fn bin_conv_op<R: Real>(c: &BinaryConv2d<R>, bn: &BatchNorm<R>, binary_input: bool) -> Op {
+    let sa = c.sign_alpha();
+    let s = c.spec();
+    let (scale, shift) = epilogue(&sa.alpha, Some(bn));
+    Op::BinConv {
+        name: c.name().to_string(),
+        dims: conv_dims(&s),
+        binary_input,
+        signs: Signs::pack(&sa.positive),
+        scale,
+        shift,
+    }
+}
+
+fn seca_op<R: Real>(s: &Seca<R>) -> Op {
+    Op::Seca {
+        name: s.name().to_string(),
+        weight: values(&s.weight),
+        bias: values(&s.bias)[0],
+    }
+}
+
+/// One half of a block, `A(prev, BN(BConv(N(prev))))`, appended to `ops` (module docs).
+#[allow(clippy::borrowed_box)] // `slice::from_ref` needs the box
+fn block_half<R: Real>(
+    name: &str,
+    n: &Box<dyn Layer<R>>,
+    conv: &BinaryConv2d<R>,
+    bn: &BatchNorm<R>,
+    att: &Attention<R>,
+    ops: &mut Vec<Op>,
+) -> Result<()> {
+    let mut half = export_seq(std::slice::from_ref(n))?;
+    let binary = binary_source(&half);
+    half.push(bin_conv_op(conv, bn, binary));
+    match att {
+        Attention::None => ops.extend(half),
+        Attention::SecaI(s) => {
+            ops.extend(half);
+            ops.push(seca_op(s));
+        }
+        Attention::SecaII(s) => {
+            ops.push(Op::Residual {
+                name: name.to_string(),
+                body: half,
+                shortcut: None,
+            });
+            ops.push(seca_op(s));
+        }
+    }
+    Ok(())
+}
+
+/// A [`BasicBlock`] as nested `Residual`s (module docs).
+fn block_op<R: Real>(name: String, b: &BasicBlock<R>) -> Result<Op> {
+    let mut body = Vec::new();
+    block_half(
+        &format!("{name}.half1"),
+        &b.n1,
+        &b.conv1,
+        &b.bn1,
+        &b.a1,
+        &mut body,
+    )?;
+    block_half(
+        &format!("{name}.half2"),
+        &b.n2,
+        &b.conv2,
+        &b.bn2,
+        &b.a2,
+        &mut body,
+    )?;
+    Ok(Op::Residual {
+        name,
+        body,
+        shortcut: match &b.shortcut {
+            Some(s) => Some(export_seq(&s.layers)?),
+            None => None,
+        },
+    })
 }
 
 fn folded_op<R: Real>(name: String, n: &EmpfFolded<R>) -> Op {

@@ -30,6 +30,8 @@
 //! 11   GlobalAvgPool (no fields)
 //! 12   Flatten       (no fields)
 //! 13   Residual      body ops · has_shortcut u8 · shortcut ops?   (out = body(x) + shortcut(x))
+//!                    A ResNet `BasicBlock` (Fig. 3(b)) is written as nested Residuals (see
+//!                    `infer::export`): no block op is needed, so the version stays 1.
 //! 14   Seca          k u32 · weight f32[k] · bias f32   (SECA_I, EMPF.md §8)
 //! 15   SpikeQuant    bits u32 (1..=8) · step f32 (> 0): x ↦ clamp(round(x/step), 0, 2^bits−1)·step
 //! ```

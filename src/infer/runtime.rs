@@ -21,7 +21,9 @@ use crate::layers::{
     AvgPool2d, Flatten, GlobalAvgPool, Layer, MaxPool2d, Seca, State, StepCtx, check_shape,
 };
 use crate::tensor::{Tensor, as_slice, from_vec, gemm};
-use empf_simd::{BinOp, Binarize, Epilogue, PackedConvWeights, PackedMatrix, Simd, SpikeOut};
+use empf_simd::{
+    BinOp, Binarize, Epilogue, PackedConvWeights, PackedMatrix, SignConvWeights, Simd, SpikeOut,
+};
 use rayon::prelude::*;
 
 /// How binary layers compute.
@@ -69,7 +71,7 @@ enum Node {
         name: String,
         core: ConvCore<f32>,
         dims: ConvDims,
-        pm1: Vec<f32>,
+        sparse: SignConvWeights,
         packed: PackedConvWeights,
         binary_input: bool,
         scale: Vec<f32>,
@@ -132,6 +134,10 @@ struct Act {
     x: Tensor<f32>,
     repeated: bool,
 }
+
+/// Input values (samples × steps × C·H·W) per group of samples run through the whole network
+/// together (see [`Runtime::run`]).
+const GROUP_VALUES: usize = 1 << 13;
 
 /// A loaded model ready to run.
 pub struct Runtime {
@@ -198,11 +204,19 @@ fn prepare_op(op: Op, simd: &Simd) -> Result<Node> {
                 dims.kernel,
             )
             .map_err(|e| simd_err(&name, e))?;
+            let sparse = SignConvWeights::from_f32_oihw(
+                &pm1,
+                dims.out_ch,
+                dims.in_ch,
+                dims.kernel,
+                dims.kernel,
+            )
+            .map_err(|e| simd_err(&name, e))?;
             Node::BinConv {
                 core: ConvCore::new(conv_spec(&dims)),
                 name,
                 dims,
-                pm1,
+                sparse,
                 packed,
                 binary_input,
                 scale,
@@ -437,22 +451,47 @@ impl Runtime {
             &format!("N x {c} x {h} x {w}"),
         )?;
         let n = x.shape()[0];
+        let k = self.classes;
+        let x = crate::tensor::standard(x.clone());
+        let xs = as_slice(&x);
+        let per = c * h * w;
+        // Run the batch in groups of samples whose T steps of activations stay cache-sized (and
+        // below the allocator's direct-mapping size, so buffers are reused, not page-faulted in).
+        let group = (GROUP_VALUES / (per * self.steps).max(1)).clamp(1, n.max(1));
+        let mut out = vec![0f32; n * k];
+        for (g, og) in out.chunks_mut(group * k).enumerate() {
+            let ng = og.len() / k;
+            let xg = from_vec(&[ng, c, h, w], xs[g * group * per..][..ng * per].to_vec());
+            self.run_group(xg, og)?;
+        }
+        Ok(from_vec(&[n, k], out))
+    }
+
+    /// Adds the summed logits of the samples `x` into `out` (`N x classes`).
+    fn run_group(&mut self, x: Tensor<f32>, out: &mut [f32]) -> Result<()> {
+        let n = x.shape()[0];
         let ctx = Ctx {
             steps: self.steps,
             precision: self.precision,
             step: self.step,
             simd: self.simd,
         };
-        let mut a = Act {
-            x: crate::tensor::standard(x.clone()),
-            repeated: true,
-        };
+        let mut a = Act { x, repeated: true };
+        let prof = std::env::var_os("EMPF_RT_PROFILE").is_some();
         for node in &mut self.nodes {
+            let t0 = std::time::Instant::now();
             a = apply(node, a, &ctx)?;
+            if prof {
+                eprintln!(
+                    "{:>10.3} ms  {} -> {:?}",
+                    t0.elapsed().as_secs_f64() * 1e3,
+                    node_kind(node),
+                    a.x.shape()
+                );
+            }
         }
         let ys = as_slice(&a.x);
         let k = self.classes;
-        let mut out = vec![0f32; n * k];
         if a.repeated {
             for (o, &y) in out.iter_mut().zip(ys.iter()) {
                 for _ in 0..self.steps {
@@ -466,13 +505,29 @@ impl Runtime {
                 }
             }
         }
-        Ok(from_vec(&[n, k], out))
+        Ok(())
     }
 
     /// Predicted classes of a batch.
     pub fn predict(&mut self, x: &Tensor<f32>) -> Result<Vec<usize>> {
         let o = self.run(x)?;
         Ok(argmax_rows(&o))
+    }
+}
+
+fn node_kind(n: &Node) -> &'static str {
+    match n {
+        Node::Conv { .. } => "conv",
+        Node::BinConv { .. } => "binconv",
+        Node::Linear { .. } => "linear",
+        Node::BinLinear { .. } => "binlinear",
+        Node::Affine { .. } => "affine",
+        Node::Empf { .. } => "empf",
+        Node::Parallel { .. } => "parallel",
+        Node::Lif { .. } => "lif",
+        Node::Layer(_) => "layer",
+        Node::Residual { .. } => "residual",
+        Node::Quant { .. } => "quant",
     }
 }
 
@@ -592,9 +647,9 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
         } => core.forward(xs, &shape, weight, bias.as_deref()),
         Node::BinConv {
             name,
-            core,
+            core: _,
             dims,
-            pm1,
+            sparse,
             packed,
             binary_input,
             scale,
@@ -607,9 +662,21 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
             };
             match quant {
                 None => {
-                    let mut y = core.forward(xs, &shape, pm1, None);
-                    let inner = out_shape[2] * out_shape[3];
-                    affine_inplace(&mut y, dims.out_ch, inner, scale, shift);
+                    let len: usize = out_shape.iter().product();
+                    let mut y = vec![0f32; len];
+                    ctx.simd
+                        .sparse_conv(
+                            xs,
+                            (shape[0], shape[2], shape[3]),
+                            if rep { 0 } else { shape[0] / ctx.steps },
+                            sparse,
+                            dims.stride,
+                            dims.pad,
+                            scale,
+                            shift,
+                            &mut y,
+                        )
+                        .map_err(|e| simd_err(name, e))?;
                     y
                 }
                 Some((bits, step)) => {

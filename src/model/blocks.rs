@@ -253,6 +253,9 @@ impl<R: Real> BasicBlock<R> {
 }
 
 impl<R: Real> Layer<R> for BasicBlock<R> {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn name(&self) -> &str {
         &self.name
     }

@@ -1,0 +1,67 @@
+//! Profile the deploy runtime: `cargo run --release --example infer_profile -- [arch] [precision]
+//! [batch] [reps]` (seeded mnist-cnn by default; random uniform inputs, as `empf bench infer`).
+use empf::infer::{Precision, Runtime, export};
+use empf::model::zoo;
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use empf::rng::Rng;
+use empf::tensor::from_vec;
+use empf::train::step::{StepInput, eval_batch};
+use std::time::Instant;
+fn main() -> empf::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arch = args.first().map(String::as_str).unwrap_or("mnist-cnn");
+    let prec = args.get(1).map(String::as_str).unwrap_or("float");
+    let batch: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let cfg = zoo::named_config(arch)?;
+    let mut net = zoo::build::<f32>(&cfg, &mut Rng::new(0))?;
+    let model = export(&cfg, &net)?;
+    let mut rng = Rng::new(1);
+    let len = batch * cfg.input.iter().product::<usize>();
+    let x = from_vec(
+        &[batch, cfg.input[0], cfg.input[1], cfg.input[2]],
+        (0..len).map(|_| rng.uniform() as f32).collect(),
+    );
+    if prec == "rates" {
+        use empf::layers::{State, StepCtx};
+        let mut states: Vec<State<f32>> = (0..net.layers.len()).map(|_| State::Empty).collect();
+        for t in 0..cfg.steps {
+            let ctx = StepCtx::eval(t, cfg.steps);
+            let mut h = x.clone();
+            let mut line = format!("t={t}:");
+            for (i, l) in net.layers.iter_mut().enumerate() {
+                h = l.forward(&h, &ctx, &mut states[i], None)?;
+                if l.kind().starts_with("Empf") {
+                    let nz = h.iter().filter(|&&v| v != 0.0).count();
+                    line += &format!(" {} {:.1}%", l.name(), 100.0 * nz as f64 / h.len() as f64);
+                }
+            }
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    if prec == "eval" {
+        for _ in 0..reps {
+            eval_batch(&mut net, StepInput::Static(&x), cfg.steps)?;
+        }
+    } else {
+        let mut rt = Runtime::new(
+            model,
+            Precision::parse(prec)?,
+            None,
+            empf_simd::Simd::global(),
+        )?;
+        for _ in 0..reps {
+            rt.run(&x)?;
+        }
+    }
+    let dt = t0.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "{arch} {prec} batch {batch}: {:.3} ms per call, {:.1} img/s",
+        dt * 1e3,
+        batch as f64 / dt
+    );
+    Ok(())
+}
