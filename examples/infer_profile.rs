@@ -23,24 +23,6 @@ fn main() -> empf::Result<()> {
         &[batch, cfg.input[0], cfg.input[1], cfg.input[2]],
         (0..len).map(|_| rng.uniform() as f32).collect(),
     );
-    if prec == "rates" {
-        use empf::layers::{State, StepCtx};
-        let mut states: Vec<State<f32>> = (0..net.layers.len()).map(|_| State::Empty).collect();
-        for t in 0..cfg.steps {
-            let ctx = StepCtx::eval(t, cfg.steps);
-            let mut h = x.clone();
-            let mut line = format!("t={t}:");
-            for (i, l) in net.layers.iter_mut().enumerate() {
-                h = l.forward(&h, &ctx, &mut states[i], None)?;
-                if l.kind().starts_with("Empf") {
-                    let nz = h.iter().filter(|&&v| v != 0.0).count();
-                    line += &format!(" {} {:.1}%", l.name(), 100.0 * nz as f64 / h.len() as f64);
-                }
-            }
-            println!("{line}");
-        }
-        return Ok(());
-    }
     let t0 = Instant::now();
     if prec == "eval" {
         for _ in 0..reps {

@@ -196,22 +196,11 @@ fn prepare_op(op: Op, simd: &Simd) -> Result<Node> {
             shift,
         } => {
             let pm1 = signs.to_f32();
-            let packed = PackedConvWeights::from_f32_oihw(
-                &pm1,
-                dims.out_ch,
-                dims.in_ch,
-                dims.kernel,
-                dims.kernel,
-            )
-            .map_err(|e| simd_err(&name, e))?;
-            let sparse = SignConvWeights::from_f32_oihw(
-                &pm1,
-                dims.out_ch,
-                dims.in_ch,
-                dims.kernel,
-                dims.kernel,
-            )
-            .map_err(|e| simd_err(&name, e))?;
+            let (o, i, k) = (dims.out_ch, dims.in_ch, dims.kernel);
+            let packed = PackedConvWeights::from_f32_oihw(&pm1, o, i, k, k)
+                .map_err(|e| simd_err(&name, e))?;
+            let sparse =
+                SignConvWeights::from_f32_oihw(&pm1, o, i, k, k).map_err(|e| simd_err(&name, e))?;
             Node::BinConv {
                 core: ConvCore::new(conv_spec(&dims)),
                 name,
