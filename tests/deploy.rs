@@ -255,16 +255,21 @@ fn k_bit_runtime_equals_the_scalar_reference_of_the_quantised_network() {
         let step = 0.25;
         let mut reference = with_quantisers(&cfg, 21, Some((bits, step as f64)));
         let want = eval_logits(&mut reference, &x, cfg.steps);
-        let mut rt = Runtime::new(
-            model.clone(),
-            Precision::Bits(bits),
-            Some(step),
-            Simd::global(),
-        )
-        .unwrap();
-        let got = rt.run(&x).unwrap();
+        let run = |p: Precision| {
+            Runtime::new(model.clone(), p, Some(step), Simd::global())
+                .unwrap()
+                .run(&x)
+                .unwrap()
+        };
+        let got = run(Precision::Bits(bits));
         let d = max_rel(&got, &want);
         assert!(d <= 1e-4, "{bits}-bit runtime differs by {d:e}");
+        // the sparse integer kernels and the popcount kernels sum the same integers
+        assert_eq!(
+            got,
+            run(Precision::Popcount(bits)),
+            "{bits}-bit kernels differ"
+        );
         // a QAT model (quantisers in the graph) runs the same in float and k-bit mode
         let qat = export(&cfg, &reference).unwrap();
         let f = runtime(&qat, Precision::Float).run(&x).unwrap();
@@ -519,9 +524,10 @@ fn check_tiny_resnet18(
     let d = max_rel(&got, &want);
     assert!(d <= 1e-4, "resnet18 ({neuron}, {seca:?}) differs by {d:e}");
     assert_eq!(argmax(&got), argmax(&want));
-    // k-bit modes run too (the same graph through the popcount kernels)
+    // k-bit modes run too: the sparse integer and the popcount kernels give the same logits
     let q = runtime(&model, Precision::Bits(4)).run(&x).unwrap();
     assert_eq!(q.shape(), got.shape());
+    assert_eq!(q, runtime(&model, Precision::Popcount(4)).run(&x).unwrap());
 }
 
 #[test]

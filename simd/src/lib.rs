@@ -43,7 +43,7 @@ mod x86_64 {
 
 pub use dispatch::{Isa, kernel_name};
 use driver::{ConvRows, Finish, Kernels, MatrixRows};
-pub use sparse::SignConvWeights;
+pub use sparse::{QuantConvWeights, SignConvWeights};
 
 /// Errors of this crate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -437,6 +437,8 @@ impl Simd {
                 masked_gemv: reference::masked_gemv,
                 pack_u8_planes: reference::pack_u8_planes,
                 sparse_conv: sparse::sparse_generic,
+                sparse_conv_q: sparse::sparse_q_generic,
+                quantise: sparse::quantise_generic,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernels {
@@ -446,6 +448,8 @@ impl Simd {
                 masked_gemv: x86_64::avx2::masked_gemv,
                 pack_u8_planes: x86_64::avx2::pack_u8_planes,
                 sparse_conv: sparse::x86::sparse_avx2,
+                sparse_conv_q: sparse::x86::sparse_q_avx2,
+                quantise: sparse::x86::quantise_avx2,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Kernels {
@@ -455,6 +459,8 @@ impl Simd {
                 masked_gemv: x86_64::avx512::masked_gemv,
                 pack_u8_planes: x86_64::avx512::pack_u8_planes,
                 sparse_conv: sparse::x86::sparse_avx512,
+                sparse_conv_q: sparse::x86::sparse_q_avx512,
+                quantise: sparse::x86::quantise_avx2,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Kernels {
@@ -464,6 +470,8 @@ impl Simd {
                 masked_gemv: aarch64::neon::masked_gemv,
                 pack_u8_planes: reference::pack_u8_planes,
                 sparse_conv: sparse::sparse_generic,
+                sparse_conv_q: sparse::sparse_q_generic,
+                quantise: sparse::quantise_generic,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("require() accepted an ISA not compiled for this target"),
@@ -974,97 +982,82 @@ impl Simd {
         shift: &[f32],
         y: &mut [f32],
     ) -> Result<()> {
+        let g = SparseGeom::new("sparse_conv", dims, w.dims(), stride, pad)?;
+        g.check(x.len(), y, scale, shift)?;
+        let kernel = self.k().sparse_conv;
+        let xs = g.in_len();
+        g.drive(pair, y, |band, i, i2, sc: &mut sparse::Scratch, yi, yj| {
+            let task = sparse::Task {
+                x: &x[i * xs..(i + 1) * xs],
+                x2: i2.map(|j| &x[j * xs..(j + 1) * xs]),
+                band,
+                weights: w,
+                scale,
+                shift,
+            };
+            kernel(&task, sc, yi, yj)
+        });
+        Ok(())
+    }
+
+    /// Spike levels `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero, NaN ↦
+    /// 0), as the trainer's spike quantiser; the same at every level.
+    pub fn quantise(&self, x: &[f32], step: f32, bits: u32, q: &mut [u8]) -> Result<()> {
         use rayon::prelude::*;
-        let (n, h, wd) = dims;
-        let (o, c) = (w.out_ch, w.in_ch);
-        let (oh, ow) = match (
-            (h + 2 * pad).checked_sub(w.kh),
-            (wd + 2 * pad).checked_sub(w.kw),
-        ) {
-            (Some(a), Some(b)) if stride > 0 => (a / stride + 1, b / stride + 1),
-            _ => {
-                return shape_err(format!(
-                    "sparse_conv: {h}x{wd} input, pad {pad}, stride {stride}, {}x{} kernel",
-                    w.kh, w.kw
-                ));
-            }
-        };
-        if x.len() != n * c * h * wd
-            || y.len() != n * o * oh * ow
-            || scale.len() != o
-            || shift.len() != o
-        {
+        if x.len() != q.len() || !(1..=8).contains(&bits) {
             return shape_err(format!(
-                "sparse_conv: x {} for {n}x{c}x{h}x{wd}, y {} for {n}x{o}x{oh}x{ow}, scale {}, shift {}",
+                "quantise: x {}, q {}, {bits} bits (1..=8)",
                 x.len(),
-                y.len(),
-                scale.len(),
-                shift.len()
+                q.len()
             ));
         }
-        if n == 0 || oh == 0 || ow == 0 {
-            return Ok(());
+        let f = self.k().quantise;
+        q.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(qc, xc)| f(xc, step, bits, qc));
+        Ok(())
+    }
+
+    /// k-bit spike levels × ±1 weights convolution that skips zero levels, summing in 16-bit
+    /// integer lanes where they cannot overflow (see the `sparse` module docs): `y[i][o] =
+    /// scale[o]·Σ_{tap,c} q[i][c][tap]·w[o][c][tap] + shift[o]` for the `n` images of `q` (`n x C x H
+    /// x W` levels below `2^w.bits()`, NCHW) into `y` (`n x O x OH x OW`, NCHW). The sums are exact
+    /// integers, so every level gives the same result, equal to the bit-serial popcount
+    /// convolution's with the same epilogue. `pair` as for [`Simd::sparse_conv`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_conv_q(
+        &self,
+        q: &[u8],
+        dims: (usize, usize, usize),
+        pair: usize,
+        w: &QuantConvWeights,
+        stride: usize,
+        pad: usize,
+        scale: &[f32],
+        shift: &[f32],
+        y: &mut [f32],
+    ) -> Result<()> {
+        let g = SparseGeom::new("sparse_conv_q", dims, w.dims(), stride, pad)?;
+        g.check(q.len(), y, scale, shift)?;
+        if u32::from(q.iter().fold(0u8, |a, &v| a | v)) >> w.bits != 0 {
+            return shape_err(format!(
+                "sparse_conv_q: a level does not fit {} bits",
+                w.bits
+            ));
         }
-        // split every image into bands of output rows so that all threads work at batch 1
-        let bands = (2 * rayon::current_num_threads()).div_ceil(n).clamp(1, oh);
-        let rows = oh.div_ceil(bands);
-        let (xs, ys) = (c * h * wd, o * oh * ow);
-        let kernel = self.k().sparse_conv;
-        let task = |i: usize, i2: Option<usize>, oy0: usize, oy1: usize| sparse::Task {
-            x: &x[i * xs..(i + 1) * xs],
-            x2: i2.map(|j| &x[j * xs..(j + 1) * xs]),
-            h,
-            w: wd,
-            ow,
-            stride,
-            pad,
-            oy0,
-            oy1,
-            weights: w,
-            scale,
-            shift,
-        };
-        if bands == 1 {
-            // pairs (i, i + pair) share every weight load; the rest run alone
-            let mut outs: Vec<Option<&mut [f32]>> = y.chunks_mut(ys).map(Some).collect();
-            let mut jobs = Vec::with_capacity(n);
-            for i in 0..n {
-                let Some(yi) = outs[i].take() else { continue };
-                let j = i + pair;
-                if pair > 0 && j < n {
-                    let yj = outs[j].take().expect("paired image is taken once");
-                    jobs.push((i, Some(j), yi, yj));
-                } else {
-                    jobs.push((i, None, yi, &mut [][..]));
-                }
-            }
-            jobs.into_par_iter()
-                .for_each_init(sparse::Scratch::default, |sc, (i, j, yi, yj)| {
-                    kernel(&task(i, j, 0, oh), sc, yi, yj)
-                });
-            return Ok(());
-        }
-        let mut tasks = Vec::with_capacity(n * bands);
-        for i in 0..n {
-            for r in (0..oh).step_by(rows) {
-                tasks.push((i, r, (r + rows).min(oh)));
-            }
-        }
-        let parts: Vec<Vec<f32>> = tasks
-            .par_iter()
-            .map_init(sparse::Scratch::default, |sc, &(i, oy0, oy1)| {
-                let mut part = vec![0f32; o * (oy1 - oy0) * ow];
-                kernel(&task(i, None, oy0, oy1), sc, &mut part, &mut []);
-                part
-            })
-            .collect();
-        for (&(i, oy0, oy1), part) in tasks.iter().zip(&parts) {
-            let band = (oy1 - oy0) * ow;
-            for oc in 0..o {
-                let dst = (i * o + oc) * oh * ow + oy0 * ow;
-                y[dst..dst + band].copy_from_slice(&part[oc * band..(oc + 1) * band]);
-            }
-        }
+        let kernel = self.k().sparse_conv_q;
+        let xs = g.in_len();
+        g.drive(pair, y, |band, i, i2, sc: &mut sparse::QScratch, yi, yj| {
+            let task = sparse::QTask {
+                x: &q[i * xs..(i + 1) * xs],
+                x2: i2.map(|j| &q[j * xs..(j + 1) * xs]),
+                band,
+                weights: w,
+                scale,
+                shift,
+            };
+            kernel(&task, sc, yi, yj)
+        });
         Ok(())
     }
 
@@ -1103,5 +1096,143 @@ impl Simd {
             }
         });
         Ok(())
+    }
+}
+
+/// The shape of a sparse convolution over a batch, and its parallel driver.
+struct SparseGeom {
+    name: &'static str,
+    n: usize,
+    c: usize,
+    o: usize,
+    oh: usize,
+    band: sparse::Band,
+}
+
+impl SparseGeom {
+    fn new(
+        name: &'static str,
+        (n, h, wd): (usize, usize, usize),
+        (o, c, kh, kw): (usize, usize, usize, usize),
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        let (oh, ow) = match (
+            (h + 2 * pad).checked_sub(kh),
+            (wd + 2 * pad).checked_sub(kw),
+        ) {
+            (Some(a), Some(b)) if stride > 0 => (a / stride + 1, b / stride + 1),
+            _ => {
+                return shape_err(format!(
+                    "{name}: {h}x{wd} input, pad {pad}, stride {stride}, {kh}x{kw} kernel"
+                ));
+            }
+        };
+        let band = sparse::Band {
+            h,
+            w: wd,
+            ow,
+            stride,
+            pad,
+            oy0: 0,
+            oy1: oh,
+        };
+        Ok(SparseGeom {
+            name,
+            n,
+            c,
+            o,
+            oh,
+            band,
+        })
+    }
+
+    fn in_len(&self) -> usize {
+        self.c * self.band.h * self.band.w
+    }
+
+    fn check(&self, x_len: usize, y: &[f32], scale: &[f32], shift: &[f32]) -> Result<()> {
+        let (n, c, o, oh, ow) = (self.n, self.c, self.o, self.oh, self.band.ow);
+        let (h, wd) = (self.band.h, self.band.w);
+        if x_len != n * c * h * wd
+            || y.len() != n * o * oh * ow
+            || scale.len() != o
+            || shift.len() != o
+        {
+            return shape_err(format!(
+                "{}: x {x_len} for {n}x{c}x{h}x{wd}, y {} for {n}x{o}x{oh}x{ow}, scale {}, shift {}",
+                self.name,
+                y.len(),
+                scale.len(),
+                shift.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `kernel(band, i, i2, scratch, y_i, y_i2)` over the images: whole images in parallel
+    /// (images `i` and `i + pair` together when `pair > 0`), or, when there are fewer images than
+    /// twice the threads, bands of output rows of each image.
+    fn drive<S: Default + Send>(
+        &self,
+        pair: usize,
+        y: &mut [f32],
+        kernel: impl Fn(sparse::Band, usize, Option<usize>, &mut S, &mut [f32], &mut [f32]) + Sync,
+    ) {
+        use rayon::prelude::*;
+        let (n, o, oh, ow) = (self.n, self.o, self.oh, self.band.ow);
+        if n == 0 || oh == 0 || ow == 0 {
+            return;
+        }
+        // split every image into bands of output rows so that all threads work at batch 1
+        let bands = (2 * rayon::current_num_threads()).div_ceil(n).clamp(1, oh);
+        let rows = oh.div_ceil(bands);
+        let ys = o * oh * ow;
+        if bands == 1 {
+            // pairs (i, i + pair) share every weight load; the rest run alone
+            let mut outs: Vec<Option<&mut [f32]>> = y.chunks_mut(ys).map(Some).collect();
+            let mut jobs = Vec::with_capacity(n);
+            for i in 0..n {
+                let Some(yi) = outs[i].take() else { continue };
+                let j = i + pair;
+                if pair > 0 && j < n {
+                    let yj = outs[j].take().expect("paired image is taken once");
+                    jobs.push((i, Some(j), yi, yj));
+                } else {
+                    jobs.push((i, None, yi, &mut [][..]));
+                }
+            }
+            jobs.into_par_iter()
+                .for_each_init(S::default, |sc, (i, j, yi, yj)| {
+                    kernel(self.band, i, j, sc, yi, yj)
+                });
+            return;
+        }
+        let mut tasks = Vec::with_capacity(n * bands);
+        for i in 0..n {
+            for r in (0..oh).step_by(rows) {
+                tasks.push((i, r, (r + rows).min(oh)));
+            }
+        }
+        let parts: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map_init(S::default, |sc, &(i, oy0, oy1)| {
+                let mut part = vec![0f32; o * (oy1 - oy0) * ow];
+                let band = sparse::Band {
+                    oy0,
+                    oy1,
+                    ..self.band
+                };
+                kernel(band, i, None, sc, &mut part, &mut []);
+                part
+            })
+            .collect();
+        for (&(i, oy0, oy1), part) in tasks.iter().zip(&parts) {
+            let band = (oy1 - oy0) * ow;
+            for oc in 0..o {
+                let dst = (i * o + oc) * oh * ow + oy0 * ow;
+                y[dst..dst + band].copy_from_slice(&part[oc * band..(oc + 1) * band]);
+            }
+        }
     }
 }

@@ -1,15 +1,22 @@
-//! Float spikes × ±1 weights, skipping zero spikes ("sparse-input" convolution).
+//! Spikes × ±1 weights, skipping zero spikes ("sparse-input" convolution).
 //!
 //! EM-PF spikes `s = ReLU(m − θ)` are mostly zero, so a convolution that visits only the non-zero
 //! inputs does `density ×` the multiply-adds of a dense one. Per image: every input pixel gets the
 //! list of its non-zero channels (offsets into the weights, values), then every output pixel sums,
 //! over the taps inside the image and the non-zero channels of the tapped pixel, `x · w[tap][c][..]`
-//! into a register block of output channels. Weights are ±1 floats, tap-major `[tap][c][o]` with `o`
-//! padded to a multiple of 8, so a block of outputs is one contiguous row.
+//! into a register block of output channels. Weights are tap-major `[tap][c][o]` with `o` padded,
+//! so a block of outputs is one contiguous row.
 //!
-//! Exactness: `x·(±1)` is exact, so `acc + x·w` and `fma(x, w, acc)` round identically; every level
-//! runs the same generic code (only the instruction set it is compiled for differs), hence results
-//! are bit-identical across levels. The epilogue `y = scale·acc + shift` is the same scalar code.
+//! Two element types:
+//! * float spikes ([`SignConvWeights`], ±1 `f32` rows): `x·(±1)` is exact, so `acc + x·w` and
+//!   `fma(x, w, acc)` round identically; every level runs the same generic code (only the
+//!   instruction set it is compiled for differs), hence results are bit-identical across levels.
+//! * k-bit spike levels `q ∈ 0..2^k` ([`QuantConvWeights`], integer masks): `Σ q·w = 2·Σ_{w=+1} q −
+//!   Σ q`, accumulated as `acc += q & mask` (mask all-ones for +1, zero for −1) in `i16` lanes when
+//!   `taps·C·(2^k − 1)` fits, else `i32`: twice the lanes of `f32` per vector and half the weight
+//!   bytes, and exact integers, so the result equals the bit-serial popcount convolution's.
+//!
+//! The epilogue `y = scale·acc + shift` is the same scalar code at every level.
 
 #![allow(clippy::needless_range_loop)] // register blocks read clearest as indexed loops
 
@@ -73,13 +80,90 @@ impl SignConvWeights {
     }
 }
 
-/// One task of a sparse convolution: one image (or two that share the weight loads: `x2`), output
-/// rows `oy0..oy1`.
-pub(crate) struct Task<'a> {
-    /// The image, `C x H x W`.
-    pub x: &'a [f32],
-    /// A second image of the same shape run along (its non-zero lists are merged with `x`'s).
-    pub x2: Option<&'a [f32]>,
+/// The integer lanes of a [`QuantConvWeights`] table.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum MaskTable {
+    /// `taps·C·(2^k − 1) ≤ i16::MAX`.
+    I16(Vec<i16>),
+    I32(Vec<i32>),
+}
+
+/// ±1 convolution weights as integer masks for k-bit spike levels, for
+/// [`crate::Simd::sparse_conv_q`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantConvWeights {
+    pub(crate) out_ch: usize,
+    pub(crate) in_ch: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    /// `out_ch` rounded up to a multiple of 16.
+    pub(crate) opad: usize,
+    /// Bits per input level.
+    pub(crate) bits: u32,
+    /// `[tap][c][opad]`: all ones for +1, 0 for −1 and padding.
+    pub(crate) table: MaskTable,
+}
+
+impl QuantConvWeights {
+    /// The masks of `w` for inputs of `bits` bits (1..=8): `i16` lanes when no sum can overflow
+    /// them, else `i32`.
+    pub fn new(w: &SignConvWeights, bits: u32) -> Result<Self> {
+        if !(1..=8).contains(&bits) {
+            return shape_err(format!("QuantConvWeights: {bits} bits (1..=8)"));
+        }
+        let taps = w.kh * w.kw;
+        let worst = (taps * w.in_ch) as u64 * ((1u64 << bits) - 1);
+        if worst > i32::MAX as u64 {
+            return shape_err(format!(
+                "QuantConvWeights: {} inputs of {bits} bits may overflow 32-bit sums",
+                taps * w.in_ch
+            ));
+        }
+        let opad = w.out_ch.div_ceil(16) * 16;
+        let mask = |t: usize, c: usize, o: usize| -> bool {
+            o < w.out_ch && w.w[(t * w.in_ch + c) * w.opad + o] > 0.0
+        };
+        let rows = taps * w.in_ch;
+        let table = if worst <= i16::MAX as u64 {
+            MaskTable::I16(
+                (0..rows * opad)
+                    .map(|i| -i16::from(mask(i / opad / w.in_ch, i / opad % w.in_ch, i % opad)))
+                    .collect(),
+            )
+        } else {
+            MaskTable::I32(
+                (0..rows * opad)
+                    .map(|i| -i32::from(mask(i / opad / w.in_ch, i / opad % w.in_ch, i % opad)))
+                    .collect(),
+            )
+        };
+        Ok(QuantConvWeights {
+            out_ch: w.out_ch,
+            in_ch: w.in_ch,
+            kh: w.kh,
+            kw: w.kw,
+            opad,
+            bits,
+            table,
+        })
+    }
+    /// `(out_ch, in_ch, kh, kw)`.
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
+        (self.out_ch, self.in_ch, self.kh, self.kw)
+    }
+    /// Bits per input level.
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+    /// Whether sums run in 16-bit lanes.
+    pub fn narrow(&self) -> bool {
+        matches!(self.table, MaskTable::I16(_))
+    }
+}
+
+/// The output-row band of one image that a task computes, and the convolution's geometry.
+#[derive(Clone, Copy)]
+pub(crate) struct Band {
     pub h: usize,
     pub w: usize,
     pub ow: usize,
@@ -87,210 +171,783 @@ pub(crate) struct Task<'a> {
     pub pad: usize,
     pub oy0: usize,
     pub oy1: usize,
+}
+
+/// One task of a float sparse convolution: one image (or two that share the weight loads: `x2`).
+pub(crate) struct Task<'a> {
+    /// The image, `C x H x W`.
+    pub x: &'a [f32],
+    /// A second image of the same shape run along (its non-zero lists are merged with `x`'s).
+    pub x2: Option<&'a [f32]>,
+    pub band: Band,
     pub weights: &'a SignConvWeights,
     pub scale: &'a [f32],
     pub shift: &'a [f32],
 }
 
-/// Per-worker buffers: the non-zero lists.
-#[derive(Default)]
-pub(crate) struct Scratch {
+/// One task of a k-bit sparse convolution: one image of levels (or two, as [`Task`]).
+pub(crate) struct QTask<'a> {
+    /// The image, `C x H x W` levels.
+    pub x: &'a [u8],
+    pub x2: Option<&'a [u8]>,
+    pub band: Band,
+    pub weights: &'a QuantConvWeights,
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+}
+
+/// Per-worker buffers: the non-zero lists (`IMG` values per entry).
+pub(crate) struct Lists<V> {
+    /// The taps of the current output row: `(ox, base, p)`.
+    taps: Vec<[usize; 3]>,
+    /// Per listed input pixel and image, the sum of the values.
+    sums: Vec<i32>,
+    /// Per output pixel of the row and image, the sum of its inputs.
+    totals: Vec<i32>,
+    /// Outputs (and float sums) of one output row, pixel-major, before they go to their planes.
+    tile: Vec<f32>,
+    /// Integer sums of one output row, pixel-major.
+    tile16: Vec<i16>,
+    tile32: Vec<i32>,
     off: Vec<u32>,
     idx: Vec<u32>,
-    val: Vec<f32>,
+    val: Vec<V>,
 }
 
-/// The kernel of one ISA level: fills `y` (and `y2` for `x2`), the band `O x (oy1 − oy0) x OW` of
-/// the output image.
-pub(crate) type SparseFn = fn(&Task<'_>, &mut Scratch, &mut [f32], &mut [f32]);
-
-/// The portable kernel (scalar level; NEON level on aarch64, where NEON is the baseline).
-pub(crate) fn sparse_generic(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
-    dispatch::<false>(t, sc, y, y2)
-}
-
-#[inline(always)]
-fn dispatch<const FMA: bool>(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
-    if t.x2.is_some() {
-        run::<FMA, 2>(t, sc, [y, y2])
-    } else {
-        run::<FMA, 1>(t, sc, [y])
+impl<V> Default for Lists<V> {
+    fn default() -> Self {
+        Lists {
+            taps: Vec::new(),
+            sums: Vec::new(),
+            totals: Vec::new(),
+            tile: Vec::new(),
+            tile16: Vec::new(),
+            tile32: Vec::new(),
+            off: Vec::new(),
+            idx: Vec::new(),
+            val: Vec::new(),
+        }
     }
 }
 
-/// Builds the non-zero lists of the input rows that output rows `oy0..oy1` tap.
+/// Float kernel buffers.
+pub(crate) type Scratch = Lists<f32>;
+/// k-bit kernel buffers.
+pub(crate) type QScratch = Lists<u8>;
+
+/// The float kernel of one ISA level: fills `y` (and `y2` for `x2`), the band `O x (oy1 − oy0) x OW`
+/// of the output image.
+pub(crate) type SparseFn = fn(&Task<'_>, &mut Scratch, &mut [f32], &mut [f32]);
+/// The k-bit kernel of one ISA level: fills `y`, the band of the output image.
+pub(crate) type SparseQFn = fn(&QTask<'_>, &mut QScratch, &mut [f32], &mut [f32]);
+
+/// The portable float kernel (scalar level; NEON level on aarch64, where NEON is the baseline).
+pub(crate) fn sparse_generic(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+    dispatch(Portable::<false>, t, sc, y, y2)
+}
+
+/// The portable k-bit kernel.
+pub(crate) fn sparse_q_generic(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+    dispatch_q(Portable::<false>, t, sc, y, y2)
+}
+
 #[inline(always)]
-fn build<const IMG: usize>(t: &Task<'_>, sc: &mut Scratch) -> (usize, usize) {
-    let (c, h, w) = (t.weights.in_ch, t.h, t.w);
-    let kh = t.weights.kh;
+fn dispatch<K: Accum>(k: K, t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+    if t.x2.is_some() {
+        run::<K, 2>(k, t, sc, [y, y2])
+    } else {
+        run::<K, 1>(k, t, sc, [y])
+    }
+}
+
+/// Builds the non-zero lists of the input rows that output rows `oy0..oy1` tap: entry `(c·opad,
+/// values of the `imgs` at channel c)` for every channel where one of them is non-zero. Returns the
+/// first input pixel listed.
+#[inline(always)]
+fn build<V: Copy + PartialEq + Default, const IMG: usize>(
+    b: &Band,
+    (c, kh, opad): (usize, usize, usize),
+    imgs: [&[V]; IMG],
+    sc: &mut Lists<V>,
+) -> usize {
+    let (h, w) = (b.h, b.w);
     let hw = h * w;
-    let iy0 = (t.oy0 * t.stride).saturating_sub(t.pad);
-    let iy1 = ((t.oy1 - 1) * t.stride + kh).saturating_sub(t.pad).min(h);
+    let iy0 = (b.oy0 * b.stride).saturating_sub(b.pad);
+    let iy1 = ((b.oy1 - 1) * b.stride + kh).saturating_sub(b.pad).min(h);
     let (p0, p1) = (iy0 * w, iy1.max(iy0) * w);
     sc.off.clear();
     sc.idx.clear();
     sc.val.clear();
     sc.off.push(0);
-    let opad = t.weights.opad as u32;
-    let x2 = t.x2.unwrap_or(t.x);
+    let zero = V::default();
     for p in p0..p1 {
         for ci in 0..c {
-            let v = t.x[ci * hw + p];
-            if IMG == 1 {
-                if v != 0.0 {
-                    sc.idx.push(ci as u32 * opad);
-                    sc.val.push(v);
-                }
-            } else {
-                let v2 = x2[ci * hw + p];
-                if v != 0.0 || v2 != 0.0 {
-                    sc.idx.push(ci as u32 * opad);
-                    sc.val.push(v);
-                    sc.val.push(v2);
-                }
+            let mut vs = [zero; IMG];
+            for k in 0..IMG {
+                vs[k] = imgs[k][ci * hw + p];
+            }
+            if vs.iter().any(|&v| v != zero) {
+                sc.idx.push((ci * opad) as u32);
+                sc.val.extend_from_slice(&vs);
             }
         }
         sc.off.push(sc.idx.len() as u32);
     }
-    (p0, p1)
+    p0
 }
 
+/// Lists in `out`, as `(ox, base, p)`, the taps of output row `oy` that fall inside the image, in
+/// the order tap, then output pixel `ox`: `base` is the tap's offset into the `[tap][c][opad]`
+/// table, `p` the tapped input pixel (counted from the first listed, `p0`). Every output pixel
+/// sees its taps in the order `(ky, kx)`. A list, not a callback: a closure would not inherit the
+/// caller's target features.
 #[inline(always)]
-fn run<const FMA: bool, const IMG: usize>(
-    t: &Task<'_>,
-    sc: &mut Scratch,
-    mut y: [&mut [f32]; IMG],
+fn row_taps(
+    b: &Band,
+    (c, kh, kw, opad): (usize, usize, usize, usize),
+    p0: usize,
+    oy: usize,
+    out: &mut Vec<[usize; 3]>,
 ) {
-    let (p0, _) = build::<IMG>(t, sc);
-    let wt = t.weights;
-    let mut ob = 0;
-    // at most 8 vector accumulators of 8 lanes
-    while ob < wt.out_ch {
-        let left = wt.opad - ob;
-        if left >= 64 && IMG == 1 {
-            block::<FMA, IMG, 64>(t, sc, p0, ob, &mut y);
-            ob += 64;
-        } else if left >= 32 {
-            block::<FMA, IMG, 32>(t, sc, p0, ob, &mut y);
-            ob += 32;
-        } else if left >= 16 {
-            block::<FMA, IMG, 16>(t, sc, p0, ob, &mut y);
-            ob += 16;
-        } else {
-            block::<FMA, IMG, 8>(t, sc, p0, ob, &mut y);
-            ob += 8;
+    out.clear();
+    let (h, w) = (b.h as isize, b.w as isize);
+    for ky in 0..kh {
+        let iy = (oy * b.stride + ky) as isize - b.pad as isize;
+        if iy < 0 || iy >= h {
+            continue;
+        }
+        for kx in 0..kw {
+            let base = (ky * kw + kx) * c * opad;
+            for ox in 0..b.ow {
+                let ix = (ox * b.stride + kx) as isize - b.pad as isize;
+                if ix < 0 || ix >= w {
+                    continue;
+                }
+                out.push([ox, base, (iy * w + ix) as usize - p0]);
+            }
         }
     }
 }
 
+/// The width of the output block at `ob`: `max`, halved down to `min` while it passes `opad`.
 #[inline(always)]
-fn block<const FMA: bool, const IMG: usize, const OB: usize>(
+fn width(opad: usize, ob: usize, max: usize, min: usize) -> usize {
+    let mut width = max;
+    while width > min && opad - ob < width {
+        width /= 2;
+    }
+    width
+}
+
+#[inline(always)]
+fn run<K: Accum, const IMG: usize>(k: K, t: &Task<'_>, sc: &mut Scratch, mut y: [&mut [f32]; IMG]) {
+    let wt = t.weights;
+    let x2 = t.x2.unwrap_or(t.x);
+    let mut imgs = [t.x; IMG];
+    imgs[IMG - 1] = x2;
+    let p0 = build::<f32, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), imgs, sc);
+    // at most 8 vector accumulators of 8 lanes
+    let max = if IMG == 1 { 64 } else { 32 };
+    let mut ob = 0;
+    while ob < wt.out_ch {
+        let width = width(wt.opad, ob, max, 8);
+        match width {
+            64 => block::<K, IMG, 64>(k, t, sc, p0, ob, &mut y),
+            32 => block::<K, IMG, 32>(k, t, sc, p0, ob, &mut y),
+            16 => block::<K, IMG, 16>(k, t, sc, p0, ob, &mut y),
+            _ => block::<K, IMG, 8>(k, t, sc, p0, ob, &mut y),
+        }
+        ob += width;
+    }
+}
+
+#[inline(always)]
+fn block<K: Accum, const IMG: usize, const OB: usize>(
+    k: K,
     t: &Task<'_>,
-    sc: &Scratch,
+    sc: &mut Scratch,
     p0: usize,
     ob: usize,
     y: &mut [&mut [f32]; IMG],
 ) {
     let wt = t.weights;
-    let (c, kh, kw, opad) = (wt.in_ch, wt.kh, wt.kw, wt.opad);
-    let (h, w) = (t.h as isize, t.w as isize);
-    let plane = (t.oy1 - t.oy0) * t.ow;
+    let b = &t.band;
+    let geom = (wt.in_ch, wt.kh, wt.kw, wt.opad);
     let nout = (wt.out_ch - ob).min(OB);
-    for oy in t.oy0..t.oy1 {
-        for ox in 0..t.ow {
-            // separate arrays, not `[[f32; OB]; IMG]`: LLVM keeps these in registers
-            let mut a0 = [0f32; OB];
-            let mut a1 = [0f32; OB];
-            for ky in 0..kh {
-                let iy = (oy * t.stride + ky) as isize - t.pad as isize;
-                if iy < 0 || iy >= h {
-                    continue;
-                }
-                for kx in 0..kw {
-                    let ix = (ox * t.stride + kx) as isize - t.pad as isize;
-                    if ix < 0 || ix >= w {
-                        continue;
-                    }
-                    let p = (iy * w + ix) as usize - p0;
-                    let base = (ky * kw + kx) * c * opad + ob;
-                    let (e0, e1) = (sc.off[p] as usize, sc.off[p + 1] as usize);
-                    for e in e0..e1 {
-                        let row: &[f32; OB] = wt.w[base + sc.idx[e] as usize..][..OB]
-                            .try_into()
-                            .expect("weight row");
-                        let vs: &[f32; IMG] =
-                            sc.val[e * IMG..e * IMG + IMG].try_into().expect("values");
-                        axpy::<FMA, OB>(vs[0], row, &mut a0);
-                        if IMG == 2 {
-                            axpy::<FMA, OB>(vs[IMG - 1], row, &mut a1);
-                        }
-                    }
-                }
+    let (scale, shift) = (&t.scale[ob..ob + nout], &t.shift[ob..ob + nout]);
+    let px = IMG * OB;
+    for oy in b.oy0..b.oy1 {
+        row_taps(b, geom, p0, oy, &mut sc.taps);
+        sc.tile.clear();
+        sc.tile.resize(b.ow * px, 0.0);
+        for &[ox, base, p] in &sc.taps {
+            let (e0, e1) = (sc.off[p] as usize, sc.off[p + 1] as usize);
+            if e0 < e1 {
+                k.f32_acc::<IMG, OB>(
+                    &wt.w[base + ob..],
+                    &sc.idx[e0..e1],
+                    &sc.val[e0 * IMG..e1 * IMG],
+                    &mut sc.tile[ox * px..][..px],
+                );
             }
-            let px = (oy - t.oy0) * t.ow + ox;
-            for (yk, a) in y.iter_mut().zip([&a0, &a1]) {
-                for j in 0..nout {
-                    let o = ob + j;
-                    yk[o * plane + px] = t.scale[o] * a[j] + t.shift[o];
-                }
+        }
+        for v in sc.tile.chunks_exact_mut(OB) {
+            for j in 0..nout {
+                v[j] = scale[j] * v[j] + shift[j];
+            }
+        }
+        flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, y);
+    }
+}
+
+/// Copies the tile of output row `oy` (`OW x IMG x rows`, pixel-major, for channels `ob..ob +
+/// nout`) into the channel planes of the band outputs `y`.
+#[inline(always)]
+fn flush<const IMG: usize>(
+    tile: &[f32],
+    b: &Band,
+    oy: usize,
+    ob: usize,
+    nout: usize,
+    rows: usize,
+    y: &mut [&mut [f32]; IMG],
+) {
+    let (ow, plane) = (b.ow, (b.oy1 - b.oy0) * b.ow);
+    let at = (oy - b.oy0) * ow;
+    for (i, yk) in y.iter_mut().enumerate() {
+        for j in 0..nout {
+            let dst = &mut yk[(ob + j) * plane + at..][..ow];
+            for (ox, d) in dst.iter_mut().enumerate() {
+                *d = tile[(ox * IMG + i) * rows + j];
             }
         }
     }
 }
 
-/// `a += v·row`, lane by lane.
-#[inline(always)]
-fn axpy<const FMA: bool, const OB: usize>(v: f32, row: &[f32; OB], a: &mut [f32; OB]) {
-    for j in 0..OB {
-        a[j] = if FMA {
-            v.mul_add(row[j], a[j])
-        } else {
-            a[j] + v * row[j]
-        };
+/// The accumulation of the entries of one tapped input pixel into one output pixel, per ISA level:
+/// `acc[i·OB + j] += Σ_e val[e·IMG + i]·w[idx[e] + j]` for `j < OB` and the `IMG` images, entries in
+/// order (so every level sums identically). `w` starts at the tap's row of channel 0 and block `ob`.
+/// Integer levels: `val & mask`.
+pub(crate) trait Accum: Copy {
+    fn f32_acc<const IMG: usize, const OB: usize>(
+        self,
+        w: &[f32],
+        idx: &[u32],
+        val: &[f32],
+        acc: &mut [f32],
+    );
+    fn i16_acc<const IMG: usize, const OB: usize>(
+        self,
+        m: &[i16],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [i16],
+    );
+    fn i32_acc<const IMG: usize, const OB: usize>(
+        self,
+        m: &[i32],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [i32],
+    );
+}
+
+/// Plain Rust (auto-vectorised) accumulation; `FMA`: fused multiply-add for floats (the same
+/// result: products with ±1 are exact).
+#[derive(Clone, Copy)]
+pub(crate) struct Portable<const FMA: bool>;
+
+impl<const FMA: bool> Accum for Portable<FMA> {
+    #[inline(always)]
+    fn f32_acc<const IMG: usize, const OB: usize>(
+        self,
+        w: &[f32],
+        idx: &[u32],
+        val: &[f32],
+        acc: &mut [f32],
+    ) {
+        for (e, &ix) in idx.iter().enumerate() {
+            let row: &[f32; OB] = w[ix as usize..][..OB].try_into().expect("weight row");
+            for i in 0..IMG {
+                let v = val[e * IMG + i];
+                let a: &mut [f32; OB] = (&mut acc[i * OB..][..OB]).try_into().expect("acc");
+                for j in 0..OB {
+                    a[j] = if FMA {
+                        v.mul_add(row[j], a[j])
+                    } else {
+                        a[j] + v * row[j]
+                    };
+                }
+            }
+        }
     }
+    #[inline(always)]
+    fn i16_acc<const IMG: usize, const OB: usize>(
+        self,
+        m: &[i16],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [i16],
+    ) {
+        int_acc::<i16, IMG, OB>(m, idx, val, acc)
+    }
+    #[inline(always)]
+    fn i32_acc<const IMG: usize, const OB: usize>(
+        self,
+        m: &[i32],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [i32],
+    ) {
+        int_acc::<i32, IMG, OB>(m, idx, val, acc)
+    }
+}
+
+#[inline(always)]
+fn int_acc<A: Lane, const IMG: usize, const OB: usize>(
+    m: &[A],
+    idx: &[u32],
+    val: &[u8],
+    acc: &mut [A],
+) {
+    for (e, &ix) in idx.iter().enumerate() {
+        let row: &[A; OB] = m[ix as usize..][..OB].try_into().expect("mask row");
+        for i in 0..IMG {
+            let v = A::from_u8(val[e * IMG + i]);
+            let a: &mut [A; OB] = (&mut acc[i * OB..][..OB]).try_into().expect("acc");
+            for j in 0..OB {
+                a[j] = a[j].and_add(v, row[j]);
+            }
+        }
+    }
+}
+
+/// An integer accumulator lane.
+trait Lane: Copy + Default {
+    /// [`Accum::i16_acc`] or [`Accum::i32_acc`].
+    fn acc<K: Accum, const IMG: usize, const OB: usize>(
+        k: K,
+        m: &[Self],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [Self],
+    );
+    /// The row tile of this lane type.
+    fn tile(sc: &mut QScratch) -> &mut Vec<Self>;
+    fn and_add(self, v: Self, mask: Self) -> Self;
+    fn from_u8(v: u8) -> Self;
+    fn wide(self) -> i32;
+}
+
+impl Lane for i16 {
+    #[inline(always)]
+    fn acc<K: Accum, const IMG: usize, const OB: usize>(
+        k: K,
+        m: &[i16],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [i16],
+    ) {
+        k.i16_acc::<IMG, OB>(m, idx, val, acc)
+    }
+    #[inline(always)]
+    fn tile(sc: &mut QScratch) -> &mut Vec<i16> {
+        &mut sc.tile16
+    }
+    #[inline(always)]
+    fn and_add(self, v: i16, mask: i16) -> i16 {
+        self.wrapping_add(v & mask)
+    }
+    #[inline(always)]
+    fn from_u8(v: u8) -> i16 {
+        i16::from(v)
+    }
+    #[inline(always)]
+    fn wide(self) -> i32 {
+        i32::from(self)
+    }
+}
+
+impl Lane for i32 {
+    #[inline(always)]
+    fn acc<K: Accum, const IMG: usize, const OB: usize>(
+        k: K,
+        m: &[i32],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [i32],
+    ) {
+        k.i32_acc::<IMG, OB>(m, idx, val, acc)
+    }
+    #[inline(always)]
+    fn tile(sc: &mut QScratch) -> &mut Vec<i32> {
+        &mut sc.tile32
+    }
+    #[inline(always)]
+    fn and_add(self, v: i32, mask: i32) -> i32 {
+        self.wrapping_add(v & mask)
+    }
+    #[inline(always)]
+    fn from_u8(v: u8) -> i32 {
+        i32::from(v)
+    }
+    #[inline(always)]
+    fn wide(self) -> i32 {
+        self
+    }
+}
+
+/// `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero; NaN ↦ 0), element-wise.
+#[inline(always)]
+fn quantise_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+    let max = ((1u32 << bits) - 1) as f32;
+    for (d, &v) in q.iter_mut().zip(x) {
+        *d = (v / step).round().clamp(0.0, max) as u8;
+    }
+}
+
+/// The quantiser of one ISA level.
+pub(crate) type QuantiseFn = fn(&[f32], f32, u32, &mut [u8]);
+
+/// The portable quantiser.
+pub(crate) fn quantise_generic(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+    quantise_body(x, step, bits, q)
+}
+
+#[inline(always)]
+fn dispatch_q<K: Accum>(k: K, t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+    if t.x2.is_some() {
+        run_q::<K, 2>(k, t, sc, [y, y2])
+    } else {
+        run_q::<K, 1>(k, t, sc, [y])
+    }
+}
+
+#[inline(always)]
+fn run_q<K: Accum, const IMG: usize>(
+    k: K,
+    t: &QTask<'_>,
+    sc: &mut QScratch,
+    mut y: [&mut [f32]; IMG],
+) {
+    let wt = t.weights;
+    let mut imgs = [t.x; IMG];
+    imgs[IMG - 1] = t.x2.unwrap_or(t.x);
+    let p0 = build::<u8, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), imgs, sc);
+    // Σ q per listed input pixel and image, for `dot = 2·Σ_{w=+1} q − Σ q`
+    sc.sums.clear();
+    for p in 0..sc.off.len() - 1 {
+        let mut s = [0i32; IMG];
+        for e in sc.off[p] as usize..sc.off[p + 1] as usize {
+            for k in 0..IMG {
+                s[k] += i32::from(sc.val[e * IMG + k]);
+            }
+        }
+        sc.sums.extend_from_slice(&s);
+    }
+    let max = if IMG == 1 { 128 } else { 64 };
+    let mut ob = 0;
+    while ob < wt.out_ch {
+        // at most 8 vectors of 16 lanes (AVX2), or of 8 (NEON)
+        let width = match &wt.table {
+            MaskTable::I16(m) => {
+                let width = width(wt.opad, ob, max, 16);
+                match width {
+                    128 => block_q::<K, i16, IMG, 128>(k, t, m, sc, p0, ob, &mut y),
+                    64 => block_q::<K, i16, IMG, 64>(k, t, m, sc, p0, ob, &mut y),
+                    32 => block_q::<K, i16, IMG, 32>(k, t, m, sc, p0, ob, &mut y),
+                    _ => block_q::<K, i16, IMG, 16>(k, t, m, sc, p0, ob, &mut y),
+                }
+                width
+            }
+            MaskTable::I32(m) => {
+                let width = width(wt.opad, ob, max / 2, 16);
+                match width {
+                    64 => block_q::<K, i32, IMG, 64>(k, t, m, sc, p0, ob, &mut y),
+                    32 => block_q::<K, i32, IMG, 32>(k, t, m, sc, p0, ob, &mut y),
+                    _ => block_q::<K, i32, IMG, 16>(k, t, m, sc, p0, ob, &mut y),
+                }
+                width
+            }
+        };
+        ob += width;
+    }
+}
+
+#[inline(always)]
+fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
+    k: K,
+    t: &QTask<'_>,
+    m: &[A],
+    sc: &mut QScratch,
+    p0: usize,
+    ob: usize,
+    y: &mut [&mut [f32]; IMG],
+) {
+    let wt = t.weights;
+    let b = &t.band;
+    let geom = (wt.in_ch, wt.kh, wt.kw, wt.opad);
+    let nout = (wt.out_ch - ob).min(OB);
+    let (scale, shift) = (&t.scale[ob..ob + nout], &t.shift[ob..ob + nout]);
+    let px = IMG * OB;
+    let mut tile = std::mem::take(A::tile(sc));
+    for oy in b.oy0..b.oy1 {
+        row_taps(b, geom, p0, oy, &mut sc.taps);
+        tile.clear();
+        tile.resize(b.ow * px, A::default());
+        sc.totals.clear();
+        sc.totals.resize(b.ow * IMG, 0);
+        for &[ox, base, p] in &sc.taps {
+            for i in 0..IMG {
+                sc.totals[ox * IMG + i] += sc.sums[p * IMG + i];
+            }
+            let (e0, e1) = (sc.off[p] as usize, sc.off[p + 1] as usize);
+            if e0 < e1 {
+                A::acc::<K, IMG, OB>(
+                    k,
+                    &m[base + ob..],
+                    &sc.idx[e0..e1],
+                    &sc.val[e0 * IMG..e1 * IMG],
+                    &mut tile[ox * px..][..px],
+                );
+            }
+        }
+        sc.tile.clear();
+        sc.tile.resize(b.ow * px, 0.0);
+        for ((out, a), &total) in sc
+            .tile
+            .chunks_exact_mut(OB)
+            .zip(tile.chunks_exact(OB))
+            .zip(&sc.totals)
+        {
+            for j in 0..nout {
+                let dot = 2 * a[j].wide() - total;
+                out[j] = scale[j] * (dot as f32) + shift[j];
+            }
+        }
+        flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, y);
+    }
+    *A::tile(sc) = tile;
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{Scratch, Task, dispatch};
+    use super::{Accum, Portable, QScratch, QTask, Scratch, Task, dispatch, dispatch_q};
+    use std::arch::x86_64::*;
 
-    /// AVX2 (+FMA when the CPU has it) instantiation of the generic kernel.
+    /// AVX2 + FMA accumulation in 256-bit registers (LLVM keeps the portable code's accumulator
+    /// arrays in memory). Only constructed after checking the CPU ([`Avx2::detect`]).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2(());
+
+    impl Avx2 {
+        fn detect() -> Option<Avx2> {
+            (crate::Isa::Avx2.is_available() && std::arch::is_x86_feature_detected!("fma"))
+                .then_some(Avx2(()))
+        }
+    }
+
+    /// The float kernel at the AVX2 level (portable code without FMA on a CPU without it).
     pub(crate) fn sparse_avx2(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
         assert!(
             crate::Isa::Avx2.is_available(),
             "avx2 kernel called on a CPU without it"
         );
-        if std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: AVX2 and FMA were checked just above; the function is safe code otherwise.
-            unsafe { avx2_fma(t, sc, y, y2) }
-        } else {
+        match Avx2::detect() {
+            // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
+            Some(k) => unsafe { f32_avx2(k, t, sc, y, y2) },
             // SAFETY: AVX2 was checked above; the function is safe code otherwise.
-            unsafe { avx2(t, sc, y, y2) }
+            None => unsafe { f32_avx2_nofma(t, sc, y, y2) },
         }
     }
 
-    /// AVX-512 instantiation (512-bit registers hold 16 outputs).
+    /// The float kernel at the AVX-512 level (its AVX2 code: the sums are the same).
     pub(crate) fn sparse_avx512(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
-        assert!(
-            crate::Isa::Avx512.is_available() && std::arch::is_x86_feature_detected!("fma"),
-            "avx512 kernel called on a CPU without it"
-        );
-        // SAFETY: AVX-512F and FMA were checked just above; the function is safe code otherwise.
-        unsafe { avx512(t, sc, y, y2) }
+        let k = Avx2::detect().expect("avx512 kernel called on a CPU without avx2+fma");
+        // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
+        unsafe { f32_avx2(k, t, sc, y, y2) }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn avx2_fma(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
-        dispatch::<true>(t, sc, y, y2)
+    /// The k-bit kernel at the AVX2 level.
+    pub(crate) fn sparse_q_avx2(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+        match Avx2::detect() {
+            // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
+            Some(k) => unsafe { q_avx2(k, t, sc, y, y2) },
+            None => {
+                assert!(
+                    crate::Isa::Avx2.is_available(),
+                    "avx2 kernel called on a CPU without it"
+                );
+                // SAFETY: AVX2 was checked just above; the function is safe code otherwise.
+                unsafe { q_avx2_portable(t, sc, y, y2) }
+            }
+        }
+    }
+
+    /// The k-bit kernel at the AVX-512 level (its AVX2 code).
+    pub(crate) fn sparse_q_avx512(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+        let k = Avx2::detect().expect("avx512 kernel called on a CPU without avx2+fma");
+        // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
+        unsafe { q_avx2(k, t, sc, y, y2) }
+    }
+
+    /// The quantiser at the AVX2 and AVX-512 levels (rounding inline, not a `roundf` call).
+    pub(crate) fn quantise_avx2(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+        assert!(
+            crate::Isa::Avx2.is_available(),
+            "avx2 kernel called on a CPU without it"
+        );
+        // SAFETY: AVX2 was checked just above; the function is safe code otherwise.
+        unsafe { quantise_avx2_body(x, step, bits, q) }
     }
 
     #[target_feature(enable = "avx2")]
-    fn avx2(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
-        dispatch::<false>(t, sc, y, y2)
+    fn quantise_avx2_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+        super::quantise_body(x, step, bits, q)
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn avx512(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
-        dispatch::<true>(t, sc, y, y2)
+    #[target_feature(enable = "avx2,fma")]
+    fn f32_avx2(k: Avx2, t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+        dispatch(k, t, sc, y, y2)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn f32_avx2_nofma(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+        dispatch(Portable::<false>, t, sc, y, y2)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn q_avx2(k: Avx2, t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+        dispatch_q(k, t, sc, y, y2)
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn q_avx2_portable(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+        dispatch_q(Portable::<false>, t, sc, y, y2)
+    }
+
+    /// Accumulators: at most 8 vectors per image.
+    const MAXV: usize = 8;
+
+    macro_rules! int_acc {
+        ($name:ident, $t:ty, $lanes:expr, $set1:ident, $add:ident) => {
+            #[target_feature(enable = "avx2")]
+            fn $name<const IMG: usize, const OB: usize>(
+                m: &[$t],
+                idx: &[u32],
+                val: &[u8],
+                acc: &mut [$t],
+            ) {
+                let nv = OB / $lanes;
+                assert!(nv * $lanes == OB && nv <= MAXV, "block of {OB} lanes");
+                assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
+                let mut a = [[_mm256_setzero_si256(); MAXV]; 2];
+                for i in 0..IMG {
+                    for j in 0..nv {
+                        // SAFETY: `acc` holds IMG·OB lanes (asserted); vector (i, j) is in it.
+                        a[i][j] = unsafe {
+                            _mm256_loadu_si256(acc.as_ptr().add(i * OB + j * $lanes).cast())
+                        };
+                    }
+                }
+                for (e, &ix) in idx.iter().enumerate() {
+                    let row = &m[ix as usize..ix as usize + OB];
+                    for i in 0..IMG {
+                        let v = $set1(val[e * IMG + i] as _);
+                        for j in 0..nv {
+                            // SAFETY: `row` holds OB = nv·lanes values; vector j is in it.
+                            let r =
+                                unsafe { _mm256_loadu_si256(row.as_ptr().add(j * $lanes).cast()) };
+                            a[i][j] = $add(a[i][j], _mm256_and_si256(v, r));
+                        }
+                    }
+                }
+                for i in 0..IMG {
+                    for j in 0..nv {
+                        // SAFETY: as for the loads above.
+                        unsafe {
+                            _mm256_storeu_si256(
+                                acc.as_mut_ptr().add(i * OB + j * $lanes).cast(),
+                                a[i][j],
+                            )
+                        };
+                    }
+                }
+            }
+        };
+    }
+    int_acc!(i16_acc_avx2, i16, 16, _mm256_set1_epi16, _mm256_add_epi16);
+    int_acc!(i32_acc_avx2, i32, 8, _mm256_set1_epi32, _mm256_add_epi32);
+
+    #[target_feature(enable = "avx2,fma")]
+    fn f32_acc_avx2<const IMG: usize, const OB: usize>(
+        w: &[f32],
+        idx: &[u32],
+        val: &[f32],
+        acc: &mut [f32],
+    ) {
+        let nv = OB / 8;
+        assert!(nv * 8 == OB && nv <= MAXV, "block of {OB} lanes");
+        assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
+        let mut a = [[_mm256_setzero_ps(); MAXV]; 2];
+        for i in 0..IMG {
+            for j in 0..nv {
+                // SAFETY: `acc` holds IMG·OB floats (asserted); vector (i, j) is in it.
+                a[i][j] = unsafe { _mm256_loadu_ps(acc.as_ptr().add(i * OB + j * 8)) };
+            }
+        }
+        for (e, &ix) in idx.iter().enumerate() {
+            let row = &w[ix as usize..ix as usize + OB];
+            for i in 0..IMG {
+                let v = _mm256_set1_ps(val[e * IMG + i]);
+                for j in 0..nv {
+                    // SAFETY: `row` holds OB = 8·nv floats; vector j is in it.
+                    let r = unsafe { _mm256_loadu_ps(row.as_ptr().add(j * 8)) };
+                    a[i][j] = _mm256_fmadd_ps(v, r, a[i][j]);
+                }
+            }
+        }
+        for i in 0..IMG {
+            for j in 0..nv {
+                // SAFETY: as for the loads above.
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(i * OB + j * 8), a[i][j]) };
+            }
+        }
+    }
+
+    impl Accum for Avx2 {
+        #[inline(always)]
+        fn f32_acc<const IMG: usize, const OB: usize>(
+            self,
+            w: &[f32],
+            idx: &[u32],
+            val: &[f32],
+            acc: &mut [f32],
+        ) {
+            // SAFETY: an `Avx2` exists only when AVX2 and FMA were detected.
+            unsafe { f32_acc_avx2::<IMG, OB>(w, idx, val, acc) }
+        }
+        #[inline(always)]
+        fn i16_acc<const IMG: usize, const OB: usize>(
+            self,
+            m: &[i16],
+            idx: &[u32],
+            val: &[u8],
+            acc: &mut [i16],
+        ) {
+            // SAFETY: an `Avx2` exists only when AVX2 was detected.
+            unsafe { i16_acc_avx2::<IMG, OB>(m, idx, val, acc) }
+        }
+        #[inline(always)]
+        fn i32_acc<const IMG: usize, const OB: usize>(
+            self,
+            m: &[i32],
+            idx: &[u32],
+            val: &[u8],
+            acc: &mut [i32],
+        ) {
+            // SAFETY: an `Avx2` exists only when AVX2 was detected.
+            unsafe { i32_acc_avx2::<IMG, OB>(m, idx, val, acc) }
+        }
     }
 }

@@ -704,3 +704,107 @@ proptest! {
             .sparse_conv(&xf, dims, 1, &sw, cc.stride, cc.pad, &scale, &shift, &mut short).is_err());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
+
+    /// k-bit sparse conv: at every level, with and without pairing images, the output equals the
+    /// naive integer conv times scale plus shift exactly (16-bit lanes where `taps·C·(2^k − 1)`
+    /// fits, else 32-bit; wide blocks of up to 128 outputs included) and equals the bit-serial
+    /// popcount conv with the same epilogue bit for bit. Levels above `2^k − 1` are errors.
+    #[test]
+    fn sparse_conv_q_is_exact_at_every_level_and_equals_the_popcount_conv(
+        cc in conv_case(), wide_out in any::<bool>(), bits in 1u32..=8, seed in any::<u64>(),
+        pair in 0usize..3
+    ) {
+        let mut cc = cc;
+        if wide_out {
+            cc.cout += 100;
+        }
+        let mut g = Gen(seed);
+        let wf: Vec<f32> = (0..cc.cout * cc.c * cc.k * cc.k).map(|_| g.sign_f32()).collect();
+        let max = (1u64 << bits) - 1;
+        let q: Vec<u8> = (0..cc.n * cc.c * cc.h * cc.w)
+            .map(|_| match g.below(4) {
+                0 | 1 => 0,
+                2 => max as u8,
+                _ => g.below(max + 1) as u8,
+            })
+            .collect();
+        let xi: Vec<i32> = q.iter().map(|&v| i32::from(v)).collect();
+        let wi: Vec<i32> = wf.iter().map(|&v| sign_val(v)).collect();
+        let (want, oh, ow) = naive_conv(&cc, &xi, &wi);
+        let scale: Vec<f32> = (0..cc.cout).map(|o| 0.01 + o as f32 * 0.37).collect();
+        let shift: Vec<f32> = (0..cc.cout).map(|o| o as f32 * 0.1 - 3.0).collect();
+        let sw = empf_simd::SignConvWeights::from_f32_oihw(&wf, cc.cout, cc.c, cc.k, cc.k).unwrap();
+        let qw = empf_simd::QuantConvWeights::new(&sw, bits).unwrap();
+        prop_assert_eq!(qw.narrow(), (cc.k * cc.k * cc.c) as u64 * max <= i16::MAX as u64);
+        // the popcount conv on the NHWC planes of the same levels
+        let scalar = Simd::new(Isa::Scalar).unwrap();
+        let hw = cc.h * cc.w;
+        let mut q_nhwc = vec![0u8; q.len()];
+        for ni in 0..cc.n {
+            for ci in 0..cc.c {
+                for p in 0..hw {
+                    q_nhwc[(ni * hw + p) * cc.c + ci] = q[(ni * cc.c + ci) * hw + p];
+                }
+            }
+        }
+        let img = scalar.pack_image_u8_nhwc(&q_nhwc, cc.n, cc.h, cc.w, cc.c, bits).unwrap();
+        let pw = PackedConvWeights::from_f32_oihw(&wf, cc.cout, cc.c, cc.k, cc.k).unwrap();
+        let ep = Epilogue { scale: &scale, bias: &shift, neuron: None };
+        let mut pop = vec![0f32; want.len()];
+        scalar
+            .bconv_fused(BinOp::And, &img, &pw, cc.stride, cc.pad, &ep, SpikeOut::F32(&mut pop), &mut [])
+            .unwrap();
+        let dims = (cc.n, cc.h, cc.w);
+        for s in levels() {
+            let mut y = vec![f32::NAN; want.len()];
+            s.sparse_conv_q(&q, dims, pair, &qw, cc.stride, cc.pad, &scale, &shift, &mut y).unwrap();
+            for ni in 0..cc.n {
+                for o in 0..cc.cout {
+                    for p in 0..oh * ow {
+                        let e = (ni * oh * ow + p) * cc.cout + o;
+                        let got = y[(ni * cc.cout + o) * oh * ow + p];
+                        prop_assert_eq!(got, scale[o] * want[e] as f32 + shift[o], "{}", s.isa());
+                        prop_assert_eq!(got.to_bits(), pop[e].to_bits(), "{} vs popcount", s.isa());
+                    }
+                }
+            }
+            if bits < 8 {
+                let mut bad = q.clone();
+                bad[q.len() / 2] = 1 << bits;
+                prop_assert!(s
+                    .sparse_conv_q(&bad, dims, pair, &qw, cc.stride, cc.pad, &scale, &shift, &mut y)
+                    .is_err());
+            }
+        }
+    }
+
+    /// The spike quantiser equals `clamp(round(x / step), 0, 2^k − 1)` (half away from zero, NaN ↦
+    /// 0) at every level, ties, negatives and infinities included.
+    #[test]
+    fn quantise_equals_the_rounding_formula_at_every_level(
+        seed in any::<u64>(), bits in 1u32..=8, len in 0usize..5000
+    ) {
+        let mut g = Gen(seed);
+        let step = 0.05 + g.below(100) as f32 / 200.0;
+        let x: Vec<f32> = (0..len)
+            .map(|_| match g.below(10) {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -1.0,
+                3 => (g.below(600) as f32 + 0.5) * step, // ties
+                _ => g.below(100_000) as f32 / 1000.0,
+            })
+            .collect();
+        let max = ((1u32 << bits) - 1) as f32;
+        let want: Vec<u8> = x.iter().map(|&v| (v / step).round().clamp(0.0, max) as u8).collect();
+        for s in levels() {
+            let mut q = vec![0xAAu8; len];
+            s.quantise(&x, step, bits, &mut q).unwrap();
+            prop_assert_eq!(&q, &want, "{}", s.isa());
+        }
+        prop_assert!(Simd::new(Isa::Scalar).unwrap().quantise(&x, step, 9, &mut vec![0; len]).is_err());
+    }
+}

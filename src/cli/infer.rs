@@ -67,7 +67,7 @@ pub fn run(a: InferArgs) -> Result<()> {
             a.model.display(),
             p.name(),
             match p {
-                Precision::Bits(_) => format!(" (step {})", rt.step()),
+                Precision::Bits(_) | Precision::Popcount(_) => format!(" (step {})", rt.step()),
                 Precision::Float => String::new(),
             },
             rt.kernel_name(),

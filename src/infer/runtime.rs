@@ -22,7 +22,8 @@ use crate::layers::{
 };
 use crate::tensor::{Tensor, as_slice, from_vec, gemm};
 use empf_simd::{
-    BinOp, Binarize, Epilogue, PackedConvWeights, PackedMatrix, SignConvWeights, Simd, SpikeOut,
+    BinOp, Binarize, Epilogue, PackedConvWeights, PackedMatrix, QuantConvWeights, SignConvWeights,
+    Simd, SpikeOut,
 };
 use rayon::prelude::*;
 
@@ -31,22 +32,39 @@ use rayon::prelude::*;
 pub enum Precision {
     /// Float spikes, exact.
     Float,
-    /// k-bit quantised spikes (k in 1..=8), bit-serial popcount kernels.
+    /// k-bit quantised spikes (k in 1..=8): binary convolutions on float-spike inputs sum the
+    /// non-zero levels in 16-bit integer lanes (sparse kernel); binary inputs (LIF) and linear
+    /// layers run the bit-serial popcount kernels. The results equal [`Precision::Popcount`]'s.
     Bits(u32),
+    /// k-bit quantised spikes through the bit-serial popcount kernels for every binary layer.
+    Popcount(u32),
 }
 
 impl Precision {
-    /// Parse `float`, `f32` or `k` / `kbit` / `k-bit` with k in 1..=8.
+    /// k for k-bit precision.
+    pub fn bits(self) -> Option<u32> {
+        match self {
+            Precision::Float => None,
+            Precision::Bits(k) | Precision::Popcount(k) => Some(k),
+        }
+    }
+    /// Parse `float`, `f32` or `k` / `kbit` / `k-bit` with k in 1..=8, optionally followed by
+    /// `-popcount` (or `p`: `4p`).
     pub fn parse(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
         if t == "float" || t == "f32" {
             return Ok(Precision::Float);
         }
+        let (t, popcount) = match t.strip_suffix("popcount").or_else(|| t.strip_suffix('p')) {
+            Some(rest) => (rest.trim_end_matches('-'), true),
+            None => (t.as_str(), false),
+        };
         let digits = t.trim_end_matches("bit").trim_end_matches('-');
         match digits.parse::<u32>() {
+            Ok(k) if (1..=8).contains(&k) && popcount => Ok(Precision::Popcount(k)),
             Ok(k) if (1..=8).contains(&k) => Ok(Precision::Bits(k)),
             _ => Err(Error::Config(format!(
-                "unknown precision `{s}` (expected float or 1..8, e.g. 4bit)"
+                "unknown precision `{s}` (expected float or 1..8, e.g. 4bit, or 4bit-popcount)"
             ))),
         }
     }
@@ -55,6 +73,7 @@ impl Precision {
         match self {
             Precision::Float => "float".into(),
             Precision::Bits(k) => format!("{k}-bit"),
+            Precision::Popcount(k) => format!("{k}-bit popcount"),
         }
     }
 }
@@ -73,6 +92,8 @@ enum Node {
         dims: ConvDims,
         sparse: SignConvWeights,
         packed: PackedConvWeights,
+        /// The masks for k-bit levels (k-bit precision, float-spike input).
+        levels: Option<Box<QuantConvWeights>>,
         binary_input: bool,
         scale: Vec<f32>,
         shift: Vec<f32>,
@@ -170,11 +191,14 @@ fn first_quant(ops: &[Op]) -> Option<f32> {
     })
 }
 
-fn prepare(ops: Vec<Op>, simd: &Simd) -> Result<Vec<Node>> {
-    ops.into_iter().map(|op| prepare_op(op, simd)).collect()
+fn prepare(ops: Vec<Op>, simd: &Simd, bits: Option<u32>) -> Result<Vec<Node>> {
+    ops.into_iter()
+        .map(|op| prepare_op(op, simd, bits))
+        .collect()
 }
 
-fn prepare_op(op: Op, simd: &Simd) -> Result<Node> {
+/// `bits`: the k of k-bit precision with the sparse integer kernels.
+fn prepare_op(op: Op, simd: &Simd, bits: Option<u32>) -> Result<Node> {
     Ok(match op {
         Op::Conv {
             name,
@@ -201,7 +225,15 @@ fn prepare_op(op: Op, simd: &Simd) -> Result<Node> {
                 .map_err(|e| simd_err(&name, e))?;
             let sparse =
                 SignConvWeights::from_f32_oihw(&pm1, o, i, k, k).map_err(|e| simd_err(&name, e))?;
+            let levels = match bits {
+                Some(b) if !binary_input => {
+                    let q = QuantConvWeights::new(&sparse, b).map_err(|e| simd_err(&name, e))?;
+                    Some(Box::new(q))
+                }
+                _ => None,
+            };
             Node::BinConv {
+                levels,
                 core: ConvCore::new(conv_spec(&dims)),
                 name,
                 dims,
@@ -304,9 +336,9 @@ fn prepare_op(op: Op, simd: &Simd) -> Result<Node> {
             shortcut,
         } => Node::Residual {
             name,
-            body: prepare(body, simd)?,
+            body: prepare(body, simd, bits)?,
             shortcut: match shortcut {
-                Some(s) => Some(prepare(s, simd)?),
+                Some(s) => Some(prepare(s, simd, bits)?),
                 None => None,
             },
         },
@@ -372,7 +404,7 @@ impl Runtime {
                 "quantisation step must be positive, got {step}"
             )));
         }
-        if let Precision::Bits(k) = precision
+        if let Some(k) = precision.bits()
             && !(1..=8).contains(&k)
         {
             return Err(Error::Config(format!("spike bits {k} out of range 1..=8")));
@@ -385,7 +417,14 @@ impl Runtime {
             )));
         }
         let rt = Runtime {
-            nodes: prepare(model.ops, &simd)?,
+            nodes: prepare(
+                model.ops,
+                &simd,
+                match precision {
+                    Precision::Bits(k) => Some(k),
+                    _ => None,
+                },
+            )?,
             steps: model.steps,
             input: model.input,
             classes: model.classes,
@@ -640,13 +679,14 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
             dims,
             sparse,
             packed,
+            levels,
             binary_input,
             scale,
             shift,
         } => {
             let quant = match (*binary_input, ctx.precision) {
                 (true, _) => Some((1, 1.0)),
-                (false, Precision::Bits(k)) => Some((k, ctx.step)),
+                (false, Precision::Bits(k) | Precision::Popcount(k)) => Some((k, ctx.step)),
                 (false, Precision::Float) => None,
             };
             match quant {
@@ -662,6 +702,29 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                             dims.stride,
                             dims.pad,
                             scale,
+                            shift,
+                            &mut y,
+                        )
+                        .map_err(|e| simd_err(name, e))?;
+                    y
+                }
+                Some((bits, step)) if levels.is_some() => {
+                    let lv = levels.as_ref().expect("checked");
+                    let mut q = vec![0u8; xs.len()];
+                    ctx.simd
+                        .quantise(xs, step, bits, &mut q)
+                        .map_err(|e| simd_err(name, e))?;
+                    let sc: Vec<f32> = scale.iter().map(|&k| k * step).collect();
+                    let mut y = vec![0f32; out_shape.iter().product()];
+                    ctx.simd
+                        .sparse_conv_q(
+                            &q,
+                            (shape[0], shape[2], shape[3]),
+                            if rep { 0 } else { shape[0] / ctx.steps },
+                            lv,
+                            dims.stride,
+                            dims.pad,
+                            &sc,
                             shift,
                             &mut y,
                         )
@@ -730,7 +793,7 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
             let m = shape[0];
             let quant = match (*binary_input, ctx.precision) {
                 (true, _) => Some((1, 1.0)),
-                (false, Precision::Bits(k)) => Some((k, ctx.step)),
+                (false, Precision::Bits(k) | Precision::Popcount(k)) => Some((k, ctx.step)),
                 (false, Precision::Float) => None,
             };
             let mut y = vec![0f32; m * *out_f];
@@ -942,4 +1005,28 @@ fn add(a: Act, b: Act, steps: usize) -> Act {
         }
     }
     full
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Precision;
+
+    #[test]
+    fn precision_names_parse_with_and_without_popcount() {
+        for (s, p) in [
+            ("float", Precision::Float),
+            ("F32", Precision::Float),
+            ("4", Precision::Bits(4)),
+            ("2bit", Precision::Bits(2)),
+            ("8-bit", Precision::Bits(8)),
+            ("4p", Precision::Popcount(4)),
+            ("4bit-popcount", Precision::Popcount(4)),
+            ("1-popcount", Precision::Popcount(1)),
+        ] {
+            assert_eq!(Precision::parse(s).unwrap(), p, "{s}");
+        }
+        for bad in ["0", "9", "9p", "p", "popcount", "fourbit", ""] {
+            assert!(Precision::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

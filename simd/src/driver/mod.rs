@@ -77,6 +77,8 @@ pub(crate) struct Kernels {
     pub masked_gemv: fn(&[f32], &[u64], usize, usize, &mut [f32]),
     pub pack_u8_planes: fn(&[u8], u32, usize, &mut [u64]),
     pub sparse_conv: crate::sparse::SparseFn,
+    pub sparse_conv_q: crate::sparse::SparseQFn,
+    pub quantise: crate::sparse::QuantiseFn,
 }
 
 /// How the rows of the left operand of a popcount GEMM are produced for a range of output rows.
