@@ -1,5 +1,6 @@
-//! Profile the deploy runtime: `cargo run --release --example infer_profile -- [arch] [precision]
-//! [batch] [reps]` (seeded mnist-cnn by default; random uniform inputs, as `empf bench infer`).
+//! Profile the deploy runtime: `cargo run --release --example infer_profile -- [arch|model.npz]
+//! [precision] [batch] [reps]` (seeded mnist-cnn by default, on random uniform inputs as `empf bench
+//! infer`; a trained checkpoint runs on the bundled MNIST test images).
 use empf::infer::{Precision, Runtime, export};
 use empf::model::zoo;
 #[global_allocator]
@@ -14,15 +15,26 @@ fn main() -> empf::Result<()> {
     let prec = args.get(1).map(String::as_str).unwrap_or("float");
     let batch: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64);
     let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(10);
-    let cfg = zoo::named_config(arch)?;
-    let mut net = zoo::build::<f32>(&cfg, &mut Rng::new(0))?;
+    let trained = std::path::Path::new(arch).exists();
+    let (cfg, mut net) = if trained {
+        empf::train::checkpoint::load_model(std::path::Path::new(arch))?
+    } else {
+        let cfg = zoo::named_config(arch)?;
+        let net = zoo::build::<f32>(&cfg, &mut Rng::new(0))?;
+        (cfg, net)
+    };
     let model = export(&cfg, &net)?;
-    let mut rng = Rng::new(1);
-    let len = batch * cfg.input.iter().product::<usize>();
-    let x = from_vec(
-        &[batch, cfg.input[0], cfg.input[1], cfg.input[2]],
-        (0..len).map(|_| rng.uniform() as f32).collect(),
-    );
+    let x = if trained {
+        let test = empf::data::idx::load_mnist(empf::data::bundled_mnist_dir())?.test;
+        test.batch(&(0..batch).collect::<Vec<_>>())?.0
+    } else {
+        let mut rng = Rng::new(1);
+        let len = batch * cfg.input.iter().product::<usize>();
+        from_vec(
+            &[batch, cfg.input[0], cfg.input[1], cfg.input[2]],
+            (0..len).map(|_| rng.uniform() as f32).collect(),
+        )
+    };
     let t0 = Instant::now();
     if prec == "eval" {
         for _ in 0..reps {

@@ -602,7 +602,12 @@ impl Lane for i32 {
 fn quantise_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
     let max = ((1u32 << bits) - 1) as f32;
     for (d, &v) in q.iter_mut().zip(x) {
-        *d = (v / step).round().clamp(0.0, max) as u8;
+        let r = (v / step).round();
+        // `clamp(0, max) as u8` without the saturating cast (which does not vectorise): NaN and
+        // values ≤ 0 give 0, like the cast of a NaN
+        let r = if r > 0.0 { r.min(max) } else { 0.0 };
+        // SAFETY: `r` is finite, in [0, max] ⊂ [0, 255].
+        *d = unsafe { r.to_int_unchecked::<u8>() };
     }
 }
 
@@ -712,8 +717,10 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
                 );
             }
         }
-        sc.tile.clear();
-        sc.tile.resize(b.ow * px, 0.0);
+        // every value below is overwritten
+        if sc.tile.len() < b.ow * px {
+            sc.tile.resize(b.ow * px, 0.0);
+        }
         for ((out, a), &total) in sc
             .tile
             .chunks_exact_mut(OB)

@@ -101,6 +101,13 @@ pub struct BenchInferArgs {
     /// Timed calls per measurement (median reported).
     #[arg(long, default_value_t = 10)]
     pub reps: usize,
+    /// Time on real images and report every engine's accuracy: a directory of MNIST-format IDX
+    /// files (`bundled` for the bundled subset); its test split, or its first `--limit` images.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// With --data: use only the first N test images.
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
 /// Run `empf bench infer`.
@@ -119,7 +126,29 @@ pub fn bench(a: BenchInferArgs) -> Result<()> {
         .iter()
         .map(|p| Precision::parse(p))
         .collect::<Result<Vec<_>>>()?;
-    let rows = crate::infer::bench::bench_infer(&cfg, &mut net, &precisions, a.batch, a.reps)?;
+    let data = match &a.data {
+        Some(dir) => {
+            let dir = if dir.as_os_str() == "bundled" {
+                crate::data::bundled_mnist_dir()
+            } else {
+                dir.clone()
+            };
+            let test = crate::data::idx::load_mnist(&dir)?.test;
+            let n = a.limit.unwrap_or(test.len()).min(test.len());
+            let (x, y) = test.batch(&(0..n).collect::<Vec<_>>())?;
+            println!("data: {n} test images of {}", dir.display());
+            Some(crate::infer::bench::Labelled { x, y })
+        }
+        None => None,
+    };
+    let rows = crate::infer::bench::bench_infer(
+        &cfg,
+        &mut net,
+        &precisions,
+        a.batch,
+        a.reps,
+        data.as_ref(),
+    )?;
     print!("{}", crate::infer::bench::format_rows(&cfg, a.batch, &rows));
     Ok(())
 }

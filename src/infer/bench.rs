@@ -1,6 +1,7 @@
 //! `empf bench infer`: batch-1 latency and batch-64 throughput of the runtime per precision mode,
 //! against the training graph's eval mode on the same model, in the same run (synthetic inputs of
-//! the model's shape).
+//! the model's shape, or the images of a labelled test set, when the accuracy of every engine on
+//! the whole set is measured too).
 
 use super::{Precision, Runtime};
 use crate::error::{Error, Result};
@@ -20,6 +21,46 @@ pub struct InferBenchRow {
     pub latency_s: f64,
     /// Images per second at the large batch.
     pub throughput: f64,
+    /// Test accuracy (%) on the labelled set, when one is given.
+    pub accuracy: Option<f64>,
+}
+
+/// Labelled images: `N x C x H x W` and the `N` labels.
+pub struct Labelled {
+    /// The images.
+    pub x: Tensor<f32>,
+    /// Their labels.
+    pub y: Vec<usize>,
+}
+
+impl Labelled {
+    fn head(&self, n: usize) -> Tensor<f32> {
+        let n = n.min(self.y.len());
+        self.x
+            .slice_axis(ndarray::Axis(0), (0..n).into())
+            .to_owned()
+    }
+    fn chunks(&self, batch: usize) -> impl Iterator<Item = (Tensor<f32>, &[usize])> {
+        let n = self.y.len();
+        (0..n).step_by(batch.max(1)).map(move |i| {
+            let j = (i + batch).min(n);
+            (
+                self.x
+                    .slice_axis(ndarray::Axis(0), (i..j).into())
+                    .to_owned(),
+                &self.y[i..j],
+            )
+        })
+    }
+}
+
+/// Correct predictions (argmax of the logits) of `logits` for `labels`.
+fn correct(logits: &Tensor<f32>, labels: &[usize]) -> usize {
+    super::runtime::argmax_rows(logits)
+        .iter()
+        .zip(labels)
+        .filter(|(p, y)| p == y)
+        .count()
 }
 
 fn images(n: usize, input: [usize; 3], rng: &mut Rng) -> Tensor<f32> {
@@ -43,13 +84,15 @@ fn measure(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// Measure eval mode of `net` and the runtime at each precision: median of `reps` batch-1 calls and
-/// of `reps` calls at `batch`.
+/// of `reps` calls at `batch`, on synthetic images or on the first images of `data`, and then
+/// every engine's accuracy on the whole of `data`.
 pub fn bench_infer(
     cfg: &ModelConfig,
     net: &mut Sequential<f32>,
     precisions: &[Precision],
     batch: usize,
     reps: usize,
+    data: Option<&Labelled>,
 ) -> Result<Vec<InferBenchRow>> {
     if batch == 0 || reps == 0 {
         return Err(Error::Config(
@@ -58,8 +101,13 @@ pub fn bench_infer(
     }
     let model = super::export(cfg, net)?;
     let mut rng = Rng::new(1);
-    let x1 = images(1, cfg.input, &mut rng);
-    let xb = images(batch, cfg.input, &mut rng);
+    let (x1, xb) = match data {
+        Some(d) if !d.y.is_empty() => (d.head(1), d.head(batch)),
+        _ => (
+            images(1, cfg.input, &mut rng),
+            images(batch, cfg.input, &mut rng),
+        ),
+    };
     let steps = cfg.steps;
     let mut rows = Vec::new();
     let mut eval = |x: &Tensor<f32>| -> Result<()> {
@@ -67,19 +115,46 @@ pub fn bench_infer(
     };
     let lat = measure(reps, || eval(&x1))?;
     let thr = measure(reps, || eval(&xb))?;
+    let accuracy = match data {
+        Some(d) => {
+            let mut ok = 0;
+            for (x, y) in d.chunks(batch) {
+                let outs = eval_batch(net, StepInput::Static(&x), steps)?;
+                let mut sum = outs[0].clone();
+                for o in &outs[1..] {
+                    sum += o;
+                }
+                ok += correct(&sum, y);
+            }
+            Some(100.0 * ok as f64 / d.y.len().max(1) as f64)
+        }
+        None => None,
+    };
     rows.push(InferBenchRow {
         engine: "eval (training graph)".into(),
         latency_s: lat,
-        throughput: batch as f64 / thr,
+        throughput: xb.shape()[0] as f64 / thr,
+        accuracy,
     });
     for &p in precisions {
         let mut rt = Runtime::new(model.clone(), p, None, Simd::global())?;
         let lat = measure(reps, || rt.run(&x1).map(|_| ()))?;
         let thr = measure(reps, || rt.run(&xb).map(|_| ()))?;
+        let accuracy = match data {
+            Some(d) => {
+                let mut ok = 0;
+                for (x, y) in d.chunks(batch) {
+                    ok += correct(&rt.run(&x)?, y);
+                }
+                Some(100.0 * ok as f64 / d.y.len().max(1) as f64)
+            }
+            None => None,
+        };
         rows.push(InferBenchRow {
             engine: format!("runtime {}", p.name()),
             latency_s: lat,
-            throughput: batch as f64 / thr,
+            throughput: xb.shape()[0] as f64 / thr,
+            accuracy,
         });
     }
     Ok(rows)
@@ -87,6 +162,7 @@ pub fn bench_infer(
 
 /// The table `empf bench infer` prints.
 pub fn format_rows(cfg: &ModelConfig, batch: usize, rows: &[InferBenchRow]) -> String {
+    let acc = rows.iter().any(|r| r.accuracy.is_some());
     let mut s = format!(
         "model {} ({} neurons, T = {}, widths {:?}), kernels {}, {} threads\n",
         cfg.arch,
@@ -97,13 +173,14 @@ pub fn format_rows(cfg: &ModelConfig, batch: usize, rows: &[InferBenchRow]) -> S
         rayon::current_num_threads()
     );
     s += &format!(
-        "{:<24} {:>14} {:>9} {:>18} {:>9} {:>10}\n",
+        "{:<24} {:>14} {:>9} {:>18} {:>9} {:>10}{}\n",
         "engine",
         "batch-1 ms",
         "vs eval",
         format!("batch-{batch} img/s"),
         "vs eval",
-        "vs float"
+        "vs float",
+        if acc { "  accuracy" } else { "" }
     );
     let (el, et) = (rows[0].latency_s, rows[0].throughput);
     let ft = rows
@@ -112,13 +189,16 @@ pub fn format_rows(cfg: &ModelConfig, batch: usize, rows: &[InferBenchRow]) -> S
         .map(|r| r.throughput);
     for r in rows {
         s += &format!(
-            "{:<24} {:>14.3} {:>8.2}x {:>18.1} {:>8.2}x {:>10}\n",
+            "{:<24} {:>14.3} {:>8.2}x {:>18.1} {:>8.2}x {:>10}{}\n",
             r.engine,
             r.latency_s * 1e3,
             el / r.latency_s,
             r.throughput,
             r.throughput / et,
             ft.map(|f| format!("{:.2}x", r.throughput / f))
+                .unwrap_or_default(),
+            r.accuracy
+                .map(|a| format!("  {a:>7.2}%"))
                 .unwrap_or_default()
         );
     }

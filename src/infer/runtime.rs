@@ -138,7 +138,7 @@ enum Node {
         smooth: bool,
     },
     /// A stateless layer of the library (pools, flatten, SECA), run step-free.
-    Layer(Box<dyn Layer<f32>>),
+    Layer(Op),
     Residual {
         name: String,
         body: Vec<Node>,
@@ -188,6 +188,34 @@ fn first_quant(ops: &[Op]) -> Option<f32> {
             first_quant(body).or_else(|| shortcut.as_deref().and_then(first_quant))
         }
         _ => None,
+    })
+}
+
+/// The library layer of a stateless op (pools, flatten, SECA). Built per call: `Layer::forward`
+/// takes `&mut self`, and groups of samples run in parallel.
+fn layer_of(op: &Op) -> Result<Box<dyn Layer<f32>>> {
+    Ok(match op {
+        Op::AvgPool {
+            name,
+            kernel,
+            stride,
+            pad,
+        } => Box::new(AvgPool2d::new(name, *kernel, *stride, *pad)?),
+        Op::MaxPool {
+            name,
+            kernel,
+            stride,
+            pad,
+        } => Box::new(MaxPool2d::new(name, *kernel, *stride, *pad)?),
+        Op::GlobalAvgPool { name } => Box::new(GlobalAvgPool::new(name)),
+        Op::Flatten { name } => Box::new(Flatten::new(name)),
+        Op::Seca { name, weight, bias } => {
+            let mut s = Seca::<f32>::new(name, weight.len(), &mut crate::rng::Rng::new(0))?;
+            s.weight.value = from_vec(&[weight.len()], weight.clone());
+            s.bias.value = from_vec(&[1], vec![*bias]);
+            Box::new(s)
+        }
+        _ => return Err(Error::Internal("layer_of: not a stateless layer op".into())),
     })
 }
 
@@ -310,25 +338,13 @@ fn prepare_op(op: Op, simd: &Simd, bits: Option<u32>) -> Result<Node> {
             hard_reset,
             smooth,
         },
-        Op::AvgPool {
-            name,
-            kernel,
-            stride,
-            pad,
-        } => Node::Layer(Box::new(AvgPool2d::new(&name, kernel, stride, pad)?)),
-        Op::MaxPool {
-            name,
-            kernel,
-            stride,
-            pad,
-        } => Node::Layer(Box::new(MaxPool2d::new(&name, kernel, stride, pad)?)),
-        Op::GlobalAvgPool { name } => Node::Layer(Box::new(GlobalAvgPool::new(&name))),
-        Op::Flatten { name } => Node::Layer(Box::new(Flatten::new(&name))),
-        Op::Seca { name, weight, bias } => {
-            let mut s = Seca::<f32>::new(&name, weight.len(), &mut crate::rng::Rng::new(0))?;
-            s.weight.value = from_vec(&[weight.len()], weight);
-            s.bias.value = from_vec(&[1], vec![bias]);
-            Node::Layer(Box::new(s))
+        op @ (Op::AvgPool { .. }
+        | Op::MaxPool { .. }
+        | Op::GlobalAvgPool { .. }
+        | Op::Flatten { .. }
+        | Op::Seca { .. }) => {
+            layer_of(&op)?; // its errors now, not per call
+            Node::Layer(op)
         }
         Op::Residual {
             name,
@@ -487,16 +503,20 @@ impl Runtime {
         // below the allocator's direct-mapping size, so buffers are reused, not page-faulted in).
         let group = (GROUP_VALUES / (per * self.steps).max(1)).clamp(1, n.max(1));
         let mut out = vec![0f32; n * k];
-        for (g, og) in out.chunks_mut(group * k).enumerate() {
-            let ng = og.len() / k;
-            let xg = from_vec(&[ng, c, h, w], xs[g * group * per..][..ng * per].to_vec());
-            self.run_group(xg, og)?;
-        }
+        // Groups run in parallel (each also splits its own work, for batches of one group):
+        // coarse tasks keep both cores busy without a fork-join per op.
+        out.par_chunks_mut(group * k)
+            .enumerate()
+            .try_for_each(|(g, og)| {
+                let ng = og.len() / k;
+                let xg = from_vec(&[ng, c, h, w], xs[g * group * per..][..ng * per].to_vec());
+                self.run_group(xg, og)
+            })?;
         Ok(from_vec(&[n, k], out))
     }
 
     /// Adds the summed logits of the samples `x` into `out` (`N x classes`).
-    fn run_group(&mut self, x: Tensor<f32>, out: &mut [f32]) -> Result<()> {
+    fn run_group(&self, x: Tensor<f32>, out: &mut [f32]) -> Result<()> {
         let n = x.shape()[0];
         let ctx = Ctx {
             steps: self.steps,
@@ -506,7 +526,7 @@ impl Runtime {
         };
         let mut a = Act { x, repeated: true };
         let prof = std::env::var_os("EMPF_RT_PROFILE").is_some();
-        for node in &mut self.nodes {
+        for node in &self.nodes {
             let t0 = std::time::Instant::now();
             a = apply(node, a, &ctx)?;
             if prof {
@@ -622,7 +642,7 @@ fn shape_of(node: &Node, s: &[usize]) -> Result<Vec<usize>> {
             s.to_vec()
         }
         Node::Parallel { .. } | Node::Lif { .. } | Node::Quant { .. } => s.to_vec(),
-        Node::Layer(l) => l.output_shape(s)?,
+        Node::Layer(op) => layer_of(op)?.output_shape(s)?,
         Node::Residual {
             name,
             body,
@@ -664,7 +684,7 @@ fn rows_shape(a: &Act, steps: usize) -> (usize, usize, Vec<usize>) {
     (n, inner, out)
 }
 
-fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
+fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
     let shape = a.x.shape().to_vec();
     let out_shape = shape_of(node, &shape)?;
     let xs = a.x.as_slice().expect("standard layout");
@@ -672,7 +692,7 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
     let y = match node {
         Node::Conv {
             core, weight, bias, ..
-        } => core.forward(xs, &shape, weight, bias.as_deref()),
+        } => ConvCore::new(core.spec).forward(xs, &shape, weight, bias.as_deref()),
         Node::BinConv {
             name,
             core: _,
@@ -697,7 +717,11 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                         .sparse_conv(
                             xs,
                             (shape[0], shape[2], shape[3]),
-                            if rep { 0 } else { shape[0] / ctx.steps },
+                            if rep || std::env::var_os("NOPAIR").is_some() {
+                                0
+                            } else {
+                                shape[0] / ctx.steps
+                            },
                             sparse,
                             dims.stride,
                             dims.pad,
@@ -720,7 +744,11 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                         .sparse_conv_q(
                             &q,
                             (shape[0], shape[2], shape[3]),
-                            if rep { 0 } else { shape[0] / ctx.steps },
+                            if rep || std::env::var_os("NOPAIR").is_some() {
+                                0
+                            } else {
+                                shape[0] / ctx.steps
+                            },
                             lv,
                             dims.stride,
                             dims.pad,
@@ -828,10 +856,13 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
             y
         }
         Node::Quant { bits, step } => {
-            let (b, s) = (*bits, *step);
-            xs.par_iter()
-                .map(|&v| f32::from(level(v, s, b)) * s)
-                .collect()
+            // the levels of `level`, by the vectorised quantiser (tested equal)
+            let mut q = vec![0u8; xs.len()];
+            ctx.simd
+                .quantise(xs, *step, *bits, &mut q)
+                .map_err(|e| simd_err("spike quantiser", e))?;
+            let s = *step;
+            q.iter().map(|&v| f32::from(v) * s).collect()
         }
         Node::Parallel { threshold } => {
             let (n, inner, os) = rows_shape(&a, ctx.steps);
@@ -883,20 +914,18 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                             let (k, b) = aff.map_or((1.0, 0.0), |(k, b)| (k[ch], b[ch]));
                             let r = ci * hw..(ci + 1) * hw;
                             let (ys, vs, xs) = (&mut ys[r.clone()], &mut vs[r.clone()], &xs[r]);
+                            let (affine, recur) = (aff.is_some(), t > 0);
+                            // selects, not branches: vectorised (spikes are data-dependent)
                             for ((y, v), &x) in ys.iter_mut().zip(vs.iter_mut()).zip(xs) {
-                                let mut m = if aff.is_some() { k * x + b } else { x };
-                                if t > 0 {
+                                let mut m = if affine { k * x + b } else { x };
+                                if recur {
                                     // float addition commutes: this is both `λv + x` (V1)
                                     // and `(kx + b) + λ̂v` (folded V2), bit for bit
                                     m += l * *v;
                                 }
-                                if m > th {
-                                    *y = m - th;
-                                    *v = th;
-                                } else {
-                                    *y = 0.0;
-                                    *v = m;
-                                }
+                                let fire = m > th;
+                                *y = if fire { m - th } else { 0.0 };
+                                *v = if fire { th } else { m };
                             }
                         }
                     });
@@ -951,8 +980,8 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 repeated: false,
             });
         }
-        Node::Layer(l) => {
-            let out = l.forward(&a.x, &StepCtx::eval(0, 1), &mut State::Empty, None)?;
+        Node::Layer(op) => {
+            let out = layer_of(op)?.forward(&a.x, &StepCtx::eval(0, 1), &mut State::Empty, None)?;
             return Ok(Act {
                 x: crate::tensor::standard(out),
                 repeated: rep,
@@ -963,13 +992,13 @@ fn apply(node: &mut Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 x: a.x.clone(),
                 repeated: rep,
             };
-            for n in body.iter_mut() {
+            for n in body.iter() {
                 b = apply(n, b, ctx)?;
             }
             let s = match shortcut {
                 Some(sc) => {
                     let mut s = a;
-                    for n in sc.iter_mut() {
+                    for n in sc.iter() {
                         s = apply(n, s, ctx)?;
                     }
                     s
