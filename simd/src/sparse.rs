@@ -415,10 +415,12 @@ fn flush<const IMG: usize>(
     let (ow, plane) = (b.ow, (b.oy1 - b.oy0) * b.ow);
     let at = (oy - b.oy0) * ow;
     for (i, yk) in y.iter_mut().enumerate() {
-        for j in 0..nout {
-            let dst = &mut yk[(ob + j) * plane + at..][..ow];
-            for (ox, d) in dst.iter_mut().enumerate() {
-                *d = tile[(ox * IMG + i) * rows + j];
+        // read the tile in order; the writes go to `nout` output rows, each a few cache lines
+        // (a strided read of the tile would map onto a few L1 sets)
+        for ox in 0..ow {
+            let src = &tile[(ox * IMG + i) * rows..][..nout];
+            for (j, &v) in src.iter().enumerate() {
+                yk[(ob + j) * plane + at + ox] = v;
             }
         }
     }

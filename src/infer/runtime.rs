@@ -717,11 +717,7 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                         .sparse_conv(
                             xs,
                             (shape[0], shape[2], shape[3]),
-                            if rep || std::env::var_os("NOPAIR").is_some() {
-                                0
-                            } else {
-                                shape[0] / ctx.steps
-                            },
+                            if rep { 0 } else { shape[0] / ctx.steps },
                             sparse,
                             dims.stride,
                             dims.pad,
@@ -744,11 +740,7 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                         .sparse_conv_q(
                             &q,
                             (shape[0], shape[2], shape[3]),
-                            if rep || std::env::var_os("NOPAIR").is_some() {
-                                0
-                            } else {
-                                shape[0] / ctx.steps
-                            },
+                            if rep { 0 } else { shape[0] / ctx.steps },
                             lv,
                             dims.stride,
                             dims.pad,
