@@ -983,7 +983,43 @@ impl Simd {
         y: &mut [f32],
     ) -> Result<()> {
         let g = SparseGeom::new("sparse_conv", dims, w.dims(), stride, pad)?;
-        g.check(x.len(), y, scale, shift)?;
+        g.check(x.len(), y.len(), scale, shift)?;
+        self.sparse_f32_into(&g, x, pair, w, scale, shift, as_out(y));
+        Ok(())
+    }
+
+    /// [`Simd::sparse_conv`] into a new vector (not zeroed first: every output is written once).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_conv_vec(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize),
+        pair: usize,
+        w: &SignConvWeights,
+        stride: usize,
+        pad: usize,
+        scale: &[f32],
+        shift: &[f32],
+    ) -> Result<Vec<f32>> {
+        let g = SparseGeom::new("sparse_conv", dims, w.dims(), stride, pad)?;
+        let len = g.out_len();
+        g.check(x.len(), len, scale, shift)?;
+        Ok(filled(len, |y| {
+            self.sparse_f32_into(&g, x, pair, w, scale, shift, y)
+        }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_f32_into(
+        &self,
+        g: &SparseGeom,
+        x: &[f32],
+        pair: usize,
+        w: &SignConvWeights,
+        scale: &[f32],
+        shift: &[f32],
+        y: &mut [sparse::Out],
+    ) {
         let kernel = self.k().sparse_conv;
         let xs = g.in_len();
         g.drive(pair, y, |band, i, i2, sc: &mut sparse::Scratch, yi, yj| {
@@ -997,7 +1033,6 @@ impl Simd {
             };
             kernel(&task, sc, yi, yj)
         });
-        Ok(())
     }
 
     /// Spike levels `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero, NaN ↦
@@ -1038,13 +1073,45 @@ impl Simd {
         y: &mut [f32],
     ) -> Result<()> {
         let g = SparseGeom::new("sparse_conv_q", dims, w.dims(), stride, pad)?;
-        g.check(q.len(), y, scale, shift)?;
-        if u32::from(q.iter().fold(0u8, |a, &v| a | v)) >> w.bits != 0 {
-            return shape_err(format!(
-                "sparse_conv_q: a level does not fit {} bits",
-                w.bits
-            ));
-        }
+        g.check(q.len(), y.len(), scale, shift)?;
+        check_levels(q, w.bits)?;
+        self.sparse_q_into(&g, q, pair, w, scale, shift, as_out(y));
+        Ok(())
+    }
+
+    /// [`Simd::sparse_conv_q`] into a new vector (not zeroed first: every output is written once).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_conv_q_vec(
+        &self,
+        q: &[u8],
+        dims: (usize, usize, usize),
+        pair: usize,
+        w: &QuantConvWeights,
+        stride: usize,
+        pad: usize,
+        scale: &[f32],
+        shift: &[f32],
+    ) -> Result<Vec<f32>> {
+        let g = SparseGeom::new("sparse_conv_q", dims, w.dims(), stride, pad)?;
+        let len = g.out_len();
+        g.check(q.len(), len, scale, shift)?;
+        check_levels(q, w.bits)?;
+        Ok(filled(len, |y| {
+            self.sparse_q_into(&g, q, pair, w, scale, shift, y)
+        }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_q_into(
+        &self,
+        g: &SparseGeom,
+        q: &[u8],
+        pair: usize,
+        w: &QuantConvWeights,
+        scale: &[f32],
+        shift: &[f32],
+        y: &mut [sparse::Out],
+    ) {
         let kernel = self.k().sparse_conv_q;
         let xs = g.in_len();
         g.drive(pair, y, |band, i, i2, sc: &mut sparse::QScratch, yi, yj| {
@@ -1058,7 +1125,6 @@ impl Simd {
             };
             kernel(&task, sc, yi, yj)
         });
-        Ok(())
     }
 
     /// Float × ±1 GEMV reading one bit per weight: `y[j] = Σ_k x[k]·(±1)_{jk}` for the sign-packed
@@ -1151,18 +1217,21 @@ impl SparseGeom {
         self.c * self.band.h * self.band.w
     }
 
-    fn check(&self, x_len: usize, y: &[f32], scale: &[f32], shift: &[f32]) -> Result<()> {
+    fn out_len(&self) -> usize {
+        self.n * self.o * self.oh * self.band.ow
+    }
+
+    fn check(&self, x_len: usize, y_len: usize, scale: &[f32], shift: &[f32]) -> Result<()> {
         let (n, c, o, oh, ow) = (self.n, self.c, self.o, self.oh, self.band.ow);
         let (h, wd) = (self.band.h, self.band.w);
         if x_len != n * c * h * wd
-            || y.len() != n * o * oh * ow
+            || y_len != n * o * oh * ow
             || scale.len() != o
             || shift.len() != o
         {
             return shape_err(format!(
-                "{}: x {x_len} for {n}x{c}x{h}x{wd}, y {} for {n}x{o}x{oh}x{ow}, scale {}, shift {}",
+                "{}: x {x_len} for {n}x{c}x{h}x{wd}, y {y_len} for {n}x{o}x{oh}x{ow}, scale {}, shift {}",
                 self.name,
-                y.len(),
                 scale.len(),
                 shift.len()
             ));
@@ -1172,12 +1241,20 @@ impl SparseGeom {
 
     /// Runs `kernel(band, i, i2, scratch, y_i, y_i2)` over the images: whole images in parallel
     /// (images `i` and `i + pair` together when `pair > 0`), or, when there are fewer images than
-    /// twice the threads, bands of output rows of each image.
+    /// twice the threads, bands of output rows of each image. Every element of `y` is written
+    /// (the kernels write every output of their band).
     fn drive<S: Default + Send>(
         &self,
         pair: usize,
-        y: &mut [f32],
-        kernel: impl Fn(sparse::Band, usize, Option<usize>, &mut S, &mut [f32], &mut [f32]) + Sync,
+        y: &mut [sparse::Out],
+        kernel: impl Fn(
+            sparse::Band,
+            usize,
+            Option<usize>,
+            &mut S,
+            &mut [sparse::Out],
+            &mut [sparse::Out],
+        ) + Sync,
     ) {
         use rayon::prelude::*;
         let (n, o, oh, ow) = (self.n, self.o, self.oh, self.band.ow);
@@ -1190,7 +1267,7 @@ impl SparseGeom {
         let ys = o * oh * ow;
         if bands == 1 {
             // pairs (i, i + pair) share every weight load; the rest run alone
-            let mut outs: Vec<Option<&mut [f32]>> = y.chunks_mut(ys).map(Some).collect();
+            let mut outs: Vec<Option<&mut [sparse::Out]>> = y.chunks_mut(ys).map(Some).collect();
             let mut jobs = Vec::with_capacity(n);
             for i in 0..n {
                 let Some(yi) = outs[i].take() else { continue };
@@ -1223,7 +1300,7 @@ impl SparseGeom {
                     oy1,
                     ..self.band
                 };
-                kernel(band, i, None, sc, &mut part, &mut []);
+                kernel(band, i, None, sc, as_out(&mut part), &mut []);
                 part
             })
             .collect();
@@ -1231,8 +1308,38 @@ impl SparseGeom {
             let band = (oy1 - oy0) * ow;
             for oc in 0..o {
                 let dst = (i * o + oc) * oh * ow + oy0 * ow;
-                y[dst..dst + band].copy_from_slice(&part[oc * band..(oc + 1) * band]);
+                for (d, &v) in y[dst..dst + band]
+                    .iter_mut()
+                    .zip(&part[oc * band..(oc + 1) * band])
+                {
+                    *d = sparse::Out::new(v);
+                }
             }
         }
     }
+}
+
+/// `y` as outputs that the kernels overwrite.
+fn as_out(y: &mut [f32]) -> &mut [sparse::Out] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the kernels only store initialised
+    // values through the result, so `y` stays initialised.
+    unsafe { std::slice::from_raw_parts_mut(y.as_mut_ptr().cast(), y.len()) }
+}
+
+/// A vector of `len` values all written by `fill` (which must write every element), without
+/// initialising them first.
+fn filled(len: usize, fill: impl FnOnce(&mut [sparse::Out])) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    fill(&mut y.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` wrote all `len` elements (the sparse drivers write every output of every
+    // band of every image; a panic in `fill` never reaches this line).
+    unsafe { y.set_len(len) };
+    y
+}
+
+fn check_levels(q: &[u8], bits: u32) -> Result<()> {
+    if u32::from(q.iter().fold(0u8, |a, &v| a | v)) >> bits != 0 {
+        return shape_err(format!("sparse_conv_q: a level does not fit {bits} bits"));
+    }
+    Ok(())
 }

@@ -230,6 +230,10 @@ impl<V> Default for Lists<V> {
     }
 }
 
+/// An output value: the kernels write every output once, so outputs need not be initialised first
+/// (see `Simd::sparse_conv_vec`).
+pub(crate) type Out = std::mem::MaybeUninit<f32>;
+
 /// Float kernel buffers.
 pub(crate) type Scratch = Lists<f32>;
 /// k-bit kernel buffers.
@@ -237,22 +241,22 @@ pub(crate) type QScratch = Lists<u8>;
 
 /// The float kernel of one ISA level: fills `y` (and `y2` for `x2`), the band `O x (oy1 − oy0) x OW`
 /// of the output image.
-pub(crate) type SparseFn = fn(&Task<'_>, &mut Scratch, &mut [f32], &mut [f32]);
+pub(crate) type SparseFn = fn(&Task<'_>, &mut Scratch, &mut [Out], &mut [Out]);
 /// The k-bit kernel of one ISA level: fills `y`, the band of the output image.
-pub(crate) type SparseQFn = fn(&QTask<'_>, &mut QScratch, &mut [f32], &mut [f32]);
+pub(crate) type SparseQFn = fn(&QTask<'_>, &mut QScratch, &mut [Out], &mut [Out]);
 
 /// The portable float kernel (scalar level; NEON level on aarch64, where NEON is the baseline).
-pub(crate) fn sparse_generic(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+pub(crate) fn sparse_generic(t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
     dispatch(Portable::<false>, t, sc, y, y2)
 }
 
 /// The portable k-bit kernel.
-pub(crate) fn sparse_q_generic(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+pub(crate) fn sparse_q_generic(t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
     dispatch_q(Portable::<false>, t, sc, y, y2)
 }
 
 #[inline(always)]
-fn dispatch<K: Accum>(k: K, t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+fn dispatch<K: Accum>(k: K, t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
     if t.x2.is_some() {
         run::<K, 2>(k, t, sc, [y, y2])
     } else {
@@ -340,7 +344,7 @@ fn width(opad: usize, ob: usize, max: usize, min: usize) -> usize {
 }
 
 #[inline(always)]
-fn run<K: Accum, const IMG: usize>(k: K, t: &Task<'_>, sc: &mut Scratch, mut y: [&mut [f32]; IMG]) {
+fn run<K: Accum, const IMG: usize>(k: K, t: &Task<'_>, sc: &mut Scratch, mut y: [&mut [Out]; IMG]) {
     let wt = t.weights;
     let x2 = t.x2.unwrap_or(t.x);
     let mut imgs = [t.x; IMG];
@@ -368,7 +372,7 @@ fn block<K: Accum, const IMG: usize, const OB: usize>(
     sc: &mut Scratch,
     p0: usize,
     ob: usize,
-    y: &mut [&mut [f32]; IMG],
+    y: &mut [&mut [Out]; IMG],
 ) {
     let wt = t.weights;
     let b = &t.band;
@@ -410,7 +414,7 @@ fn flush<const IMG: usize>(
     ob: usize,
     nout: usize,
     rows: usize,
-    y: &mut [&mut [f32]; IMG],
+    y: &mut [&mut [Out]; IMG],
 ) {
     let (ow, plane) = (b.ow, (b.oy1 - b.oy0) * b.ow);
     let at = (oy - b.oy0) * ow;
@@ -420,7 +424,7 @@ fn flush<const IMG: usize>(
         for ox in 0..ow {
             let src = &tile[(ox * IMG + i) * rows..][..nout];
             for (j, &v) in src.iter().enumerate() {
-                yk[(ob + j) * plane + at + ox] = v;
+                yk[(ob + j) * plane + at + ox] = Out::new(v);
             }
         }
     }
@@ -622,7 +626,7 @@ pub(crate) fn quantise_generic(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
 }
 
 #[inline(always)]
-fn dispatch_q<K: Accum>(k: K, t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+fn dispatch_q<K: Accum>(k: K, t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
     if t.x2.is_some() {
         run_q::<K, 2>(k, t, sc, [y, y2])
     } else {
@@ -635,7 +639,7 @@ fn run_q<K: Accum, const IMG: usize>(
     k: K,
     t: &QTask<'_>,
     sc: &mut QScratch,
-    mut y: [&mut [f32]; IMG],
+    mut y: [&mut [Out]; IMG],
 ) {
     let wt = t.weights;
     let mut imgs = [t.x; IMG];
@@ -689,7 +693,7 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
     sc: &mut QScratch,
     p0: usize,
     ob: usize,
-    y: &mut [&mut [f32]; IMG],
+    y: &mut [&mut [Out]; IMG],
 ) {
     let wt = t.weights;
     let b = &t.band;
@@ -741,7 +745,7 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{Accum, Portable, QScratch, QTask, Scratch, Task, dispatch, dispatch_q};
+    use super::{Accum, Out, Portable, QScratch, QTask, Scratch, Task, dispatch, dispatch_q};
     use std::arch::x86_64::*;
 
     /// AVX2 + FMA accumulation in 256-bit registers (LLVM keeps the portable code's accumulator
@@ -757,7 +761,7 @@ pub(crate) mod x86 {
     }
 
     /// The float kernel at the AVX2 level (portable code without FMA on a CPU without it).
-    pub(crate) fn sparse_avx2(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+    pub(crate) fn sparse_avx2(t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
         assert!(
             crate::Isa::Avx2.is_available(),
             "avx2 kernel called on a CPU without it"
@@ -771,14 +775,14 @@ pub(crate) mod x86 {
     }
 
     /// The float kernel at the AVX-512 level (its AVX2 code: the sums are the same).
-    pub(crate) fn sparse_avx512(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+    pub(crate) fn sparse_avx512(t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
         let k = Avx2::detect().expect("avx512 kernel called on a CPU without avx2+fma");
         // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
         unsafe { f32_avx2(k, t, sc, y, y2) }
     }
 
     /// The k-bit kernel at the AVX2 level.
-    pub(crate) fn sparse_q_avx2(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+    pub(crate) fn sparse_q_avx2(t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
         match Avx2::detect() {
             // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
             Some(k) => unsafe { q_avx2(k, t, sc, y, y2) },
@@ -794,7 +798,7 @@ pub(crate) mod x86 {
     }
 
     /// The k-bit kernel at the AVX-512 level (its AVX2 code).
-    pub(crate) fn sparse_q_avx512(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+    pub(crate) fn sparse_q_avx512(t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
         let k = Avx2::detect().expect("avx512 kernel called on a CPU without avx2+fma");
         // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
         unsafe { q_avx2(k, t, sc, y, y2) }
@@ -816,22 +820,22 @@ pub(crate) mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn f32_avx2(k: Avx2, t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+    fn f32_avx2(k: Avx2, t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
         dispatch(k, t, sc, y, y2)
     }
 
     #[target_feature(enable = "avx2")]
-    fn f32_avx2_nofma(t: &Task<'_>, sc: &mut Scratch, y: &mut [f32], y2: &mut [f32]) {
+    fn f32_avx2_nofma(t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
         dispatch(Portable::<false>, t, sc, y, y2)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn q_avx2(k: Avx2, t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+    fn q_avx2(k: Avx2, t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
         dispatch_q(k, t, sc, y, y2)
     }
 
     #[target_feature(enable = "avx2")]
-    fn q_avx2_portable(t: &QTask<'_>, sc: &mut QScratch, y: &mut [f32], y2: &mut [f32]) {
+    fn q_avx2_portable(t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
         dispatch_q(Portable::<false>, t, sc, y, y2)
     }
 

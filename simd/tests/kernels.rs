@@ -691,6 +691,11 @@ proptest! {
                     }
                 }
             }
+            // the allocating form writes every output (no initialisation to fall back on)
+            prop_assert_eq!(
+                &s.sparse_conv_vec(&xf, dims, pair, &sw, cc.stride, cc.pad, &scale, &shift).unwrap(),
+                &y
+            );
             let mut yr = vec![f32::NAN; base.len()];
             s.sparse_conv(&xr, dims, pair, &sw, cc.stride, cc.pad, &scale, &shift, &mut yr).unwrap();
             prop_assert!(
@@ -771,6 +776,8 @@ proptest! {
                     }
                 }
             }
+            let yv = s.sparse_conv_q_vec(&q, dims, pair, &qw, cc.stride, cc.pad, &scale, &shift).unwrap();
+            prop_assert!(yv.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "{} vec", s.isa());
             if bits < 8 {
                 let mut bad = q.clone();
                 bad[q.len() / 2] = 1 << bits;

@@ -710,24 +710,19 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 (false, Precision::Float) => None,
             };
             match quant {
-                None => {
-                    let len: usize = out_shape.iter().product();
-                    let mut y = vec![0f32; len];
-                    ctx.simd
-                        .sparse_conv(
-                            xs,
-                            (shape[0], shape[2], shape[3]),
-                            if rep { 0 } else { shape[0] / ctx.steps },
-                            sparse,
-                            dims.stride,
-                            dims.pad,
-                            scale,
-                            shift,
-                            &mut y,
-                        )
-                        .map_err(|e| simd_err(name, e))?;
-                    y
-                }
+                None => ctx
+                    .simd
+                    .sparse_conv_vec(
+                        xs,
+                        (shape[0], shape[2], shape[3]),
+                        if rep { 0 } else { shape[0] / ctx.steps },
+                        sparse,
+                        dims.stride,
+                        dims.pad,
+                        scale,
+                        shift,
+                    )
+                    .map_err(|e| simd_err(name, e))?,
                 Some((bits, step)) if levels.is_some() => {
                     let lv = levels.as_ref().expect("checked");
                     let mut q = vec![0u8; xs.len()];
@@ -735,9 +730,8 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                         .quantise(xs, step, bits, &mut q)
                         .map_err(|e| simd_err(name, e))?;
                     let sc: Vec<f32> = scale.iter().map(|&k| k * step).collect();
-                    let mut y = vec![0f32; out_shape.iter().product()];
                     ctx.simd
-                        .sparse_conv_q(
+                        .sparse_conv_q_vec(
                             &q,
                             (shape[0], shape[2], shape[3]),
                             if rep { 0 } else { shape[0] / ctx.steps },
@@ -746,10 +740,8 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                             dims.pad,
                             &sc,
                             shift,
-                            &mut y,
                         )
-                        .map_err(|e| simd_err(name, e))?;
-                    y
+                        .map_err(|e| simd_err(name, e))?
                 }
                 Some((bits, step)) => {
                     let (n, h, w) = (shape[0], shape[2], shape[3]);
