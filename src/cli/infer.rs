@@ -17,8 +17,8 @@ pub struct InferArgs {
     /// Split: test or train.
     #[arg(long, default_value = "test")]
     pub split: String,
-    /// Precision of binary layers: float, or k-bit spikes `1`..`8` (e.g. `4bit`); several comma
-    /// separated.
+    /// Precision of binary layers: float, or k-bit spikes `1`..`8` (e.g. `4bit`: sparse integer
+    /// kernels; `4bit-popcount` or `4p`: bit-serial popcount kernels); several comma separated.
     #[arg(long, value_delimiter = ',', default_value = "float")]
     pub precision: Vec<String>,
     /// Quantisation step of k-bit modes for a model trained without QAT (default 0.25).
@@ -92,7 +92,7 @@ pub struct BenchInferArgs {
     /// Neuron (architecture names only).
     #[arg(long, default_value = "v1")]
     pub neuron: String,
-    /// Precisions to measure.
+    /// Precisions to measure (as `empf infer --precision`: float, k, kp).
     #[arg(long, value_delimiter = ',', default_value = "float,4,2,1")]
     pub precision: Vec<String>,
     /// Throughput batch size.
