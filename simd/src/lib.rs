@@ -505,6 +505,18 @@ impl Simd {
         self.isa.kernel_name()
     }
 
+    /// Name of the sparse-input convolution kernels of this handle.
+    pub fn sparse_kernel_name(&self) -> &'static str {
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 if std::arch::is_x86_feature_detected!("fma") => {
+                "avx2+fma register-blocked sparse"
+            }
+            Isa::Scalar => "scalar portable sparse",
+            _ => "portable sparse",
+        }
+    }
+
     fn k(&self) -> Kernels {
         self.kernels.0
     }

@@ -164,11 +164,12 @@ pub fn bench_infer(
 pub fn format_rows(cfg: &ModelConfig, batch: usize, rows: &[InferBenchRow]) -> String {
     let acc = rows.iter().any(|r| r.accuracy.is_some());
     let mut s = format!(
-        "model {} ({} neurons, T = {}, widths {:?}), kernels {}, {} threads\n",
+        "model {} ({} neurons, T = {}, widths {:?}), kernels {} / {}, {} threads\n",
         cfg.arch,
         cfg.neuron,
         cfg.steps,
         cfg.widths,
+        Simd::global().sparse_kernel_name(),
         Simd::global().kernel_name(),
         rayon::current_num_threads()
     );

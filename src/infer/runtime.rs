@@ -479,11 +479,18 @@ impl Runtime {
     pub fn step(&self) -> f32 {
         self.step
     }
-    /// The popcount kernel level in use (e.g. `avx512`).
-    pub fn kernel_name(&self) -> &'static str {
-        self.simd.kernel_name()
+    /// The kernels in use: the sparse-input convolutions (float and k-bit precision; binary-input
+    /// layers still take the popcount kernels) or the popcount kernels (`Popcount`).
+    pub fn kernel_name(&self) -> String {
+        match self.precision {
+            Precision::Popcount(_) => self.simd.kernel_name().to_string(),
+            _ => format!(
+                "{}, {} for binary inputs",
+                self.simd.sparse_kernel_name(),
+                self.simd.kernel_name()
+            ),
+        }
     }
-
     /// Run a batch `N x C x H x W` through the T steps; returns the logits summed over steps,
     /// `N x classes` (the prediction is their argmax, as in the trainer).
     pub fn run(&mut self, x: &Tensor<f32>) -> Result<Tensor<f32>> {
