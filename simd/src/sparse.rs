@@ -2,21 +2,23 @@
 //!
 //! EM-PF spikes `s = ReLU(m − θ)` are mostly zero, so a convolution that visits only the non-zero
 //! inputs does `density ×` the multiply-adds of a dense one. Per image: every input pixel gets the
-//! list of its non-zero channels (offsets into the weights, values), then every output pixel sums,
-//! over the taps inside the image and the non-zero channels of the tapped pixel, `x · w[tap][c][..]`
-//! into a register block of output channels. Weights are tap-major `[tap][c][o]` with `o` padded,
-//! so a block of outputs is one contiguous row.
+//! list of its non-zero channels (offsets into the weights, values); then each output row is walked
+//! tap by tap (so the weights of one tap stay in L1), and each output pixel adds, for the tapped
+//! pixel's entries, `x · w[tap][c][..]` into a block of output channels held in registers, loaded
+//! from and stored to a pixel-major row tile. Weights are tap-major `[tap][c][o]` with `o` padded,
+//! so a block of outputs is one contiguous row. The tile gets the epilogue `y = scale·acc + shift`
+//! (the same scalar code at every level) and is written to the channel planes.
 //!
 //! Two element types:
 //! * float spikes ([`SignConvWeights`], ±1 `f32` rows): `x·(±1)` is exact, so `acc + x·w` and
-//!   `fma(x, w, acc)` round identically; every level runs the same generic code (only the
-//!   instruction set it is compiled for differs), hence results are bit-identical across levels.
+//!   `fma(x, w, acc)` round identically;
 //! * k-bit spike levels `q ∈ 0..2^k` ([`QuantConvWeights`], integer masks): `Σ q·w = 2·Σ_{w=+1} q −
 //!   Σ q`, accumulated as `acc += q & mask` (mask all-ones for +1, zero for −1) in `i16` lanes when
 //!   `taps·C·(2^k − 1)` fits, else `i32`: twice the lanes of `f32` per vector and half the weight
 //!   bytes, and exact integers, so the result equals the bit-serial popcount convolution's.
 //!
-//! The epilogue `y = scale·acc + shift` is the same scalar code at every level.
+//! Every level adds the same terms in the same order (portable code, auto-vectorised, or AVX2+FMA
+//! intrinsics for the accumulation), hence results are bit-identical across levels.
 
 #![allow(clippy::needless_range_loop)] // register blocks read clearest as indexed loops
 
