@@ -996,7 +996,16 @@ impl Simd {
     ) -> Result<()> {
         let g = SparseGeom::new("sparse_conv", dims, w.dims(), stride, pad)?;
         g.check(x.len(), y.len(), scale, shift)?;
-        self.sparse_f32_into(&g, x, pair, w, scale, shift, as_out(y));
+        sparse_into(
+            &g,
+            x,
+            pair,
+            w,
+            scale,
+            shift,
+            as_out(y),
+            self.k().sparse_conv,
+        );
         Ok(())
     }
 
@@ -1017,34 +1026,8 @@ impl Simd {
         let len = g.out_len();
         g.check(x.len(), len, scale, shift)?;
         Ok(filled(len, |y| {
-            self.sparse_f32_into(&g, x, pair, w, scale, shift, y)
+            sparse_into(&g, x, pair, w, scale, shift, y, self.k().sparse_conv)
         }))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn sparse_f32_into(
-        &self,
-        g: &SparseGeom,
-        x: &[f32],
-        pair: usize,
-        w: &SignConvWeights,
-        scale: &[f32],
-        shift: &[f32],
-        y: &mut [sparse::Out],
-    ) {
-        let kernel = self.k().sparse_conv;
-        let xs = g.in_len();
-        g.drive(pair, y, |band, i, i2, sc: &mut sparse::Scratch, yi, yj| {
-            let task = sparse::Task {
-                x: &x[i * xs..(i + 1) * xs],
-                x2: i2.map(|j| &x[j * xs..(j + 1) * xs]),
-                band,
-                weights: w,
-                scale,
-                shift,
-            };
-            kernel(&task, sc, yi, yj)
-        });
     }
 
     /// Spike levels `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero, NaN ↦
@@ -1087,7 +1070,16 @@ impl Simd {
         let g = SparseGeom::new("sparse_conv_q", dims, w.dims(), stride, pad)?;
         g.check(q.len(), y.len(), scale, shift)?;
         check_levels(q, w.bits)?;
-        self.sparse_q_into(&g, q, pair, w, scale, shift, as_out(y));
+        sparse_into(
+            &g,
+            q,
+            pair,
+            w,
+            scale,
+            shift,
+            as_out(y),
+            self.k().sparse_conv_q,
+        );
         Ok(())
     }
 
@@ -1109,34 +1101,8 @@ impl Simd {
         g.check(q.len(), len, scale, shift)?;
         check_levels(q, w.bits)?;
         Ok(filled(len, |y| {
-            self.sparse_q_into(&g, q, pair, w, scale, shift, y)
+            sparse_into(&g, q, pair, w, scale, shift, y, self.k().sparse_conv_q)
         }))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn sparse_q_into(
-        &self,
-        g: &SparseGeom,
-        q: &[u8],
-        pair: usize,
-        w: &QuantConvWeights,
-        scale: &[f32],
-        shift: &[f32],
-        y: &mut [sparse::Out],
-    ) {
-        let kernel = self.k().sparse_conv_q;
-        let xs = g.in_len();
-        g.drive(pair, y, |band, i, i2, sc: &mut sparse::QScratch, yi, yj| {
-            let task = sparse::QTask {
-                x: &q[i * xs..(i + 1) * xs],
-                x2: i2.map(|j| &q[j * xs..(j + 1) * xs]),
-                band,
-                weights: w,
-                scale,
-                shift,
-            };
-            kernel(&task, sc, yi, yj)
-        });
     }
 
     /// Float × ±1 GEMV reading one bit per weight: `y[j] = Σ_k x[k]·(±1)_{jk}` for the sign-packed
@@ -1329,6 +1295,32 @@ impl SparseGeom {
             }
         }
     }
+}
+
+/// Runs the sparse-convolution `kernel` of one level over the images of `x` into `y`.
+#[allow(clippy::too_many_arguments)]
+fn sparse_into<X: Sync, W: Sync, S: Default + Send>(
+    g: &SparseGeom,
+    x: &[X],
+    pair: usize,
+    w: &W,
+    scale: &[f32],
+    shift: &[f32],
+    y: &mut [sparse::Out],
+    kernel: sparse::KernelFn<X, W, S>,
+) {
+    let xs = g.in_len();
+    g.drive(pair, y, |band, i, i2, sc: &mut S, yi, yj| {
+        let task = sparse::SparseTask {
+            x: &x[i * xs..(i + 1) * xs],
+            x2: i2.map(|j| &x[j * xs..(j + 1) * xs]),
+            band,
+            weights: w,
+            scale,
+            shift,
+        };
+        kernel(&task, sc, yi, yj)
+    });
 }
 
 /// `y` as outputs that the kernels overwrite.

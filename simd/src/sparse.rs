@@ -175,28 +175,23 @@ pub(crate) struct Band {
     pub oy1: usize,
 }
 
-/// One task of a float sparse convolution: one image (or two that share the weight loads: `x2`).
-pub(crate) struct Task<'a> {
+/// One task of a sparse convolution: one image of inputs `X` (or two that share the weight loads:
+/// `x2`), with the weights `W`.
+pub(crate) struct SparseTask<'a, X, W> {
     /// The image, `C x H x W`.
-    pub x: &'a [f32],
+    pub x: &'a [X],
     /// A second image of the same shape run along (its non-zero lists are merged with `x`'s).
-    pub x2: Option<&'a [f32]>,
+    pub x2: Option<&'a [X]>,
     pub band: Band,
-    pub weights: &'a SignConvWeights,
+    pub weights: &'a W,
     pub scale: &'a [f32],
     pub shift: &'a [f32],
 }
 
-/// One task of a k-bit sparse convolution: one image of levels (or two, as [`Task`]).
-pub(crate) struct QTask<'a> {
-    /// The image, `C x H x W` levels.
-    pub x: &'a [u8],
-    pub x2: Option<&'a [u8]>,
-    pub band: Band,
-    pub weights: &'a QuantConvWeights,
-    pub scale: &'a [f32],
-    pub shift: &'a [f32],
-}
+/// A float sparse convolution task.
+pub(crate) type Task<'a> = SparseTask<'a, f32, SignConvWeights>;
+/// A k-bit sparse convolution task (levels).
+pub(crate) type QTask<'a> = SparseTask<'a, u8, QuantConvWeights>;
 
 /// Per-worker buffers: the non-zero lists (`IMG` values per entry).
 pub(crate) struct Lists<V> {
@@ -243,9 +238,11 @@ pub(crate) type QScratch = Lists<u8>;
 
 /// The float kernel of one ISA level: fills `y` (and `y2` for `x2`), the band `O x (oy1 − oy0) x OW`
 /// of the output image.
-pub(crate) type SparseFn = fn(&Task<'_>, &mut Scratch, &mut [Out], &mut [Out]);
+pub(crate) type SparseFn = KernelFn<f32, SignConvWeights, Scratch>;
 /// The k-bit kernel of one ISA level: fills `y`, the band of the output image.
-pub(crate) type SparseQFn = fn(&QTask<'_>, &mut QScratch, &mut [Out], &mut [Out]);
+pub(crate) type SparseQFn = KernelFn<u8, QuantConvWeights, QScratch>;
+/// A sparse-convolution kernel of one ISA level over inputs `X`, weights `W`, buffers `S`.
+pub(crate) type KernelFn<X, W, S> = fn(&SparseTask<'_, X, W>, &mut S, &mut [Out], &mut [Out]);
 
 /// The portable float kernel (scalar level; NEON level on aarch64, where NEON is the baseline).
 pub(crate) fn sparse_generic(t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
@@ -559,63 +556,40 @@ trait Lane: Copy + Default {
     fn wide(self) -> i32;
 }
 
-impl Lane for i16 {
-    #[inline(always)]
-    fn acc<K: Accum, const IMG: usize, const OB: usize>(
-        k: K,
-        m: &[i16],
-        idx: &[u32],
-        val: &[u8],
-        acc: &mut [i16],
-    ) {
-        k.i16_acc::<IMG, OB>(m, idx, val, acc)
-    }
-    #[inline(always)]
-    fn tile(sc: &mut QScratch) -> &mut Vec<i16> {
-        &mut sc.tile16
-    }
-    #[inline(always)]
-    fn and_add(self, v: i16, mask: i16) -> i16 {
-        self.wrapping_add(v & mask)
-    }
-    #[inline(always)]
-    fn from_u8(v: u8) -> i16 {
-        i16::from(v)
-    }
-    #[inline(always)]
-    fn wide(self) -> i32 {
-        i32::from(self)
-    }
+macro_rules! lane {
+    ($t:ty, $acc:ident, $tile:ident) => {
+        impl Lane for $t {
+            #[inline(always)]
+            fn acc<K: Accum, const IMG: usize, const OB: usize>(
+                k: K,
+                m: &[$t],
+                idx: &[u32],
+                val: &[u8],
+                acc: &mut [$t],
+            ) {
+                k.$acc::<IMG, OB>(m, idx, val, acc)
+            }
+            #[inline(always)]
+            fn tile(sc: &mut QScratch) -> &mut Vec<$t> {
+                &mut sc.$tile
+            }
+            #[inline(always)]
+            fn and_add(self, v: $t, mask: $t) -> $t {
+                self.wrapping_add(v & mask)
+            }
+            #[inline(always)]
+            fn from_u8(v: u8) -> $t {
+                <$t>::from(v)
+            }
+            #[inline(always)]
+            fn wide(self) -> i32 {
+                i32::from(self)
+            }
+        }
+    };
 }
-
-impl Lane for i32 {
-    #[inline(always)]
-    fn acc<K: Accum, const IMG: usize, const OB: usize>(
-        k: K,
-        m: &[i32],
-        idx: &[u32],
-        val: &[u8],
-        acc: &mut [i32],
-    ) {
-        k.i32_acc::<IMG, OB>(m, idx, val, acc)
-    }
-    #[inline(always)]
-    fn tile(sc: &mut QScratch) -> &mut Vec<i32> {
-        &mut sc.tile32
-    }
-    #[inline(always)]
-    fn and_add(self, v: i32, mask: i32) -> i32 {
-        self.wrapping_add(v & mask)
-    }
-    #[inline(always)]
-    fn from_u8(v: u8) -> i32 {
-        i32::from(v)
-    }
-    #[inline(always)]
-    fn wide(self) -> i32 {
-        self
-    }
-}
+lane!(i16, i16_acc, tile16);
+lane!(i32, i32_acc, tile32);
 
 /// `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero; NaN ↦ 0), element-wise.
 #[inline(always)]
