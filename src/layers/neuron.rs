@@ -200,30 +200,34 @@ fn charge_fire<R: Real>(
     mask.reset(n);
     let gather = fired.is_some() && from == ChargeFrom::InPlace;
     let items = n.div_ceil(PAR_CHUNK);
-    let mut none = Vec::new();
-    let parts: &mut Vec<Vec<R>> = match fired {
-        Some(f) => {
-            f.parts.resize_with(items, Vec::new);
-            f.parts.truncate(items);
-            &mut f.parts
-        }
-        None => {
-            none.resize_with(items, Vec::new);
-            &mut none
-        }
+    let mut none = FiredValues::default();
+    let fv = match fired {
+        Some(f) => f,
+        None => &mut none,
     };
+    fv.parts.resize_with(items, Vec::new);
+    fv.parts.truncate(items);
+    fv.eq.reset(if gather { n } else { 0 });
+    let common = fv.common;
+    let mut no_eq = vec![0u64; if gather { 0 } else { mask.words.len() }];
+    let eq_words = if gather { &mut fv.eq.words } else { &mut no_eq };
     s.par_chunks_mut(PAR_CHUNK)
         .zip(v.par_chunks_mut(PAR_CHUNK))
         .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
-        .zip(parts.par_iter_mut())
+        .zip(fv.parts.par_iter_mut())
+        .zip(eq_words.par_chunks_mut(PAR_CHUNK / 64))
         .enumerate()
-        .for_each(|(k, (((sc, vc), mc), out))| {
+        .for_each(|(k, ((((sc, vc), mc), out), eqc))| {
             let lo = k * PAR_CHUNK;
             let xc = &x[lo..lo + sc.len()];
             let pc = prev.map(|p| &p[lo..lo + sc.len()]);
             out.clear();
+            if gather && out.capacity() == 0 {
+                // one allocation (trimmed below), not a doubling series, on the first step
+                out.reserve_exact(sc.len());
+            }
             let mut pbuf = [R::zero(); 64];
-            for (w, word) in mc.iter_mut().enumerate() {
+            for (w, (word, eqw)) in mc.iter_mut().zip(eqc.iter_mut()).enumerate() {
                 let r = w * 64..(w * 64 + 64).min(sc.len());
                 let (sw, vw, xw) = (&mut sc[r.clone()], &mut vc[r.clone()], &xc[r.clone()]);
                 let mut bits = 0u64;
@@ -251,11 +255,7 @@ fn charge_fire<R: Real>(
                             *o = (m - th).max(R::zero());
                         }
                         if gather {
-                            let mut b = bits;
-                            while b != 0 {
-                                out.push(pbuf[b.trailing_zeros() as usize]);
-                                b &= b - 1;
-                            }
+                            *eqw = gather_word(bits, &pbuf, common, out);
                         }
                     }
                     _ => {
@@ -348,36 +348,76 @@ fn fire_back<R: Real>(
 /// [`PAR_CHUNK`] item. Online training needs `v[t−1]` only where a neuron fired (`dm = dy·H`), so
 /// this keeps a fraction (the firing rate) of the full tensor: the cache no longer holds a copy of
 /// the state, and online memory stays that of `T = 1`.
+///
+/// A neuron that fired at `t − 1` (or charged exactly to θ) was reset to `v[t−1] = θ[t−1]`
+/// exactly (`min(m, θ)`), and most neurons that fire at `t` fired at `t − 1`. So a fired value
+/// equal to one `common` scalar (the caller passes `θ[t−1]`) is stored as one bit (`eq`), and
+/// only the others as values. Exact whatever `common` is: it only decides what is compressed.
 #[derive(Clone, Debug, Default)]
 pub struct FiredValues<R> {
     parts: Vec<Vec<R>>,
+    /// Bit `i` set: fired at `i` and `p[i] == common` (not in `parts`).
+    eq: BitMask,
+    common: Option<R>,
 }
 
 impl<R: Real> FiredValues<R> {
     /// Gather `p[i]` where `m[i] > th` (the firing condition of [`fire`], taken before it runs),
-    /// reusing the allocations.
-    pub fn gather(&mut self, p: &[R], m: &[R], th: R) {
+    /// values equal to `common` as bits, reusing the allocations.
+    pub fn gather(&mut self, p: &[R], m: &[R], th: R, common: Option<R>) {
         let items = p.len().div_ceil(PAR_CHUNK);
         self.parts.resize_with(items, Vec::new);
         self.parts.truncate(items);
+        self.eq.reset(p.len());
+        self.common = common;
         self.parts
             .par_iter_mut()
+            .zip(self.eq.words.par_chunks_mut(PAR_CHUNK / 64))
             .zip(p.par_chunks(PAR_CHUNK))
             .zip(m.par_chunks(PAR_CHUNK))
-            .for_each(|((out, pc), mc)| {
+            .for_each(|(((out, eq), pc), mc)| {
                 out.clear();
-                for (&p, &m) in pc.iter().zip(mc) {
+                for (i, (&p, &m)) in pc.iter().zip(mc).enumerate() {
                     if m > th {
-                        out.push(p);
+                        if Some(p) == common {
+                            eq[i / 64] |= 1 << (i % 64);
+                        } else {
+                            out.push(p);
+                        }
                     }
                 }
             });
     }
+    /// The fired values of item `k` in index order: `(eq words, other values)`.
+    fn part(&self, k: usize) -> (&[u64], &[R]) {
+        let w = PAR_CHUNK / 64;
+        let hi = ((k + 1) * w).min(self.eq.words.len());
+        (&self.eq.words[k * w..hi], &self.parts[k])
+    }
+}
+
+/// Push `pbuf[j]` for each set bit `j` of `bits` to `out`, except values equal to `common`, whose
+/// bits are returned instead (see [`FiredValues`]).
+#[inline]
+fn gather_word<R: Real>(bits: u64, pbuf: &[R; 64], common: Option<R>, out: &mut Vec<R>) -> u64 {
+    let (mut b, mut eq) = (bits, 0u64);
+    while b != 0 {
+        let j = b.trailing_zeros() as usize;
+        let p = pbuf[j];
+        if Some(p) == common {
+            eq |= 1 << j;
+        } else {
+            out.push(p);
+        }
+        b &= b - 1;
+    }
+    eq
 }
 
 impl<R> CacheBytes for FiredValues<R> {
     fn cache_bytes(&self) -> usize {
         self.parts.iter().map(|v| v.len()).sum::<usize>() * std::mem::size_of::<R>()
+            + self.eq.cache_bytes()
     }
 }
 
@@ -398,7 +438,10 @@ fn fire_back_online<R: Real>(
         .enumerate()
         .map(|(k, ((dc, yc), mc))| {
             let (mut dth, mut dlam) = (0.0f64, 0.0f64);
-            let mut pi = p.map(|p| p.parts[k].iter());
+            let mut pi = p.map(|p| {
+                let (eq, vals) = p.part(k);
+                (eq.iter(), vals.iter(), p.common.unwrap_or(R::zero()))
+            });
             for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
                 let mut wsum = R::zero();
                 for (j, (o, &y)) in dw.iter_mut().zip(yw).enumerate() {
@@ -407,12 +450,18 @@ fn fire_back_online<R: Real>(
                     wsum -= *o;
                 }
                 dth += wsum.f64();
-                if let Some(pi) = pi.as_mut() {
+                if let Some((eqs, vals, common)) = pi.as_mut() {
+                    let eq = *eqs.next().expect("one eq word per mask word");
                     let mut acc = R::zero();
                     let mut b = bits;
                     while b != 0 {
                         let j = b.trailing_zeros() as usize;
-                        acc += dw[j] * *pi.next().expect("one value per fired neuron");
+                        let v = if (eq >> j) & 1 == 1 {
+                            *common
+                        } else {
+                            *vals.next().expect("one value per fired neuron")
+                        };
+                        acc += dw[j] * v;
                         b &= b - 1;
                     }
                     dlam += acc.f64();
@@ -539,6 +588,10 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
             None => FiredValues::default(),
         };
         let gather = c.is_some() && from == ChargeFrom::InPlace;
+        // fired at t − 1 ⇒ v[t−1] = θ[t−1]: kept as a bit (see `FiredValues`); ±0 never merged
+        fired.common = (t > 0)
+            .then(|| self.threshold(t - 1))
+            .filter(|&c| c != R::zero());
         let mut s = vec![R::zero(); xs.len()];
         let mask = match c.as_mut() {
             Some(c) => &mut c.fired,
@@ -2010,7 +2063,11 @@ mod tests {
         let c = cache.get::<EmpfV1Cache<f32>>("n1").unwrap();
         let fired = (0..len).filter(|&i| c.fired.get(i)).count();
         assert!(fired > 0 && fired < len, "{fired} of {len}");
-        assert_eq!(cache.bytes(), len / 8 + fired * 4);
+        // the same input at both steps: what fires at t = 1 fired at t = 0, so sits at θ[0]
+        let merged = c.v_prev_fired.as_ref().unwrap().eq.words.iter();
+        let merged = merged.map(|w| w.count_ones() as usize).sum::<usize>();
+        assert!(merged > fired / 2, "{merged} of {fired} merged");
+        assert_eq!(cache.bytes(), 2 * (len / 8) + (fired - merged) * 4);
         let mut l3 = EmpfV3::<f32>::new("n3", 2);
         l3.forward(
             &x,
@@ -2030,8 +2087,14 @@ mod tests {
         let n = 2 * PAR_CHUNK + 777;
         let mut rng = Rng::new(5);
         let x: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        let p: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.5) as f32).collect();
-        let (lam, th) = (0.6f32, 0.45f32);
+        let (lam, th, common) = (0.6f32, 0.45f32, 0.4f32);
+        // a third of the state sits at the previous threshold (neurons that fired at t − 1)
+        let p: Vec<f32> = (0..n)
+            .map(|i| match i % 3 {
+                0 => common,
+                _ => (rng.normal() * 0.5) as f32,
+            })
+            .collect();
         for from in [ChargeFrom::Zero, ChargeFrom::InPlace, ChargeFrom::Separate] {
             // reference: the separate passes
             let mut m = x.clone();
@@ -2041,7 +2104,7 @@ mod tests {
                 }
             }
             let mut want_fired = FiredValues::default();
-            want_fired.gather(&p, &m, th);
+            want_fired.gather(&p, &m, th, Some(common));
             let (mut want_s, mut want_v, mut want_mask) = (m, vec![0.0f32; n], BitMask::default());
             fire(th, &mut want_s, &mut want_v, &mut want_mask);
             // fused
@@ -2051,6 +2114,7 @@ mod tests {
             };
             let (mut s, mut mask, mut fired) =
                 (vec![0.0f32; n], BitMask::default(), FiredValues::default());
+            fired.common = Some(common);
             let prev = (from == ChargeFrom::Separate).then_some(p.as_slice());
             charge_fire(
                 lam,
@@ -2074,6 +2138,14 @@ mod tests {
                     bits(&flat(&want_fired)),
                     "fired values"
                 );
+                assert_eq!(fired.eq.words, want_fired.eq.words, "values at `common`");
+                let merged = want_fired
+                    .eq
+                    .words
+                    .iter()
+                    .map(|w| w.count_ones())
+                    .sum::<u32>();
+                assert!(merged > 1000, "{merged} fired values merged");
                 assert!(fired.cache_bytes() > 0);
             } else {
                 assert_eq!(fired.cache_bytes(), 0, "{from:?} gathers nothing");
@@ -2114,6 +2186,11 @@ mod tests {
                 assert_eq!(st_on.tensor().unwrap(), st_rf.tensor().unwrap());
                 if t > 0 {
                     assert!(k_on.bytes() < k_rf.bytes());
+                    // neurons that fired at t − 1 too are kept as bits, not values
+                    let f = k_on.get::<EmpfV1Cache<f64>>("n").unwrap();
+                    let f = f.v_prev_fired.as_ref().unwrap();
+                    let merged: u32 = f.eq.words.iter().map(|w| w.count_ones()).sum();
+                    assert!(merged > 0, "t = {t}: no value merged");
                 }
                 let dx_on = on.backward(&dy, &c_on, &k_on, &mut State::Empty).unwrap();
                 let dx_rf = rf.backward(&dy, &c_rf, &k_rf, &mut State::Empty).unwrap();
