@@ -136,7 +136,7 @@ pub struct TrainArgs {
     /// Channel widths, comma separated (e.g. 32,64,128).
     #[arg(long, value_delimiter = ',')]
     pub widths: Option<Vec<usize>>,
-    /// Epochs.
+    /// Epochs (default 2 for the quick-start `small` network, 1 otherwise).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Mini-batch size.
@@ -345,7 +345,7 @@ pub fn train_config(a: &TrainArgs, model: &ModelConfig) -> Result<TrainConfig> {
             "--batch must be at least 2 (BatchNorm needs batch statistics)".into(),
         ));
     }
-    let default_epochs = if a.arch == "small" { 3 } else { 1 };
+    let default_epochs = if a.arch == "small" { 2 } else { 1 };
     Ok(TrainConfig {
         epochs: a.epochs.unwrap_or(default_epochs),
         batch: a.batch,
