@@ -205,29 +205,30 @@ fn charge_fire<R: Real>(
         Some(f) => f,
         None => &mut none,
     };
-    fv.parts.resize_with(items, Vec::new);
+    fv.parts.resize_with(items, Default::default);
     fv.parts.truncate(items);
-    fv.eq.reset(if gather { n } else { 0 });
     let common = fv.common;
-    let mut no_eq = vec![0u64; if gather { 0 } else { mask.words.len() }];
-    let eq_words = if gather { &mut fv.eq.words } else { &mut no_eq };
     s.par_chunks_mut(PAR_CHUNK)
         .zip(v.par_chunks_mut(PAR_CHUNK))
         .zip(mask.words.par_chunks_mut(PAR_CHUNK / 64))
         .zip(fv.parts.par_iter_mut())
-        .zip(eq_words.par_chunks_mut(PAR_CHUNK / 64))
         .enumerate()
-        .for_each(|(k, ((((sc, vc), mc), out), eqc))| {
+        .for_each(|(k, (((sc, vc), mc), part))| {
             let lo = k * PAR_CHUNK;
             let xc = &x[lo..lo + sc.len()];
             let pc = prev.map(|p| &p[lo..lo + sc.len()]);
+            let FiredPart { eq, vals: out } = part;
             out.clear();
-            if gather && out.capacity() == 0 {
-                // one allocation (trimmed below), not a doubling series, on the first step
-                out.reserve_exact(sc.len());
+            eq.clear();
+            if gather {
+                eq.resize(mc.len(), 0);
+                if out.capacity() == 0 {
+                    // one allocation (trimmed below), not a doubling series, on the first step
+                    out.reserve_exact(sc.len());
+                }
             }
             let mut pbuf = [R::zero(); 64];
-            for (w, (word, eqw)) in mc.iter_mut().zip(eqc.iter_mut()).enumerate() {
+            for (w, word) in mc.iter_mut().enumerate() {
                 let r = w * 64..(w * 64 + 64).min(sc.len());
                 let (sw, vw, xw) = (&mut sc[r.clone()], &mut vc[r.clone()], &xc[r.clone()]);
                 let mut bits = 0u64;
@@ -255,7 +256,7 @@ fn charge_fire<R: Real>(
                             *o = (m - th).max(R::zero());
                         }
                         if gather {
-                            *eqw = gather_word(bits, &pbuf, common, out);
+                            eq[w] = gather_word(bits, &pbuf, common, out);
                         }
                     }
                     _ => {
@@ -355,10 +356,17 @@ fn fire_back<R: Real>(
 /// only the others as values. Exact whatever `common` is: it only decides what is compressed.
 #[derive(Clone, Debug, Default)]
 pub struct FiredValues<R> {
-    parts: Vec<Vec<R>>,
-    /// Bit `i` set: fired at `i` and `p[i] == common` (not in `parts`).
-    eq: BitMask,
+    parts: Vec<FiredPart<R>>,
     common: Option<R>,
+}
+
+/// The fired values of one [`PAR_CHUNK`] item.
+#[derive(Clone, Debug, Default)]
+struct FiredPart<R> {
+    /// Bit `j` of word `w`: fired at `64·w + j` with the value `common` (not in `vals`).
+    eq: Vec<u64>,
+    /// The other fired values, in index order.
+    vals: Vec<R>,
 }
 
 impl<R: Real> FiredValues<R> {
@@ -366,33 +374,43 @@ impl<R: Real> FiredValues<R> {
     /// values equal to `common` as bits, reusing the allocations.
     pub fn gather(&mut self, p: &[R], m: &[R], th: R, common: Option<R>) {
         let items = p.len().div_ceil(PAR_CHUNK);
-        self.parts.resize_with(items, Vec::new);
+        self.parts.resize_with(items, Default::default);
         self.parts.truncate(items);
-        self.eq.reset(p.len());
         self.common = common;
         self.parts
             .par_iter_mut()
-            .zip(self.eq.words.par_chunks_mut(PAR_CHUNK / 64))
             .zip(p.par_chunks(PAR_CHUNK))
             .zip(m.par_chunks(PAR_CHUNK))
-            .for_each(|(((out, eq), pc), mc)| {
-                out.clear();
+            .for_each(|((part, pc), mc)| {
+                part.vals.clear();
+                part.eq.clear();
+                part.eq.resize(pc.len().div_ceil(64), 0);
                 for (i, (&p, &m)) in pc.iter().zip(mc).enumerate() {
                     if m > th {
                         if Some(p) == common {
-                            eq[i / 64] |= 1 << (i % 64);
+                            part.eq[i / 64] |= 1 << (i % 64);
                         } else {
-                            out.push(p);
+                            part.vals.push(p);
                         }
                     }
                 }
             });
     }
-    /// The fired values of item `k` in index order: `(eq words, other values)`.
-    fn part(&self, k: usize) -> (&[u64], &[R]) {
-        let w = PAR_CHUNK / 64;
-        let hi = ((k + 1) * w).min(self.eq.words.len());
-        (&self.eq.words[k * w..hi], &self.parts[k])
+    /// The values not merged into `common`, in index order.
+    #[cfg(test)]
+    fn values(&self) -> Vec<R> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.vals.iter().copied())
+            .collect()
+    }
+    /// The bits of the values merged into `common`, all items' words in order.
+    #[cfg(test)]
+    fn eq_words(&self) -> Vec<u64> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.eq.iter().copied())
+            .collect()
     }
 }
 
@@ -416,8 +434,9 @@ fn gather_word<R: Real>(bits: u64, pbuf: &[R; 64], common: Option<R>, out: &mut 
 
 impl<R> CacheBytes for FiredValues<R> {
     fn cache_bytes(&self) -> usize {
-        self.parts.iter().map(|v| v.len()).sum::<usize>() * std::mem::size_of::<R>()
-            + self.eq.cache_bytes()
+        let p = self.parts.iter();
+        p.map(|p| p.vals.len() * std::mem::size_of::<R>() + p.eq.len() * 8)
+            .sum()
     }
 }
 
@@ -439,8 +458,12 @@ fn fire_back_online<R: Real>(
         .map(|(k, ((dc, yc), mc))| {
             let (mut dth, mut dlam) = (0.0f64, 0.0f64);
             let mut pi = p.map(|p| {
-                let (eq, vals) = p.part(k);
-                (eq.iter(), vals.iter(), p.common.unwrap_or(R::zero()))
+                let part = &p.parts[k];
+                (
+                    part.eq.iter(),
+                    part.vals.iter(),
+                    p.common.unwrap_or(R::zero()),
+                )
             });
             for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
                 let mut wsum = R::zero();
@@ -2064,7 +2087,8 @@ mod tests {
         let fired = (0..len).filter(|&i| c.fired.get(i)).count();
         assert!(fired > 0 && fired < len, "{fired} of {len}");
         // the same input at both steps: what fires at t = 1 fired at t = 0, so sits at θ[0]
-        let merged = c.v_prev_fired.as_ref().unwrap().eq.words.iter();
+        let merged = c.v_prev_fired.as_ref().unwrap().eq_words();
+        let merged = merged.iter();
         let merged = merged.map(|w| w.count_ones() as usize).sum::<usize>();
         assert!(merged > fired / 2, "{merged} of {fired} merged");
         assert_eq!(cache.bytes(), 2 * (len / 8) + (fired - merged) * 4);
@@ -2132,16 +2156,19 @@ mod tests {
             assert_eq!(bits(&v), bits(&want_v), "{from:?}: potential");
             assert_eq!(mask.words, want_mask.words, "{from:?}: mask");
             if from == ChargeFrom::InPlace {
-                let flat = |f: &FiredValues<f32>| f.parts.concat();
+                let flat = |f: &FiredValues<f32>| f.values();
                 assert_eq!(
                     bits(&flat(&fired)),
                     bits(&flat(&want_fired)),
                     "fired values"
                 );
-                assert_eq!(fired.eq.words, want_fired.eq.words, "values at `common`");
+                assert_eq!(
+                    fired.eq_words(),
+                    want_fired.eq_words(),
+                    "values at `common`"
+                );
                 let merged = want_fired
-                    .eq
-                    .words
+                    .eq_words()
                     .iter()
                     .map(|w| w.count_ones())
                     .sum::<u32>();
@@ -2189,7 +2216,7 @@ mod tests {
                     // neurons that fired at t − 1 too are kept as bits, not values
                     let f = k_on.get::<EmpfV1Cache<f64>>("n").unwrap();
                     let f = f.v_prev_fired.as_ref().unwrap();
-                    let merged: u32 = f.eq.words.iter().map(|w| w.count_ones()).sum();
+                    let merged: u32 = f.eq_words().iter().map(|w| w.count_ones()).sum();
                     assert!(merged > 0, "t = {t}: no value merged");
                 }
                 let dx_on = on.backward(&dy, &c_on, &k_on, &mut State::Empty).unwrap();
