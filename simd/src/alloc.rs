@@ -58,11 +58,17 @@ pub struct BlockCache<A> {
     free: std::sync::Mutex<Slots>,
 }
 
-struct Slots {
-    ptr: [usize; BlockCache::<()>::SLOTS],
-    size: [usize; BlockCache::<()>::SLOTS],
+/// One kept block.
+#[derive(Clone, Copy)]
+struct Slot {
+    ptr: usize,
+    size: usize,
     /// `misses` when the block was kept.
-    stamp: [u64; BlockCache::<()>::SLOTS],
+    stamp: u64,
+}
+
+struct Slots {
+    slot: [Slot; BlockCache::<()>::SLOTS],
     len: usize,
     bytes: usize,
     /// Requests no kept block could serve.
@@ -70,14 +76,13 @@ struct Slots {
 }
 
 impl Slots {
-    /// Drop entry `i` (swap-remove).
-    fn remove(&mut self, i: usize) {
-        let last = self.len - 1;
-        self.bytes -= self.size[i];
-        self.ptr[i] = self.ptr[last];
-        self.size[i] = self.size[last];
-        self.stamp[i] = self.stamp[last];
-        self.len = last;
+    /// Drop entry `i` (swap-remove) and return it.
+    fn remove(&mut self, i: usize) -> Slot {
+        let s = self.slot[i];
+        self.len -= 1;
+        self.slot[i] = self.slot[self.len];
+        self.bytes -= s.size;
+        s
     }
 }
 
@@ -99,9 +104,11 @@ impl<A> BlockCache<A> {
             inner,
             cap,
             free: std::sync::Mutex::new(Slots {
-                ptr: [0; BlockCache::<()>::SLOTS],
-                size: [0; BlockCache::<()>::SLOTS],
-                stamp: [0; BlockCache::<()>::SLOTS],
+                slot: [Slot {
+                    ptr: 0,
+                    size: 0,
+                    stamp: 0,
+                }; BlockCache::<()>::SLOTS],
                 len: 0,
                 bytes: 0,
                 misses: 0,
@@ -118,31 +125,6 @@ impl<A> BlockCache<A> {
         Layout::from_size_align(size, Self::ALIGN).ok()
     }
 
-    /// Take a kept block of exactly `size` bytes. On a miss, blocks kept for more than
-    /// [`BlockCache::STALE`] misses (sizes the program stopped asking for: a phase with other
-    /// shapes began) are removed and returned, for the caller to give back to the inner allocator.
-    fn take(&self, size: usize) -> Result<*mut u8, [(usize, usize); RELEASE]> {
-        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = f.size[..f.len].iter().position(|&s| s == size) {
-            let p = f.ptr[i];
-            f.remove(i);
-            return Ok(p as *mut u8);
-        }
-        f.misses += 1;
-        let mut stale = [(0, 0); RELEASE];
-        let (mut i, mut n) = (0, 0);
-        while i < f.len && n < RELEASE {
-            if f.misses - f.stamp[i] > Self::STALE {
-                stale[n] = (f.ptr[i], f.size[i]);
-                n += 1;
-                f.remove(i);
-            } else {
-                i += 1;
-            }
-        }
-        Err(stale)
-    }
-
     /// Keep `p` (a block of `size` bytes); false when the cache is full.
     fn keep(&self, p: *mut u8, size: usize) -> bool {
         let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,9 +132,11 @@ impl<A> BlockCache<A> {
             return false;
         }
         let n = f.len;
-        f.ptr[n] = p as usize;
-        f.size[n] = size;
-        f.stamp[n] = f.misses;
+        f.slot[n] = Slot {
+            ptr: p as usize,
+            size,
+            stamp: f.misses,
+        };
         f.len += 1;
         f.bytes += size;
         true
@@ -168,18 +152,34 @@ impl<A> BlockCache<A> {
 }
 
 impl<A: GlobalAlloc> BlockCache<A> {
-    /// Give `blocks` (pointer, size; size 0 = none) back to `inner`.
-    ///
-    /// # Safety
-    /// Each block must have been allocated by `inner` with `(size, ALIGN)` and be owned by nobody.
-    unsafe fn release(&self, blocks: [(usize, usize); RELEASE]) {
-        for (p, size) in blocks {
-            if size > 0 {
-                let l = Layout::from_size_align(size, Self::ALIGN).expect("a kept block's layout");
-                // SAFETY: per this function's contract.
-                unsafe { self.inner.dealloc(p as *mut u8, l) };
+    /// A kept block of exactly `size` bytes, or `None`. On a miss, blocks kept for more than
+    /// [`BlockCache::STALE`] misses (sizes the program stopped asking for: a phase with other
+    /// shapes began) go back to `inner`, at most [`RELEASE`] per miss.
+    fn reuse(&self, size: usize) -> Option<*mut u8> {
+        let mut stale = [None; RELEASE];
+        {
+            let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = f.slot[..f.len].iter().position(|s| s.size == size) {
+                return Some(f.remove(i).ptr as *mut u8);
+            }
+            f.misses += 1;
+            let (mut i, mut n) = (0, 0);
+            while i < f.len && n < RELEASE {
+                if f.misses - f.slot[i].stamp > Self::STALE {
+                    stale[n] = Some(f.remove(i));
+                    n += 1;
+                } else {
+                    i += 1;
+                }
             }
         }
+        for s in stale.into_iter().flatten() {
+            let l = Layout::from_size_align(s.size, Self::ALIGN).expect("a kept layout");
+            // SAFETY: kept blocks were allocated by `inner` with `(size, ALIGN)`, and this one
+            // was just removed from the cache, so nobody else owns it.
+            unsafe { self.inner.dealloc(s.ptr as *mut u8, l) };
+        }
+        None
     }
 }
 
@@ -190,33 +190,24 @@ impl<A: GlobalAlloc> BlockCache<A> {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for BlockCache<A> {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match Self::block(layout) {
-            Some(b) => match self.take(b.size()) {
-                Ok(p) => p,
-                Err(stale) => {
-                    // SAFETY: kept blocks were allocated by `inner` with their recorded size.
-                    unsafe { self.release(stale) };
-                    // SAFETY: `b` has a non-zero size (≥ MIN_BLOCK).
-                    unsafe { self.inner.alloc(b) }
-                }
-            },
+            // SAFETY: `b` has a non-zero size (≥ MIN_BLOCK).
+            Some(b) => self
+                .reuse(b.size())
+                .unwrap_or_else(|| unsafe { self.inner.alloc(b) }),
             // SAFETY: forwarded as given.
             None => unsafe { self.inner.alloc(layout) },
         }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         match Self::block(layout) {
-            Some(b) => match self.take(b.size()) {
-                Ok(p) => {
+            Some(b) => match self.reuse(b.size()) {
+                Some(p) => {
                     // SAFETY: `p` is a block of `b.size() ≥ layout.size()` bytes owned by us.
                     unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
                     p
                 }
-                Err(stale) => {
-                    // SAFETY: as in `alloc`.
-                    unsafe { self.release(stale) };
-                    // SAFETY: non-zero size.
-                    unsafe { self.inner.alloc_zeroed(b) }
-                }
+                // SAFETY: non-zero size.
+                None => unsafe { self.inner.alloc_zeroed(b) },
             },
             // SAFETY: forwarded as given.
             None => unsafe { self.inner.alloc_zeroed(layout) },
