@@ -245,7 +245,7 @@ impl<R: Real> BinaryConv2d<R> {
             Ok(y) => Ok(*(Box::new(y) as Box<dyn Any>)
                 .downcast::<Vec<R>>()
                 .expect("R is f32")),
-            Err(e) => Err(Error::Config(format!("layer `{}`: {e}", self.name))),
+            Err(e) => Err(Error::Internal(format!("layer `{}`: {e}", self.name))),
         })
     }
 
@@ -295,10 +295,9 @@ impl<R: Real> Layer<R> for BinaryConv2d<R> {
     ) -> Result<Tensor<R>> {
         let out = self.output_shape(x.shape())?;
         self.refresh_wb();
-        let xs = as_slice(x);
         let y = match self.sparse_forward(x) {
             Some(y) => y?,
-            None => self.core.forward(&xs, x.shape(), &self.wb, None),
+            None => self.core.forward(&as_slice(x), x.shape(), &self.wb, None),
         };
         if let Some(c) = cache {
             c.get_or_default::<InputCache<R>>().store(x);
