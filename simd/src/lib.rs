@@ -35,6 +35,7 @@ mod dispatch;
 mod driver;
 mod reference;
 mod sparse;
+mod sparse_dw;
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     pub(crate) mod avx2;
@@ -439,6 +440,7 @@ impl Simd {
                 sparse_conv: sparse::sparse_generic,
                 sparse_conv_q: sparse::sparse_q_generic,
                 quantise: sparse::quantise_generic,
+                sparse_dw: sparse_dw::dw_generic,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernels {
@@ -450,6 +452,7 @@ impl Simd {
                 sparse_conv: sparse::x86::sparse_avx2,
                 sparse_conv_q: sparse::x86::sparse_q_avx2,
                 quantise: sparse::x86::quantise_avx2,
+                sparse_dw: sparse::x86::dw_avx2,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Kernels {
@@ -461,6 +464,7 @@ impl Simd {
                 sparse_conv: sparse::x86::sparse_avx512,
                 sparse_conv_q: sparse::x86::sparse_q_avx512,
                 quantise: sparse::x86::quantise_avx2,
+                sparse_dw: sparse::x86::dw_avx2,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Kernels {
@@ -472,6 +476,7 @@ impl Simd {
                 sparse_conv: sparse::sparse_generic,
                 sparse_conv_q: sparse::sparse_q_generic,
                 quantise: sparse::quantise_generic,
+                sparse_dw: sparse_dw::dw_generic,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("require() accepted an ISA not compiled for this target"),
@@ -1028,6 +1033,117 @@ impl Simd {
         Ok(filled(len, |y| {
             sparse_into(&g, x, pair, w, scale, shift, y, self.k().sparse_conv)
         }))
+    }
+
+    /// Weight gradient of a stride-1 convolution that skips zero inputs (see `sparse_dw` in the
+    /// crate sources): `dw[o][c][i][j] = Σ_n Σ_{y,x} x[n][c][y][x]·g[n][o][y + pad − i][x + pad − j]`
+    /// for inputs `x` (`n x C x H x W`, NCHW, `dims = (n, C, H, W)`), output gradients `g` (`n x O
+    /// x OH x OW`, `OH = H + 2·pad − k + 1`), a `k x k` kernel and `pad ≤ k − 1`; `dw` (`O x C x k x
+    /// k`) is overwritten. Fused multiply-adds in a fixed order: bit-identical across levels, and
+    /// deterministic for a given `rayon::current_num_threads()` (the images are split into that
+    /// many chunks, summed in order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_conv_dw(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        g: &[f32],
+        out_ch: usize,
+        k: usize,
+        pad: usize,
+        dw: &mut [f32],
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let (n, c, h, w) = dims;
+        let fail = |what: &str| {
+            shape_err(format!(
+                "sparse_conv_dw: {what} (x {} for {n}x{c}x{h}x{w}, g {}, {out_ch} outputs, {k}x{k} kernel, pad {pad}, dw {})",
+                x.len(),
+                g.len(),
+                dw.len()
+            ))
+        };
+        if k == 0 || pad >= k || h + 2 * pad < k || w + 2 * pad < k {
+            return fail("needs k >= 1, pad <= k - 1 and the padded input at least k x k");
+        }
+        let task = sparse_dw::DwTask {
+            x,
+            g,
+            ns: n,
+            c,
+            h,
+            w,
+            o: out_ch,
+            k,
+            pad,
+        };
+        let ((oh, ow), (hp, wp)) = (task.out_hw(), task.padded_hw());
+        let (taps, xs, gs) = (k * k, c * h * w, out_ch * oh * ow);
+        let sizes = [
+            (n, xs, x.len()),
+            (n, gs, g.len()),
+            (out_ch, c * taps, dw.len()),
+        ];
+        if sizes
+            .iter()
+            .any(|&(a, b, len)| a.checked_mul(b) != Some(len))
+        {
+            return fail("lengths do not match the shapes");
+        }
+        let op = task.op();
+        if hp
+            .checked_mul(wp)
+            .and_then(|v| v.checked_mul(op))
+            .is_none_or(|v| v > u32::MAX as usize)
+        {
+            return fail("the map is too large for 32-bit offsets");
+        }
+        let kernel = self.k().sparse_dw;
+        let parts = rayon::current_num_threads().clamp(1, n.max(1));
+        let parts: Vec<Vec<f32>> = (0..parts)
+            .into_par_iter()
+            .map(|p| {
+                let (i0, i1) = (n * p / parts, n * (p + 1) / parts);
+                let mut dwt = vec![0f32; c * taps * op];
+                let t = sparse_dw::DwTask {
+                    x: &x[i0 * xs..i1 * xs],
+                    g: &g[i0 * gs..i1 * gs],
+                    ns: i1 - i0,
+                    ..task
+                };
+                kernel(&t, &mut sparse_dw::DwScratch::default(), &mut dwt);
+                dwt
+            })
+            .collect();
+        let mut parts = parts.into_iter();
+        let mut sum = parts.next().expect("at least one part");
+        for part in parts {
+            for (s, v) in sum.iter_mut().zip(part) {
+                *s += v;
+            }
+        }
+        // dwt[c][tap][o] -> dw[o][c][tap]
+        for (ci, rows) in sum.chunks_exact(taps * op).enumerate() {
+            for (tap, row) in rows.chunks_exact(op).enumerate() {
+                for (o, &v) in row[..out_ch].iter().enumerate() {
+                    dw[(o * c + ci) * taps + tap] = v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`Simd::sparse_conv_dw`] runs fused multiply-adds in hardware at this level (AVX2
+    /// with FMA, any aarch64 level); elsewhere it is exact but slow (a software `fma` per term).
+    pub fn sparse_dw_is_native(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.isa != Isa::Scalar && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            cfg!(target_arch = "aarch64")
+        }
     }
 
     /// Spike levels `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero, NaN ↦

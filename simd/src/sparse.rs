@@ -446,6 +446,17 @@ fn flush<const IMG: usize>(
 /// order (so every level sums identically). `w` starts at the tap's row of channel 0 and block `ob`.
 /// Integer levels: `val & mask`.
 pub(crate) trait Accum: Copy {
+    /// `dst[j·ds + i] = src[i·ss + j]` for `i, j < 8` (an 8 x 8 block transposed; a copy, so the
+    /// same at every level).
+    #[inline(always)]
+    fn transpose8(self, src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
+        for i in 0..8 {
+            let row = &src[i * ss..][..8];
+            for (j, &v) in row.iter().enumerate() {
+                dst[j * ds + i] = v;
+            }
+        }
+    }
     fn f32_acc<const IMG: usize, const OB: usize>(
         self,
         w: &[f32],
@@ -734,6 +745,7 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use super::{Accum, Out, Portable, QScratch, QTask, Scratch, Task, dispatch, dispatch_q};
+    use crate::sparse_dw::{DwScratch, DwTask};
     use std::arch::x86_64::*;
 
     /// AVX2 + FMA accumulation in 256-bit registers (LLVM keeps the portable code's accumulator
@@ -805,6 +817,21 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2")]
     fn quantise_avx2_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
         super::quantise_body(x, step, bits, q)
+    }
+
+    /// The sparse-input dW at the AVX2 and AVX-512 levels (the portable fused code on a CPU without
+    /// FMA: the same sums).
+    pub(crate) fn dw_avx2(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32]) {
+        match Avx2::detect() {
+            // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
+            Some(k) => unsafe { dw_avx2_fma(k, t, sc, dwt) },
+            None => crate::sparse_dw::dw_generic(t, sc, dwt),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn dw_avx2_fma(k: Avx2, t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32]) {
+        crate::sparse_dw::dw_run(k, t, sc, dwt)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -916,7 +943,57 @@ pub(crate) mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx2")]
+    fn transpose8_avx2(src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
+        assert!(
+            src.len() >= 7 * ss + 8 && dst.len() >= 7 * ds + 8,
+            "8 x 8 block"
+        );
+        // SAFETY: rows i < 8 of `src` start at i·ss and hold 8 floats (asserted).
+        let r: [__m256; 8] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.as_ptr().add(i * ss)) });
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        let o = [
+            _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+            _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+        ];
+        for (j, v) in o.into_iter().enumerate() {
+            // SAFETY: rows j < 8 of `dst` start at j·ds and hold 8 floats (asserted).
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add(j * ds), v) };
+        }
+    }
+
     impl Accum for Avx2 {
+        #[inline(always)]
+        fn transpose8(self, src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
+            // SAFETY: an `Avx2` exists only when AVX2 was detected.
+            unsafe { transpose8_avx2(src, ss, dst, ds) }
+        }
         #[inline(always)]
         fn f32_acc<const IMG: usize, const OB: usize>(
             self,

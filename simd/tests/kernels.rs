@@ -815,3 +815,123 @@ proptest! {
         prop_assert!(Simd::new(Isa::Scalar).unwrap().quantise(&x, step, 9, &mut vec![0; len]).is_err());
     }
 }
+
+/// A stride-1 convolution shape for the sparse-input dW: up to 80 outputs (a 64-lane block, then
+/// 16/8 tails and padding lanes), pad up to k − 1.
+fn dw_case() -> impl Strategy<Value = ConvCase> {
+    (
+        1usize..5,
+        1usize..6,
+        1usize..9,
+        1usize..9,
+        1usize..80,
+        prop_oneof![Just(1usize), Just(3), Just(5)],
+        0usize..5,
+    )
+        .prop_map(|(n, c, h, w, cout, k, p)| ConvCase {
+            n,
+            c,
+            h,
+            w,
+            cout,
+            k,
+            stride: 1,
+            pad: p.min(k - 1),
+        })
+        .prop_filter("kernel fits", |cc| {
+            cc.h + 2 * cc.pad >= cc.k && cc.w + 2 * cc.pad >= cc.k
+        })
+}
+
+/// Naive `dW[o][c][i][j] = Σ x[n][c][y][x]·g[n][o][y + p − i][x + p − j]` (stride 1), in i64.
+fn naive_dw(cc: &ConvCase, x: &[i64], g: &[i64]) -> Vec<i64> {
+    let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
+    let mut dw = vec![0i64; cc.cout * cc.c * cc.k * cc.k];
+    for n in 0..cc.n {
+        for o in 0..cc.cout {
+            for c in 0..cc.c {
+                for i in 0..cc.k {
+                    for j in 0..cc.k {
+                        let mut s = 0;
+                        for y in 0..cc.h {
+                            for xx in 0..cc.w {
+                                let (oy, ox) = (y + cc.pad, xx + cc.pad);
+                                if oy < i || ox < j || oy - i >= oh || ox - j >= ow {
+                                    continue;
+                                }
+                                s += x[((n * cc.c + c) * cc.h + y) * cc.w + xx]
+                                    * g[((n * cc.cout + o) * oh + oy - i) * ow + ox - j];
+                            }
+                        }
+                        dw[((o * cc.c + c) * cc.k + i) * cc.k + j] += s;
+                    }
+                }
+            }
+        }
+    }
+    dw
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
+
+    /// Sparse-input dW: with small-integer inputs (half zero) and gradients every sum is exact in
+    /// f32, so every level equals the naive integer dW; with arbitrary floats every level is
+    /// bit-identical to the scalar level, under 1 and 3 threads (1 to 3 chunks of images).
+    #[test]
+    fn sparse_conv_dw_matches_naive_and_is_bit_identical_across_levels(
+        cc in dw_case(), seed in any::<u64>()
+    ) {
+        let mut r = Gen(seed);
+        let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
+        let xi: Vec<i64> = (0..cc.n * cc.c * cc.h * cc.w)
+            .map(|_| if r.below(2) == 0 { 0 } else { r.below(7) as i64 })
+            .collect();
+        let gi: Vec<i64> = (0..cc.n * cc.cout * oh * ow).map(|_| r.below(9) as i64 - 4).collect();
+        let want = naive_dw(&cc, &xi, &gi);
+        let xf: Vec<f32> = xi.iter().map(|&v| v as f32).collect();
+        let gf: Vec<f32> = gi.iter().map(|&v| v as f32).collect();
+        let xr: Vec<f32> = xi.iter().map(|&v| v as f32 * 0.377 + (v != 0) as i32 as f32 * 1e-3).collect();
+        let gr: Vec<f32> = (0..gf.len()).map(|_| (r.below(2001) as f32 - 1000.0) * 1.37e-3).collect();
+        let dims = (cc.n, cc.c, cc.h, cc.w);
+        let len = want.len();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut base = vec![f32::NAN; len];
+            pool.install(|| Simd::new(Isa::Scalar).unwrap()
+                .sparse_conv_dw(&xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut base)).unwrap();
+            for s in levels() {
+                let mut dw = vec![f32::NAN; len];
+                pool.install(|| s.sparse_conv_dw(&xf, dims, &gf, cc.cout, cc.k, cc.pad, &mut dw)).unwrap();
+                for (a, &b) in dw.iter().zip(&want) {
+                    prop_assert_eq!(*a, b as f32, "{} threads {}", s.kernel_name(), threads);
+                }
+                let mut dr = vec![f32::NAN; len];
+                pool.install(|| s.sparse_conv_dw(&xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut dr)).unwrap();
+                prop_assert!(
+                    dr.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} differs from scalar ({} threads)", s.kernel_name(), threads
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_conv_dw_rejects_bad_shapes() {
+    let s = Simd::detect();
+    let (x, g) = (vec![1f32; 2 * 3 * 4 * 4], vec![1f32; 2 * 5 * 4 * 4]);
+    let mut dw = vec![0f32; 5 * 3 * 9];
+    let d = (2, 3, 4, 4);
+    assert!(s.sparse_conv_dw(&x, d, &g, 5, 3, 1, &mut dw).is_ok());
+    // pad > k − 1, a zero kernel, short buffers, a kernel larger than the padded input
+    assert!(s.sparse_conv_dw(&x, d, &g, 5, 3, 3, &mut dw).is_err());
+    assert!(s.sparse_conv_dw(&x, d, &g, 5, 0, 0, &mut dw).is_err());
+    assert!(s.sparse_conv_dw(&x[1..], d, &g, 5, 3, 1, &mut dw).is_err());
+    assert!(s.sparse_conv_dw(&x, d, &g[1..], 5, 3, 1, &mut dw).is_err());
+    assert!(s.sparse_conv_dw(&x, d, &g, 5, 3, 1, &mut dw[1..]).is_err());
+    let e = s
+        .sparse_conv_dw(&x, (2, 3, 1, 1), &g, 5, 5, 1, &mut dw)
+        .unwrap_err();
+    assert!(e.to_string().contains("sparse_conv_dw"), "{e}");
+}
