@@ -82,8 +82,10 @@ fn main() {
         3,
         &[empf::train::step::BpMode::Online],
         &[t],
-        1,
-        false,
+        &empf::bench::TrainBenchOptions {
+            seed: 1,
+            ..Default::default()
+        },
     )
     .unwrap();
     println!(

@@ -42,6 +42,19 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// What a training benchmark feeds the network and reports.
+#[derive(Default)]
+pub struct TrainBenchOptions<'a> {
+    /// Seed of the initialisation, the synthetic inputs and the random-BP draws.
+    pub seed: u64,
+    /// Print the time spent in each layer.
+    pub profile: bool,
+    /// Real batches (inputs `batch x C x H x W` and labels), cycled through in order; empty:
+    /// one batch of uniform noise in `[0, 1)` with cyclic labels. Spike densities, and with
+    /// them the work of the sparse-input kernels, follow the inputs.
+    pub data: &'a [(Tensor<f32>, Vec<usize>)],
+}
+
 /// Measure training throughput of `model` at batch `batch` for each (mode, T), `batches` timed
 /// batches after `ceil(WARMUP_STEPS / T)` warm-up batches.
 pub fn bench_train(
@@ -50,14 +63,20 @@ pub fn bench_train(
     batches: usize,
     modes: &[BpMode],
     steps: &[usize],
-    seed: u64,
-    profile: bool,
+    opts: &TrainBenchOptions<'_>,
 ) -> Result<Vec<TrainBenchRow>> {
     if batch < 2 || batches == 0 {
         return Err(Error::Config(
             "bench needs --batch >= 2 and --batches >= 1".into(),
         ));
     }
+    if let Some((x, _)) = opts.data.iter().find(|(x, _)| x.shape()[0] != batch) {
+        return Err(Error::Config(format!(
+            "bench: a data batch of {} images for --batch {batch}",
+            x.shape()[0]
+        )));
+    }
+    let (seed, profile) = (opts.seed, opts.profile);
     let mut rows = Vec::new();
     for &t in steps {
         for &mode in modes {
@@ -68,21 +87,30 @@ pub fn bench_train(
             let mut rng = Rng::new(seed);
             let mut net = zoo::build::<f32>(&cfg, &mut rng)?;
             let [c, h, w] = cfg.input;
-            let x: Tensor<f32> = from_vec(
-                &[batch, c, h, w],
-                (0..batch * c * h * w)
-                    .map(|_| rng.uniform() as f32)
-                    .collect(),
-            );
-            let y: Vec<usize> = (0..batch).map(|i| i % cfg.classes).collect();
+            let synthetic;
+            let data = if opts.data.is_empty() {
+                let x: Tensor<f32> = from_vec(
+                    &[batch, c, h, w],
+                    (0..batch * c * h * w)
+                        .map(|_| rng.uniform() as f32)
+                        .collect(),
+                );
+                synthetic = [(x, (0..batch).map(|i| i % cfg.classes).collect())];
+                &synthetic[..]
+            } else {
+                opts.data
+            };
             let mut opt = Optimizer::new(OptimConfig::default());
+            let mut next = 0;
             let mut run =
                 |net: &mut crate::model::Sequential<f32>, rng: &mut Rng| -> Result<usize> {
+                    let (x, y) = &data[next % data.len()];
+                    next += 1;
                     zero_grads(net);
                     let mut loss = |_t: usize, o: &Tensor<f32>| {
-                        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(&y), 0.0)
+                        crate::loss::cross_entropy(o, crate::loss::Targets::Hard(y), 0.0)
                     };
-                    let r = train_batch(net, StepInput::Static(&x), t, mode, rng, &mut loss, None)?;
+                    let r = train_batch(net, StepInput::Static(x), t, mode, rng, &mut loss, None)?;
                     opt.update(net, 0.01);
                     Ok(r.peak_cache_bytes)
                 };
@@ -225,6 +253,34 @@ pub fn bench_train_isolated(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Real batches are cycled through (the step caches see them), and a batch of the wrong size
+    /// is an error naming both sizes.
+    #[test]
+    fn bench_train_runs_on_given_batches_and_checks_their_size() {
+        let model = ModelConfig {
+            widths: vec![4, 4, 8],
+            ..ModelConfig::mnist_cnn()
+        };
+        let mut rng = Rng::new(1);
+        let batch = |n: usize, rng: &mut Rng| {
+            let x: Tensor<f32> = from_vec(
+                &[n, 1, 28, 28],
+                (0..n * 784).map(|_| rng.uniform() as f32).collect(),
+            );
+            (x, (0..n).map(|i| i % 10).collect::<Vec<_>>())
+        };
+        let data = vec![batch(2, &mut rng), batch(2, &mut rng)];
+        let opts = TrainBenchOptions {
+            data: &data,
+            ..Default::default()
+        };
+        let rows = bench_train(&model, 2, 3, &[BpMode::Online], &[1], &opts).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].images_per_s > 0.0 && rows[0].peak_cache_bytes > 0);
+        let e = bench_train(&model, 3, 1, &[BpMode::Online], &[1], &opts).unwrap_err();
+        assert!(e.to_string().contains("2 images for --batch 3"), "{e}");
+    }
 
     #[test]
     fn row_lines_round_trip() {

@@ -106,6 +106,12 @@ pub struct BenchTrainArgs {
     /// Measure a recipe's network (`empf recipes`) instead of `--arch`/`--neuron`/`--widths`.
     #[arg(long)]
     pub recipe: Option<String>,
+    /// Train on real batches of this dataset (`KIND:PATH` as for train, or `bundled` for the
+    /// bundled MNIST subset: `--batches` distinct batches of its training split) instead of one
+    /// batch of uniform noise. Spike densities, and with them the work of the sparse-input
+    /// kernels, follow the inputs.
+    #[arg(long)]
+    pub data: Option<String>,
 }
 
 /// `empf train`.
@@ -589,6 +595,29 @@ impl TrainArgs {
     }
 }
 
+/// `batches` batches of `batch` training images of `spec` (`bundled`: the bundled MNIST subset),
+/// spread over the training split, for `empf bench train --data`.
+fn bench_batches(
+    spec: &str,
+    model: &crate::model::ModelConfig,
+    batch: usize,
+    batches: usize,
+) -> Result<Vec<(crate::tensor::Tensor<f32>, Vec<usize>)>> {
+    use crate::train::trainer::BatchSource;
+    let spec = (spec != "bundled").then_some(spec);
+    let (train, _, desc) = data::load_data(spec, None, None, "count", model.steps, 0)?;
+    if train.shape() != model.input || train.len() < batch {
+        return Err(Error::Config(format!(
+            "bench --data {desc}: {} images of shape {:?} for a network taking {:?} at batch {batch}",
+            train.len(),
+            train.shape(),
+            model.input
+        )));
+    }
+    let idx = crate::data::spec::spread_indices(train.len(), (batch * batches).min(train.len()));
+    idx.chunks_exact(batch).map(|b| train.batch(b)).collect()
+}
+
 fn bench_train(a: BenchTrainArgs) -> Result<()> {
     let mut ta = TrainArgs::parse_default(&a.arch);
     ta.neuron = a.neuron.clone();
@@ -609,7 +638,16 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let rows = if a.in_process || a.child_rows || modes.len() * a.steps.len() <= 1 {
-        crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, 0, a.profile)?
+        let data = match a.data.as_deref() {
+            Some(spec) => bench_batches(spec, &model, a.batch, a.batches)?,
+            None => Vec::new(),
+        };
+        let opts = crate::bench::TrainBenchOptions {
+            profile: a.profile,
+            data: &data,
+            ..Default::default()
+        };
+        crate::bench::bench_train(&model, a.batch, a.batches, &modes, &a.steps, &opts)?
     } else {
         let exe = std::env::current_exe()
             .map_err(|e| Error::Config(format!("bench: cannot find own executable: {e}")))?;
@@ -643,6 +681,10 @@ fn bench_train(a: BenchTrainArgs) -> Result<()> {
         }
         if a.profile {
             args.push("--profile".into());
+        }
+        if let Some(d) = &a.data {
+            args.push("--data".into());
+            args.push(d.clone());
         }
         crate::bench::bench_train_isolated(&exe, &args, &modes, &a.steps)?
     };

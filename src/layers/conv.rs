@@ -281,8 +281,8 @@ impl<R: Real> ConvCore<R> {
         y
     }
 
-    /// Backward: `dw += dL/dW`, `db += dL/db` (when given); returns `dL/dx` (zeros, not
-    /// computed, when `want_dx` is false).
+    /// Backward: `dw += dL/dW`, `db += dL/db` (each when given); returns `dL/dx` (zeros, not
+    /// computed, when `want_dx` is false). Without `dw` no im2col is laid out.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &mut self,
@@ -290,7 +290,7 @@ impl<R: Real> ConvCore<R> {
         shape: &[usize],
         w: &[R],
         dy: &[R],
-        dw: &mut [R],
+        dw: Option<&mut [R]>,
         db: Option<&mut [R]>,
         want_dx: bool,
     ) -> Vec<R> {
@@ -308,7 +308,7 @@ impl<R: Real> ConvCore<R> {
             rest = tail;
             jobs.push((r.clone(), head, sc));
         }
-        let want_db = db.is_some();
+        let (want_dw, want_db) = (dw.is_some(), db.is_some());
         jobs.into_par_iter().for_each(|(r, dxc, sc)| {
             backward_chunk(
                 &g,
@@ -320,14 +320,15 @@ impl<R: Real> ConvCore<R> {
                 dxc,
                 sc,
                 sb,
-                want_db,
-                want_dx,
+                [want_dw, want_db, want_dx],
             )
         });
         // reduce the per-chunk gradients in chunk order (deterministic)
-        for sc in &self.scratch[..used] {
-            for (g, &d) in dw.iter_mut().zip(&sc.dw) {
-                *g += d;
+        if let Some(dw) = dw {
+            for sc in &self.scratch[..used] {
+                for (g, &d) in dw.iter_mut().zip(&sc.dw) {
+                    *g += d;
+                }
             }
         }
         if let Some(db) = db {
@@ -400,8 +401,8 @@ fn forward_chunk<R: Real>(
     }
 }
 
-/// Backward over one chunk: fills `sc.dw` (and `sc.db`) with this chunk's parameter gradients and
-/// adds `dL/dx` into `dx` (zero on entry).
+/// Backward over one chunk: fills `sc.dw` and `sc.db` with this chunk's parameter gradients and
+/// adds `dL/dx` into `dx` (zero on entry), each when asked (`want = [dw, db, dx]`).
 #[allow(clippy::too_many_arguments)]
 fn backward_chunk<R: Real>(
     g: &ConvGeom,
@@ -413,14 +414,15 @@ fn backward_chunk<R: Real>(
     dx: &mut [R],
     sc: &mut Scratch<R>,
     sb: usize,
-    want_db: bool,
-    want_dx: bool,
+    [want_dw, want_db, want_dx]: [bool; 3],
 ) {
     let (k, p) = (g.col_rows(), g.col_cols());
     let xs = g.c * g.h * g.w;
     let Scratch { col, buf, dw, db } = sc;
     dw.clear();
-    dw.resize(o * k, R::zero());
+    if want_dw {
+        dw.resize(o * k, R::zero());
+    }
     db.clear();
     db.resize(o, R::zero());
     let mut s = 0;
@@ -448,16 +450,18 @@ fn backward_chunk<R: Real>(
         }
         grow(col, k * ld);
         let colb = &mut col[..k * ld];
-        for i in 0..nb {
-            im2col_ld(
-                g,
-                &x[(s + i) * xs..(s + i + 1) * xs],
-                &mut colb[i * p..],
-                ld,
-            );
+        if want_dw {
+            for i in 0..nb {
+                im2col_ld(
+                    g,
+                    &x[(s + i) * xs..(s + i + 1) * xs],
+                    &mut colb[i * p..],
+                    ld,
+                );
+            }
+            // dW += G · colᵀ   (O x ld) · (ld x K)
+            gemm(o, ld, k, R::one(), gblk, false, colb, true, R::one(), dw);
         }
-        // dW += G · colᵀ   (O x ld) · (ld x K)
-        gemm(o, ld, k, R::one(), gblk, false, colb, true, R::one(), dw);
         if want_dx {
             // dcol = Wᵀ · G   (K x O) · (O x ld), written over the im2col block
             gemm(k, o, ld, R::one(), w, true, gblk, false, R::zero(), colb);
@@ -688,7 +692,7 @@ impl<R: Real> Layer<R> for Conv2d<R> {
             x.shape(),
             self.weight.value.as_slice().expect("standard layout"),
             &dys,
-            self.weight.grad.as_slice_mut().expect("standard layout"),
+            Some(self.weight.grad.as_slice_mut().expect("standard layout")),
             self.bias
                 .as_mut()
                 .map(|b| b.grad.as_slice_mut().expect("standard layout")),
