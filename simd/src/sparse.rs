@@ -949,9 +949,12 @@ pub(crate) mod x86 {
             src.len() >= 7 * ss + 8 && dst.len() >= 7 * ds + 8,
             "8 x 8 block"
         );
-        // SAFETY: rows i < 8 of `src` start at i·ss and hold 8 floats (asserted).
-        let r: [__m256; 8] =
-            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.as_ptr().add(i * ss)) });
+        // (a loop, not `array::from_fn`: a closure would not inherit the target features)
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (i, ri) in r.iter_mut().enumerate() {
+            // SAFETY: rows i < 8 of `src` start at i·ss and hold 8 floats (asserted).
+            *ri = unsafe { _mm256_loadu_ps(src.as_ptr().add(i * ss)) };
+        }
         let t = [
             _mm256_unpacklo_ps(r[0], r[1]),
             _mm256_unpackhi_ps(r[0], r[1]),

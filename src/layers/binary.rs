@@ -853,6 +853,33 @@ mod tests {
         }
     }
 
+    /// An f32 binary conv 5 → 12 (`(stride, padding, k)`) with latent weights `N(0, scale²)`,
+    /// spike-like inputs `3 x 5 x 9 x 10` (70 % zeros, the rest uniform in [0, 1)), and the same
+    /// inputs made dense (+0.5).
+    fn f32_layer_and_inputs(
+        rng: &mut Rng,
+        (stride, padding, k): (usize, usize, usize),
+        scale: f32,
+    ) -> (BinaryConv2d<f32>, Tensor<f32>, Tensor<f32>) {
+        let spec = ConvSpec::new(5, 12, k).stride(stride).padding(padding);
+        let mut l = BinaryConv2d::<f32>::new("b", spec, BinaryInit::Kaiming, rng);
+        l.weight.value.mapv_inplace(|_| rng.normal() as f32 * scale);
+        let spikes: Tensor<f32> = from_vec(
+            &[3, 5, 9, 10],
+            (0..3 * 5 * 90)
+                .map(|_| {
+                    if rng.uniform() < 0.7 {
+                        0.0
+                    } else {
+                        rng.uniform() as f32
+                    }
+                })
+                .collect(),
+        );
+        let dense = spikes.mapv(|v| v + 0.5);
+        (l, spikes, dense)
+    }
+
     /// The f32 backward with the sparse-input dW kernel gives the GEMM path's weight gradient to
     /// rounding and the same input gradient, on spike-like inputs (70 % zeros) at every padding of
     /// a stride-1 conv (1x1 and 3x3, 12 outputs: a 8-lane tail); strides of 2 and dense inputs take
@@ -861,22 +888,7 @@ mod tests {
     fn f32_sparse_weight_gradient_equals_the_gemm_one() {
         let mut rng = Rng::new(5);
         for (stride, padding, k) in [(1, 1, 3), (1, 0, 3), (1, 2, 3), (1, 0, 1), (2, 1, 3)] {
-            let spec = ConvSpec::new(5, 12, k).stride(stride).padding(padding);
-            let mut l = BinaryConv2d::<f32>::new("b", spec, BinaryInit::Kaiming, &mut rng);
-            l.weight.value.mapv_inplace(|_| rng.normal() as f32 * 0.5);
-            let spikes: Tensor<f32> = from_vec(
-                &[3, 5, 9, 10],
-                (0..3 * 5 * 90)
-                    .map(|_| {
-                        if rng.uniform() < 0.7 {
-                            0.0
-                        } else {
-                            rng.uniform() as f32
-                        }
-                    })
-                    .collect(),
-            );
-            let dense = spikes.mapv(|v| v + 0.5);
+            let (mut l, spikes, dense) = f32_layer_and_inputs(&mut rng, (stride, padding, k), 0.5);
             for (x, dense_input) in [(&spikes, false), (&dense, true)] {
                 let ctx = StepCtx::train(0, 1, GradMode::Online);
                 let mut grads = Vec::new();
@@ -920,22 +932,7 @@ mod tests {
     fn f32_sparse_forward_equals_the_gemm_forward() {
         let mut rng = Rng::new(3);
         for (stride, padding, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 3), (2, 0, 1)] {
-            let spec = ConvSpec::new(5, 12, k).stride(stride).padding(padding);
-            let mut l = BinaryConv2d::<f32>::new("b", spec, BinaryInit::Kaiming, &mut rng);
-            l.weight.value.mapv_inplace(|_| rng.normal() as f32);
-            let spikes: Tensor<f32> = from_vec(
-                &[3, 5, 9, 10],
-                (0..3 * 5 * 90)
-                    .map(|_| {
-                        if rng.uniform() < 0.7 {
-                            0.0
-                        } else {
-                            rng.uniform() as f32
-                        }
-                    })
-                    .collect(),
-            );
-            let dense = spikes.mapv(|v| v + 0.5);
+            let (mut l, spikes, dense) = f32_layer_and_inputs(&mut rng, (stride, padding, k), 1.0);
             for (x, sparse_path) in [(&spikes, true), (&dense, false)] {
                 let ctx = StepCtx::eval(0, 1);
                 let y = l.forward(x, &ctx, &mut State::Empty, None).unwrap();
