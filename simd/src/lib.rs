@@ -1053,6 +1053,30 @@ impl Simd {
         pad: usize,
         dw: &mut [f32],
     ) -> Result<()> {
+        self.sparse_conv_backward(x, dims, g, out_ch, k, pad, dw, None)
+    }
+
+    /// [`Simd::sparse_conv_dw`], and with `dx = Some((w, dx))` (`w`: the weights `O x C x k x k`;
+    /// `dx`: `n x C x H x W`) also the input gradient at the non-zero inputs, in the same pass
+    /// (the transposed `g` and the list of non-zero inputs are shared):
+    /// `dx[n][c][y][x] = Σ_o Σ_{i,j} w[o][c][i][j]·g[n][o][y + pad − i][x + pad − j]` where
+    /// `x[n][c][y][x] ≠ 0`, and `0` where it is zero. That is the whole input gradient for a
+    /// consumer that ignores the gradient where its output was zero (an EM-PF neuron: `ds/dm =
+    /// H(m − θ)`, zero exactly where `s = 0`). Each `dx` value is one fixed-order sum (per-lane
+    /// fused multiply-adds, then a fixed tree over the 8 lanes): bit-identical across levels and
+    /// thread counts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_conv_backward(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        g: &[f32],
+        out_ch: usize,
+        k: usize,
+        pad: usize,
+        dw: &mut [f32],
+        dx: Option<(&[f32], &mut [f32])>,
+    ) -> Result<()> {
         use rayon::prelude::*;
         let (n, c, h, w) = dims;
         let fail = |what: &str| {
@@ -1076,14 +1100,18 @@ impl Simd {
             o: out_ch,
             k,
             pad,
+            wt: None,
         };
         let ((oh, ow), (hp, wp)) = (task.out_hw(), task.padded_hw());
         let (taps, xs, gs) = (k * k, c * h * w, out_ch * oh * ow);
-        let sizes = [
+        let mut sizes = vec![
             (n, xs, x.len()),
             (n, gs, g.len()),
             (out_ch, c * taps, dw.len()),
         ];
+        if let Some((wts, dxs)) = &dx {
+            sizes.extend([(out_ch, c * taps, wts.len()), (n, xs, dxs.len())]);
+        }
         if sizes
             .iter()
             .any(|&(a, b, len)| a.checked_mul(b) != Some(len))
@@ -1098,20 +1126,45 @@ impl Simd {
         {
             return fail("the map is too large for 32-bit offsets");
         }
+        // w[o][c][tap] -> wt[c][tap][o], zero lanes o >= O
+        let (wt, dx) = match dx {
+            Some((wts, dxs)) => {
+                let mut wt = vec![0f32; c * taps * op];
+                for (o, wo) in wts.chunks_exact(c * taps).enumerate() {
+                    for (ct, &v) in wo.iter().enumerate() {
+                        wt[ct * op + o] = v;
+                    }
+                }
+                (Some(wt), Some(dxs))
+            }
+            None => (None, None),
+        };
         let kernel = self.k().sparse_dw;
         let parts = rayon::current_num_threads().clamp(1, n.max(1));
-        let parts: Vec<Vec<f32>> = (0..parts)
+        // the chunks' input-gradient slices (empty without one)
+        let mut dx_parts: Vec<&mut [f32]> = Vec::with_capacity(parts);
+        let mut rest: &mut [f32] = dx.unwrap_or_default();
+        for p in 0..parts {
+            let (i0, i1) = (n * p / parts, n * (p + 1) / parts);
+            let take = if wt.is_some() { (i1 - i0) * xs } else { 0 };
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
+            dx_parts.push(head);
+            rest = tail;
+        }
+        let parts: Vec<Vec<f32>> = dx_parts
             .into_par_iter()
-            .map(|p| {
+            .enumerate()
+            .map(|(p, dxp)| {
                 let (i0, i1) = (n * p / parts, n * (p + 1) / parts);
                 let mut dwt = vec![0f32; c * taps * op];
                 let t = sparse_dw::DwTask {
                     x: &x[i0 * xs..i1 * xs],
                     g: &g[i0 * gs..i1 * gs],
                     ns: i1 - i0,
+                    wt: wt.as_deref(),
                     ..task
                 };
-                kernel(&t, &mut sparse_dw::DwScratch::default(), &mut dwt);
+                kernel(&t, &mut sparse_dw::DwScratch::default(), &mut dwt, dxp);
                 dwt
             })
             .collect();

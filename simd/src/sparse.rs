@@ -457,6 +457,18 @@ pub(crate) trait Accum: Copy {
             }
         }
     }
+    /// The eight dot products of the sparse dX (`crate::sparse_dw::dot8_portable`).
+    #[inline(always)]
+    fn f32_dot8(
+        self,
+        w: &[f32],
+        g: &[f32],
+        rows: &[usize; 8],
+        goff: &[usize],
+        op: usize,
+    ) -> [f32; 8] {
+        crate::sparse_dw::dot8_portable(w, g, rows, goff, op)
+    }
     fn f32_acc<const IMG: usize, const OB: usize>(
         self,
         w: &[f32],
@@ -821,17 +833,55 @@ pub(crate) mod x86 {
 
     /// The sparse-input dW at the AVX2 and AVX-512 levels (the portable fused code on a CPU without
     /// FMA: the same sums).
-    pub(crate) fn dw_avx2(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32]) {
+    pub(crate) fn dw_avx2(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32], dx: &mut [f32]) {
         match Avx2::detect() {
             // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
-            Some(k) => unsafe { dw_avx2_fma(k, t, sc, dwt) },
-            None => crate::sparse_dw::dw_generic(t, sc, dwt),
+            Some(k) => unsafe { dw_avx2_fma(k, t, sc, dwt, dx) },
+            None => crate::sparse_dw::dw_generic(t, sc, dwt, dx),
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn dw_avx2_fma(k: Avx2, t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32]) {
-        crate::sparse_dw::dw_run(k, t, sc, dwt)
+    fn dw_avx2_fma(k: Avx2, t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32], dx: &mut [f32]) {
+        crate::sparse_dw::dw_run(k, t, sc, dwt, dx)
+    }
+
+    /// [`crate::sparse_dw::dot8_portable`] in registers: eight accumulators, the weight vector
+    /// loaded once per eight `fma`s, the lanes summed by `hadd`s in the portable tree's order.
+    #[target_feature(enable = "avx2,fma")]
+    fn dot8_avx2(w: &[f32], g: &[f32], rows: &[usize; 8], goff: &[usize], op: usize) -> [f32; 8] {
+        let taps = goff.len();
+        assert!(op.is_multiple_of(8) && w.len() >= taps * op, "dot8 weights");
+        let reach = goff.iter().max().copied().unwrap_or(0) + op;
+        assert!(
+            rows.iter().all(|&r| r + reach <= g.len()),
+            "dot8 rows inside G"
+        );
+        let mut a = [_mm256_setzero_ps(); 8];
+        let p: [*const f32; 8] = rows.map(|r| g.as_ptr().wrapping_add(r));
+        for (tap, &off) in goff.iter().enumerate() {
+            let wr = w.as_ptr().wrapping_add(tap * op);
+            for ob in (0..op).step_by(8) {
+                // SAFETY: tap·op + ob + 8 ≤ taps·op ≤ w.len(); rows[j] + off + ob + 8 ≤ rows[j] +
+                // reach ≤ g.len() (both asserted above).
+                unsafe {
+                    let wv = _mm256_loadu_ps(wr.add(ob));
+                    for j in 0..8 {
+                        a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p[j].add(off + ob)), a[j]);
+                    }
+                }
+            }
+        }
+        // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]
+        let b = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let c = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        // lane j of lo: ((l0+l1)+(l2+l3)) of entry j; of hi: ((l4+l5)+(l6+l7))
+        let lo = _mm256_permute2f128_ps::<0x20>(b, c);
+        let hi = _mm256_permute2f128_ps::<0x31>(b, c);
+        let mut out = [0f32; 8];
+        // SAFETY: `out` holds 8 floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi)) };
+        out
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -996,6 +1046,18 @@ pub(crate) mod x86 {
         fn transpose8(self, src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
             // SAFETY: an `Avx2` exists only when AVX2 was detected.
             unsafe { transpose8_avx2(src, ss, dst, ds) }
+        }
+        #[inline(always)]
+        fn f32_dot8(
+            self,
+            w: &[f32],
+            g: &[f32],
+            rows: &[usize; 8],
+            goff: &[usize],
+            op: usize,
+        ) -> [f32; 8] {
+            // SAFETY: an `Avx2` exists only when AVX2 and FMA were detected.
+            unsafe { dot8_avx2(w, g, rows, goff, op) }
         }
         #[inline(always)]
         fn f32_acc<const IMG: usize, const OB: usize>(

@@ -24,6 +24,21 @@
 //!
 //! The images are split into `rayon::current_num_threads()` contiguous chunks (each owns its
 //! accumulators, added in chunk order afterwards): deterministic for a given thread count.
+//!
+//! # Input gradient at the non-zero inputs ("sparse dX")
+//! Optionally, with the weights laid out as `wt[c][tap][o]` (`C x k² x op`), the same pass gives
+//! the input gradient at the listed (non-zero) inputs only:
+//!
+//! ```text
+//! dx[n][c][y][x] = Σ_tap Σ_o wt[c][tap][o] · Gᵀ[row(y, x, tap)][o]     where x[n][c][y][x] ≠ 0
+//! dx[n][c][y][x] = 0                                                  elsewhere
+//! ```
+//!
+//! That is all a consumer needs when it ignores the gradient where its output was zero (an EM-PF
+//! neuron's `ds/dm = H(m − θ)` is zero exactly where `s = 0`). Per channel, the entries are taken
+//! eight at a time: each of the eight dot products keeps one 8-lane accumulator (`fma` over the
+//! taps and lane blocks of `O` in order), then the lanes are summed by the fixed tree
+//! `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`: the same at every level.
 
 use crate::sparse::{Accum, Portable};
 
@@ -40,6 +55,8 @@ pub(crate) struct DwTask<'a> {
     pub o: usize,
     pub k: usize,
     pub pad: usize,
+    /// For the input gradient: the weights `wt[c][tap][o]` (`C x k² x op`, zero lanes `o ≥ O`).
+    pub wt: Option<&'a [f32]>,
 }
 
 impl DwTask<'_> {
@@ -71,11 +88,14 @@ pub(crate) struct DwScratch {
     val: Vec<f32>,
     /// Where the entries of input row `(c, y)` start (`C·H + 1` offsets).
     starts: Vec<usize>,
+    /// Positions (`y·W + x`) of the listed entries (only for the input gradient).
+    pos: Vec<u32>,
 }
 
 /// The sparse-input dW of one ISA level over one chunk: adds into `dwt` (`C x k² x op`,
-/// channel-major, output channel fastest).
-pub(crate) type DwFn = fn(&DwTask<'_>, &mut DwScratch, &mut [f32]);
+/// channel-major, output channel fastest); with `t.wt`, also overwrites `dx` (`ns x C x H x W`)
+/// with the input gradient at the non-zero inputs (zero elsewhere).
+pub(crate) type DwFn = fn(&DwTask<'_>, &mut DwScratch, &mut [f32], &mut [f32]);
 
 /// Bytes of transposed `G` rows one stripe of input rows reads, about half an L1 data cache
 /// (one input row per stripe for 28x28x64 and 14x14x128 maps): at spike densities above 0.2 the
@@ -84,18 +104,62 @@ pub(crate) type DwFn = fn(&DwTask<'_>, &mut DwScratch, &mut [f32]);
 const STRIPE_BYTES: usize = 16 << 10;
 
 /// The portable level (scalar; NEON on aarch64, where `mul_add` is one instruction).
-pub(crate) fn dw_generic(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32]) {
-    dw_run(Portable::<true>, t, sc, dwt)
+pub(crate) fn dw_generic(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32], dx: &mut [f32]) {
+    dw_run(Portable::<true>, t, sc, dwt, dx)
+}
+
+/// Lanes of one dot-product accumulator, summed by the tree every level uses.
+#[inline(always)]
+pub(crate) fn lane_sum(l: &[f32; 8]) -> f32 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+/// The portable eight dot products of the sparse dX: `out[j] = Σ_tap Σ_o w[tap·op + o] ·
+/// g[rows[j] + goff[tap] + o]`, one 8-lane `fma` accumulator per entry, lanes summed by
+/// [`lane_sum`].
+#[inline(always)]
+pub(crate) fn dot8_portable(
+    w: &[f32],
+    g: &[f32],
+    rows: &[usize; 8],
+    goff: &[usize],
+    op: usize,
+) -> [f32; 8] {
+    let mut acc = [[0f32; 8]; 8];
+    for (tap, &off) in goff.iter().enumerate() {
+        let wr = &w[tap * op..][..op];
+        for ob in (0..op).step_by(8) {
+            let wv: &[f32; 8] = wr[ob..ob + 8].try_into().expect("8 lanes");
+            for (a, &r) in acc.iter_mut().zip(rows) {
+                let gv: &[f32; 8] = g[r + off + ob..][..8].try_into().expect("8 lanes");
+                for l in 0..8 {
+                    a[l] = wv[l].mul_add(gv[l], a[l]);
+                }
+            }
+        }
+    }
+    acc.map(|a| lane_sum(&a))
 }
 
 /// The driver every level shares; `acc` is the level's accumulation.
 #[inline(always)]
-pub(crate) fn dw_run<K: Accum>(acc: K, t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32]) {
+pub(crate) fn dw_run<K: Accum>(
+    acc: K,
+    t: &DwTask<'_>,
+    sc: &mut DwScratch,
+    dwt: &mut [f32],
+    dx: &mut [f32],
+) {
     let (k, c, h, w, o) = (t.k, t.c, t.h, t.w, t.o);
     let (oh, ow) = t.out_hw();
     let (hp, wp) = t.padded_hw();
     let (op, taps, m) = (t.op(), k * k, k - 1 - t.pad);
     assert_eq!(dwt.len(), c * taps * op, "dw accumulators");
+    let xs = c * h * w;
+    if let Some(wt) = t.wt {
+        assert_eq!(wt.len(), c * taps * op, "dx weights");
+        assert_eq!(dx.len(), t.ns * xs, "dx");
+    }
     // the border and the padding lanes stay zero: only the interior rows' first `o` lanes are
     // rewritten per image
     sc.gt.clear();
@@ -103,7 +167,7 @@ pub(crate) fn dw_run<K: Accum>(acc: K, t: &DwTask<'_>, sc: &mut DwScratch, dwt: 
     let stripe = (STRIPE_BYTES / (wp * op * 4).max(1))
         .saturating_sub(k - 1)
         .clamp(1, h.max(1));
-    let (xs, gs) = (c * h * w, o * oh * ow);
+    let gs = o * oh * ow;
     // row offsets of the taps in the transposed G
     let goff: Vec<usize> = (0..taps)
         .map(|tap| ((k - 1 - tap / k) * wp + (k - 1 - tap % k)) * op)
@@ -146,13 +210,25 @@ pub(crate) fn dw_run<K: Accum>(acc: K, t: &DwTask<'_>, sc: &mut DwScratch, dwt: 
         sc.val.resize(xs, 0.0);
         sc.starts.clear();
         let mut len = 0;
+        if t.wt.is_some() {
+            sc.pos.resize(xs, 0);
+        }
         for (cy, r) in xi.chunks_exact(w).enumerate() {
             sc.starts.push(len);
             let y = cy % h;
-            for (x, &v) in r.iter().enumerate() {
-                sc.idx[len] = ((y * wp + x) * op) as u32;
-                sc.val[len] = v;
-                len += usize::from(v != 0.0);
+            if t.wt.is_some() {
+                for (x, &v) in r.iter().enumerate() {
+                    sc.idx[len] = ((y * wp + x) * op) as u32;
+                    sc.val[len] = v;
+                    sc.pos[len] = (y * w + x) as u32;
+                    len += usize::from(v != 0.0);
+                }
+            } else {
+                for (x, &v) in r.iter().enumerate() {
+                    sc.idx[len] = ((y * wp + x) * op) as u32;
+                    sc.val[len] = v;
+                    len += usize::from(v != 0.0);
+                }
             }
         }
         sc.starts.push(len);
@@ -188,6 +264,24 @@ pub(crate) fn dw_run<K: Accum>(acc: K, t: &DwTask<'_>, sc: &mut DwScratch, dwt: 
                                 8
                             }
                         };
+                    }
+                }
+            }
+        }
+        if let Some(wt) = t.wt {
+            let dxi = &mut dx[i * xs..(i + 1) * xs];
+            dxi.fill(0.0);
+            for (ci, dxc) in dxi.chunks_exact_mut(h * w).enumerate() {
+                let (e0, e1) = (sc.starts[ci * h], sc.starts[ci * h + h]);
+                let wc = &wt[ci * taps * op..][..taps * op];
+                for b0 in (e0..e1).step_by(8) {
+                    let nb = (e1 - b0).min(8);
+                    // a short last block repeats its last entry (its sums are dropped)
+                    let rows: [usize; 8] =
+                        std::array::from_fn(|j| sc.idx[b0 + j.min(nb - 1)] as usize);
+                    let d = acc.f32_dot8(wc, &sc.gt, &rows, &goff, op);
+                    for (j, &v) in d[..nb].iter().enumerate() {
+                        dxc[sc.pos[b0 + j] as usize] = v;
                     }
                 }
             }

@@ -917,6 +917,98 @@ proptest! {
     }
 }
 
+/// Naive input gradient of a stride-1 conv, `dx[n][c][y][x] = Σ_o Σ_{i,j} w[o][c][i][j]·g[n][o][y +
+/// p − i][x + p − j]`, kept only where `x ≠ 0` (zero elsewhere), in i64.
+fn naive_dx(cc: &ConvCase, x: &[i64], w: &[i64], g: &[i64]) -> Vec<i64> {
+    let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
+    let mut dx = vec![0i64; x.len()];
+    for n in 0..cc.n {
+        for c in 0..cc.c {
+            for y in 0..cc.h {
+                for xx in 0..cc.w {
+                    let at = ((n * cc.c + c) * cc.h + y) * cc.w + xx;
+                    if x[at] == 0 {
+                        continue;
+                    }
+                    let mut s = 0;
+                    for o in 0..cc.cout {
+                        for i in 0..cc.k {
+                            for j in 0..cc.k {
+                                let (oy, ox) = (y + cc.pad, xx + cc.pad);
+                                if oy < i || ox < j || oy - i >= oh || ox - j >= ow {
+                                    continue;
+                                }
+                                s += w[((o * cc.c + c) * cc.k + i) * cc.k + j]
+                                    * g[((n * cc.cout + o) * oh + oy - i) * ow + ox - j];
+                            }
+                        }
+                    }
+                    dx[at] = s;
+                }
+            }
+        }
+    }
+    dx
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
+
+    /// Sparse dX (with the dW in the same pass): on small integers every level equals the naive
+    /// integer input gradient at the non-zero inputs and is exactly zero elsewhere, and the dW is
+    /// the one `sparse_conv_dw` gives; on arbitrary floats every level is bit-identical to the
+    /// scalar level, under 1 and 3 threads.
+    #[test]
+    fn sparse_conv_dx_matches_naive_and_is_bit_identical_across_levels(
+        cc in dw_case(), seed in any::<u64>()
+    ) {
+        let mut r = Gen(seed);
+        let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
+        let xi: Vec<i64> = (0..cc.n * cc.c * cc.h * cc.w)
+            .map(|_| if r.below(2) == 0 { 0 } else { r.below(7) as i64 })
+            .collect();
+        let wi: Vec<i64> = (0..cc.cout * cc.c * cc.k * cc.k).map(|_| r.below(5) as i64 - 2).collect();
+        let gi: Vec<i64> = (0..cc.n * cc.cout * oh * ow).map(|_| r.below(9) as i64 - 4).collect();
+        let want = naive_dx(&cc, &xi, &wi, &gi);
+        let f = |v: &[i64]| -> Vec<f32> { v.iter().map(|&v| v as f32).collect() };
+        let (xf, wf, gf) = (f(&xi), f(&wi), f(&gi));
+        let xr: Vec<f32> = xi.iter().map(|&v| v as f32 * 0.377 + (v != 0) as i32 as f32 * 1e-3).collect();
+        let wr: Vec<f32> = (0..wf.len()).map(|_| (r.below(2001) as f32 - 1000.0) * 0.71e-3).collect();
+        let gr: Vec<f32> = (0..gf.len()).map(|_| (r.below(2001) as f32 - 1000.0) * 1.37e-3).collect();
+        let dims = (cc.n, cc.c, cc.h, cc.w);
+        let nw = cc.cout * cc.c * cc.k * cc.k;
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let scalar = Simd::new(Isa::Scalar).unwrap();
+            let (mut bdw, mut bdx) = (vec![f32::NAN; nw], vec![f32::NAN; xr.len()]);
+            pool.install(|| scalar.sparse_conv_backward(
+                &xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut bdw, Some((&wr, &mut bdx)))).unwrap();
+            let mut dw_alone = vec![f32::NAN; nw];
+            pool.install(|| scalar.sparse_conv_dw(&xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut dw_alone)).unwrap();
+            prop_assert!(bdw.iter().zip(&dw_alone).all(|(a, b)| a.to_bits() == b.to_bits()));
+            for s in levels() {
+                let (mut dw, mut dx) = (vec![f32::NAN; nw], vec![f32::NAN; xf.len()]);
+                pool.install(|| s.sparse_conv_backward(
+                    &xf, dims, &gf, cc.cout, cc.k, cc.pad, &mut dw, Some((&wf, &mut dx)))).unwrap();
+                for (a, &b) in dx.iter().zip(&want) {
+                    prop_assert_eq!(a.to_bits(), (b as f32).to_bits(), "{} threads {}", s.kernel_name(), threads);
+                }
+                let (mut dw, mut dx) = (vec![f32::NAN; nw], vec![f32::NAN; xr.len()]);
+                pool.install(|| s.sparse_conv_backward(
+                    &xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut dw, Some((&wr, &mut dx)))).unwrap();
+                prop_assert!(
+                    dx.iter().zip(&bdx).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} dx differs from scalar ({} threads)", s.kernel_name(), threads
+                );
+                prop_assert!(
+                    dw.iter().zip(&bdw).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} dw differs from scalar ({} threads)", s.kernel_name(), threads
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn sparse_conv_dw_rejects_bad_shapes() {
     let s = Simd::detect();
@@ -930,6 +1022,19 @@ fn sparse_conv_dw_rejects_bad_shapes() {
     assert!(s.sparse_conv_dw(&x[1..], d, &g, 5, 3, 1, &mut dw).is_err());
     assert!(s.sparse_conv_dw(&x, d, &g[1..], 5, 3, 1, &mut dw).is_err());
     assert!(s.sparse_conv_dw(&x, d, &g, 5, 3, 1, &mut dw[1..]).is_err());
+    let (w, mut dx) = (vec![1f32; 5 * 3 * 9], vec![0f32; x.len()]);
+    assert!(
+        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some((&w, &mut dx)))
+            .is_ok()
+    );
+    assert!(
+        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some((&w[1..], &mut dx)))
+            .is_err()
+    );
+    assert!(
+        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some((&w, &mut dx[1..])))
+            .is_err()
+    );
     let e = s
         .sparse_conv_dw(&x, (2, 3, 1, 1), &g, 5, 5, 1, &mut dw)
         .unwrap_err();
