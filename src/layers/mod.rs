@@ -319,6 +319,36 @@ impl Cache {
     }
 }
 
+/// What is known of the values of a tensor between two layers, so that a backward may skip work
+/// (see [`Layer::output_facts`]). The default knows nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Every value is `≥ 0` (spikes `ReLU(m − θ)`, and their averages).
+    pub nonneg: bool,
+    /// The backward of whatever produced the tensor ignores the gradient where a value is zero
+    /// (an EM-PF neuron: `ds/dm = H(m − θ)`, zero exactly where `s = 0`), so a consumer may return
+    /// anything there: [`BinaryConv2d`] then computes its input gradient at the non-zero inputs
+    /// only.
+    pub grad_ignored_at_zero: bool,
+}
+
+impl Facts {
+    /// The output of an EM-PF neuron (`s = ReLU(m − θ)`, backward through `H(m − θ)` only).
+    pub const EMPF_SPIKES: Facts = Facts {
+        nonneg: true,
+        grad_ignored_at_zero: true,
+    };
+    /// What a pooling layer (average or maximum over windows) keeps of its input's facts: a
+    /// pooled value of non-negative inputs is zero only when its whole window is, whose gradient
+    /// is then ignored too.
+    pub fn pooled(input: Facts) -> Facts {
+        Facts {
+            nonneg: input.nonneg,
+            grad_ignored_at_zero: input.nonneg && input.grad_ignored_at_zero,
+        }
+    }
+}
+
 /// One layer of a spiking network, over one time-step.
 pub trait Layer<R: Real>: Send + Sync {
     /// Instance name (prefix of its parameter names), e.g. `conv2`.
@@ -355,6 +385,16 @@ pub trait Layer<R: Real>: Send + Sync {
     fn describe(&self) -> String {
         self.kind().to_string()
     }
+
+    /// What this layer's output guarantees, given what its input does (default: nothing).
+    /// Composites ([`crate::model::Sequential`]) pass the facts along to each child with
+    /// [`Layer::set_input_facts`] before every forward.
+    fn output_facts(&self, _input: Facts) -> Facts {
+        Facts::default()
+    }
+
+    /// Told what its input guarantees, before a forward (default: ignored).
+    fn set_input_facts(&mut self, _facts: Facts) {}
 
     /// The concrete layer, for walkers that need its type (the deployment exporter, `infer::export`).
     /// Layers that return `None` (the default) cannot be exported.

@@ -676,6 +676,10 @@ impl<R: Real> Layer<R> for EmpfV1<R> {
         };
         Ok(from_vec(&c.shape, dm))
     }
+    fn output_facts(&self, _input: crate::layers::Facts) -> crate::layers::Facts {
+        // s = ReLU(m − θ); the backward uses dL/ds only through H(m − θ), zero where s = 0
+        crate::layers::Facts::EMPF_SPIKES
+    }
     fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
         f(&mut self.a);
         f(&mut self.b);
@@ -925,6 +929,10 @@ impl<R: Real> Layer<R> for EmpfV2<R> {
             State::Empty
         };
         Ok(from_vec(&c.shape, dm))
+    }
+    fn output_facts(&self, _input: crate::layers::Facts) -> crate::layers::Facts {
+        // s = ReLU(m − θ); the backward uses dL/ds only through H(m − θ), zero where s = 0
+        crate::layers::Facts::EMPF_SPIKES
     }
     fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
         f(&mut self.a);
@@ -1254,6 +1262,10 @@ impl<R: Real> Layer<R> for EmpfV3<R> {
         *dstate = State::Empty;
         self.backward_all(dy, cache)
     }
+    fn output_facts(&self, _input: crate::layers::Facts) -> crate::layers::Facts {
+        // s = ReLU(m − θ); the backward uses dL/ds only through H(m − θ), zero where s = 0
+        crate::layers::Facts::EMPF_SPIKES
+    }
     fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
         f(&mut self.b);
     }
@@ -1456,6 +1468,13 @@ impl<R: Real> Layer<R> for Lif<R> {
             State::Empty
         };
         Ok(from_vec(&c.shape, dm))
+    }
+    fn output_facts(&self, _input: crate::layers::Facts) -> crate::layers::Facts {
+        // spikes in {0, 1}, but the surrogate passes gradient where s = 0 (near θ)
+        crate::layers::Facts {
+            nonneg: true,
+            grad_ignored_at_zero: false,
+        }
     }
     fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
 }

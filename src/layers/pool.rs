@@ -282,6 +282,9 @@ impl<R: Real> Layer<R> for AvgPool2d {
         });
         Ok(from_vec(&shape, dx))
     }
+    fn output_facts(&self, input: crate::layers::Facts) -> crate::layers::Facts {
+        crate::layers::Facts::pooled(input)
+    }
     fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
 }
 
@@ -504,6 +507,9 @@ impl<R: Real> Layer<R> for MaxPool2d {
         );
         Ok(from_vec(&shape, dx))
     }
+    fn output_facts(&self, input: crate::layers::Facts) -> crate::layers::Facts {
+        crate::layers::Facts::pooled(input)
+    }
     fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
 }
 
@@ -580,6 +586,9 @@ impl<R: Real> Layer<R> for GlobalAvgPool {
         let mut dx = vec![R::zero(); shape.iter().product()];
         for_planes(&dys, 1, &mut dx, plane, |d, p| p.fill(d[0] * inv));
         Ok(from_vec(&shape, dx))
+    }
+    fn output_facts(&self, input: crate::layers::Facts) -> crate::layers::Facts {
+        crate::layers::Facts::pooled(input)
     }
     fn visit_params(&mut self, _f: &mut dyn FnMut(&mut Param<R>)) {}
 }

@@ -11,7 +11,7 @@ pub use config::SpikeQuantConfig;
 pub use config::{ArchOptions, ModelConfig, NeuronKind, Parallel, Stem};
 
 use crate::error::Result;
-use crate::layers::{Cache, Layer, Param, State, StepCtx};
+use crate::layers::{Cache, Facts, Layer, Param, State, StepCtx};
 use crate::tensor::{Real, Tensor};
 
 /// Layers applied in order.
@@ -21,6 +21,8 @@ pub struct Sequential<R: Real> {
     pub layers: Vec<Box<dyn Layer<R>>>,
     /// Per-layer (forward, backward) seconds, accumulated when profiling is on.
     pub profile: Option<Vec<(f64, f64)>>,
+    /// What the input guarantees ([`Layer::set_input_facts`]).
+    input_facts: Facts,
 }
 
 /// Caches of a composite layer's children (reused step after step).
@@ -49,6 +51,7 @@ impl<R: Real> Sequential<R> {
             name: name.to_string(),
             layers: Vec::new(),
             profile: None,
+            input_facts: Facts::default(),
         }
     }
     /// Append a layer.
@@ -132,6 +135,12 @@ impl<R: Real> Layer<R> for Sequential<R> {
         cache: Option<&mut Cache>,
     ) -> Result<Tensor<R>> {
         let n = self.layers.len();
+        // each child learns what its input guarantees (cheap; robust to `layers` being edited)
+        let mut facts = self.input_facts;
+        for l in &mut self.layers {
+            l.set_input_facts(facts);
+            facts = l.output_facts(facts);
+        }
         let states = state.children_mut(n);
         let mut caches = cache.map(|c| c.get_or_default::<ChildCaches>().resize(n));
         let mut cur: Option<Tensor<R>> = None;
@@ -166,6 +175,12 @@ impl<R: Real> Layer<R> for Sequential<R> {
             }
         }
         Ok(g.unwrap_or_else(|| dy.clone()))
+    }
+    fn output_facts(&self, input: Facts) -> Facts {
+        self.layers.iter().fold(input, |f, l| l.output_facts(f))
+    }
+    fn set_input_facts(&mut self, facts: Facts) {
+        self.input_facts = facts;
     }
     fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
         for l in &mut self.layers {
@@ -288,6 +303,14 @@ impl<R: Real> Layer<R> for Residual<R> {
         }
         Ok(dx)
     }
+    fn set_input_facts(&mut self, facts: Facts) {
+        // dL/dx is the sum of the branches' input gradients: where x = 0 and its gradient is
+        // ignored, both may hold anything
+        self.body.set_input_facts(facts);
+        if let Some(s) = &mut self.shortcut {
+            s.set_input_facts(facts);
+        }
+    }
     fn visit_params(&mut self, f: &mut dyn FnMut(&mut Param<R>)) {
         self.body.visit_params(f);
         if let Some(s) = &mut self.shortcut {
@@ -303,6 +326,120 @@ mod tests {
     use crate::layers::{GradMode, Linear};
     use crate::rng::Rng;
     use crate::tensor::from_vec;
+
+    /// A network of EM-PF neurons, pooling and binary convs tells each conv what its input
+    /// guarantees (`Facts`): a conv after a neuron (directly or through an average pool) computes
+    /// its input gradient at the non-zero spikes only, one after a LIF neuron or at the network's
+    /// input does not; every parameter gradient, and `dL/dx` at the network's input, equals the
+    /// all-GEMM network's to rounding, over two online steps and in BPTT.
+    #[test]
+    fn facts_reach_the_binary_convs_and_keep_every_gradient() {
+        use crate::layers::{
+            AvgPool2d, BatchNorm, BinaryConv2d, BinaryInit, ConvSpec, EmpfV1, Facts, Lif,
+        };
+        if !empf_simd::Simd::global().sparse_dw_is_native() {
+            eprintln!("SKIPPED: no hardware FMA, the GEMM path is taken");
+            return;
+        }
+        let build = |sparse: bool| {
+            let mut rng = Rng::new(21);
+            let mut net = Sequential::<f32>::new("net");
+            let conv = |name: &str, cin, cout, rng: &mut Rng| {
+                let mut c = BinaryConv2d::<f32>::new(
+                    name,
+                    ConvSpec::new(cin, cout, 3).padding(1),
+                    BinaryInit::Kaiming,
+                    rng,
+                );
+                c.set_sparse(sparse);
+                c
+            };
+            net.push(conv("c0", 3, 8, &mut rng));
+            net.push(BatchNorm::<f32>::new("bn0", 8));
+            net.push(EmpfV1::<f32>::new("sn0", 2));
+            net.push(conv("c1", 8, 16, &mut rng));
+            net.push(BatchNorm::<f32>::new("bn1", 16));
+            net.push(EmpfV1::<f32>::new("sn1", 2));
+            net.push(AvgPool2d::new("p1", 2, 2, 0).unwrap());
+            net.push(conv("c2", 16, 16, &mut rng));
+            net.push(Lif::<f32>::new("lif"));
+            net.push(conv("c3", 16, 8, &mut rng));
+            net
+        };
+        assert_eq!(build(true).output_facts(Facts::default()), Facts::default());
+        let mut rng = Rng::new(22);
+        let xs: Vec<Tensor<f32>> = (0..2)
+            .map(|_| {
+                from_vec(
+                    &[4, 3, 8, 8],
+                    (0..768).map(|_| rng.normal() as f32).collect(),
+                )
+            })
+            .collect();
+        for mode in [GradMode::Online, GradMode::Bptt] {
+            let mut grads = Vec::new();
+            for sparse in [false, true] {
+                let mut net = build(sparse);
+                let (mut state, mut caches) = (State::Empty, vec![Cache::new(), Cache::new()]);
+                let mut dxs = Vec::new();
+                for (t, x) in xs.iter().enumerate() {
+                    let ctx = StepCtx::train(t, 2, mode);
+                    let y = net
+                        .forward(x, &ctx, &mut state, Some(&mut caches[t]))
+                        .unwrap();
+                    if mode == GradMode::Online {
+                        let dy = y.mapv(|v| (v * 3.1).sin());
+                        dxs.push(
+                            net.backward(&dy, &ctx, &caches[t], &mut State::Empty)
+                                .unwrap(),
+                        );
+                    }
+                }
+                if mode == GradMode::Bptt {
+                    let mut dstate = State::Empty;
+                    for t in (0..2).rev() {
+                        let ctx = StepCtx::train(t, 2, mode);
+                        let dy = from_vec(
+                            &[4, 8, 4, 4],
+                            (0..512)
+                                .map(|i| (i as f32 * 0.3 + t as f32).sin())
+                                .collect(),
+                        );
+                        dxs.push(net.backward(&dy, &ctx, &caches[t], &mut dstate).unwrap());
+                    }
+                }
+                let facts: Vec<bool> = net
+                    .layers
+                    .iter()
+                    .filter_map(|l| l.as_any()?.downcast_ref::<BinaryConv2d<f32>>())
+                    .map(|c| c.input_grad_at_nonzero())
+                    .collect();
+                assert_eq!(facts, [false, true, true, false], "which convs were told");
+                let mut g = Vec::new();
+                net.visit_params(&mut |p| g.push((p.name.clone(), p.grad.clone())));
+                grads.push((g, dxs));
+            }
+            let ((g0, dx0), (g1, dx1)) = (&grads[0], &grads[1]);
+            for ((name, a), (_, b)) in g0.iter().zip(g1) {
+                let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                for (u, v) in a.iter().zip(b.iter()) {
+                    assert!(
+                        (u - v).abs() <= 2e-4 * scale,
+                        "{name} ({mode:?}): {u} vs {v}"
+                    );
+                }
+            }
+            for (a, b) in dx0.iter().zip(dx1) {
+                let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                for (u, v) in a.iter().zip(b.iter()) {
+                    assert!(
+                        (u - v).abs() <= 2e-4 * scale,
+                        "dL/dx ({mode:?}): {u} vs {v}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn sequential_and_residual_backward_match_finite_differences() {
