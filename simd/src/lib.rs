@@ -464,7 +464,7 @@ impl Simd {
                 sparse_conv: sparse::x86::sparse_avx512,
                 sparse_conv_q: sparse::x86::sparse_q_avx512,
                 quantise: sparse::x86::quantise_avx2,
-                sparse_dw: sparse::x86::dw_avx2,
+                sparse_dw: sparse::x86::dw_avx512,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Kernels {

@@ -349,12 +349,13 @@ fn run<K: Accum, const IMG: usize>(k: K, t: &Task<'_>, sc: &mut Scratch, mut y: 
     let mut imgs = [t.x; IMG];
     imgs[IMG - 1] = x2;
     let p0 = build::<f32, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), imgs, sc);
-    // at most 8 vector accumulators of 8 lanes
-    let max = if IMG == 1 { 64 } else { 32 };
+    // at most 8 vector accumulators
+    let max = K::F32_LANES / IMG;
     let mut ob = 0;
     while ob < wt.out_ch {
         let width = width(wt.opad, ob, max, 8);
         match width {
+            128 => block::<K, IMG, 128>(k, t, sc, p0, ob, &mut y),
             64 => block::<K, IMG, 64>(k, t, sc, p0, ob, &mut y),
             32 => block::<K, IMG, 32>(k, t, sc, p0, ob, &mut y),
             16 => block::<K, IMG, 16>(k, t, sc, p0, ob, &mut y),
@@ -446,6 +447,9 @@ fn flush<const IMG: usize>(
 /// order (so every level sums identically). `w` starts at the tap's row of channel 0 and block `ob`.
 /// Integer levels: `val & mask`.
 pub(crate) trait Accum: Copy {
+    /// Widest block of f32 lanes [`Accum::f32_acc`] takes for one image (8 vector accumulators);
+    /// the lanes are independent sums, so the block width never changes a result.
+    const F32_LANES: usize = 64;
     /// `dst[j·ds + i] = src[i·ss + j]` for `i, j < 8` (an 8 x 8 block transposed; a copy, so the
     /// same at every level).
     #[inline(always)]
@@ -786,11 +790,140 @@ pub(crate) mod x86 {
         }
     }
 
-    /// The float kernel at the AVX-512 level (its AVX2 code: the sums are the same).
+    /// The float kernel at the AVX-512 level: 16-lane accumulators, blocks of up to 128 output
+    /// channels (each lane is the same sum as at the other levels).
     pub(crate) fn sparse_avx512(t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
-        let k = Avx2::detect().expect("avx512 kernel called on a CPU without avx2+fma");
-        // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
-        unsafe { f32_avx2(k, t, sc, y, y2) }
+        let k = Avx512::detect().expect("avx512 kernel called on a CPU without avx512f+fma");
+        // SAFETY: AVX-512F, AVX2 and FMA were checked by `detect`; safe code otherwise.
+        unsafe { f32_avx512(k, t, sc, y, y2) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn f32_avx512(k: Avx512, t: &Task<'_>, sc: &mut Scratch, y: &mut [Out], y2: &mut [Out]) {
+        dispatch(k, t, sc, y, y2)
+    }
+
+    /// The sparse-input dW (and dX) at the AVX-512 level.
+    pub(crate) fn dw_avx512(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32], dx: &mut [f32]) {
+        let k = Avx512::detect().expect("avx512 kernel called on a CPU without avx512f+fma");
+        // SAFETY: AVX-512F, AVX2 and FMA were checked by `detect`; safe code otherwise.
+        unsafe { dw_avx512_body(k, t, sc, dwt, dx) }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn dw_avx512_body(
+        k: Avx512,
+        t: &DwTask<'_>,
+        sc: &mut DwScratch,
+        dwt: &mut [f32],
+        dx: &mut [f32],
+    ) {
+        crate::sparse_dw::dw_run(k, t, sc, dwt, dx)
+    }
+
+    /// AVX-512F accumulation in 512-bit registers for the f32 blocks of 16 lanes or more (the
+    /// AVX2 code otherwise). Only constructed after checking the CPU ([`Avx512::detect`]).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512(Avx2);
+
+    impl Avx512 {
+        fn detect() -> Option<Avx512> {
+            let a = Avx2::detect()?;
+            (crate::Isa::Avx512.is_available() && std::arch::is_x86_feature_detected!("avx512f"))
+                .then_some(Avx512(a))
+        }
+    }
+
+    /// [`f32_acc_avx2`] with 16-lane registers: at most 8 per image (128 lanes).
+    #[target_feature(enable = "avx512f")]
+    fn f32_acc_avx512<const IMG: usize, const OB: usize>(
+        w: &[f32],
+        idx: &[u32],
+        val: &[f32],
+        acc: &mut [f32],
+    ) {
+        let nv = OB / 16;
+        assert!(nv * 16 == OB && nv <= MAXV, "block of {OB} lanes");
+        assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
+        let mut a = [[_mm512_setzero_ps(); MAXV]; 2];
+        for i in 0..IMG {
+            for j in 0..nv {
+                // SAFETY: `acc` holds IMG·OB floats (asserted); vector (i, j) is in it.
+                a[i][j] = unsafe { _mm512_loadu_ps(acc.as_ptr().add(i * OB + j * 16)) };
+            }
+        }
+        for (e, &ix) in idx.iter().enumerate() {
+            let row = &w[ix as usize..ix as usize + OB];
+            for i in 0..IMG {
+                let v = _mm512_set1_ps(val[e * IMG + i]);
+                for j in 0..nv {
+                    // SAFETY: `row` holds OB = 16·nv floats; vector j is in it.
+                    let r = unsafe { _mm512_loadu_ps(row.as_ptr().add(j * 16)) };
+                    a[i][j] = _mm512_fmadd_ps(v, r, a[i][j]);
+                }
+            }
+        }
+        for i in 0..IMG {
+            for j in 0..nv {
+                // SAFETY: as for the loads above.
+                unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(i * OB + j * 16), a[i][j]) };
+            }
+        }
+    }
+
+    impl Accum for Avx512 {
+        const F32_LANES: usize = 128;
+        #[inline(always)]
+        fn transpose8(self, src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
+            self.0.transpose8(src, ss, dst, ds)
+        }
+        #[inline(always)]
+        fn f32_dot8(
+            self,
+            w: &[f32],
+            g: &[f32],
+            rows: &[usize; 8],
+            goff: &[usize],
+            op: usize,
+        ) -> [f32; 8] {
+            // SAFETY: an `Avx512` exists only when AVX-512F, AVX2 and FMA were detected.
+            unsafe { dot8_avx512(w, g, rows, goff, op) }
+        }
+        #[inline(always)]
+        fn f32_acc<const IMG: usize, const OB: usize>(
+            self,
+            w: &[f32],
+            idx: &[u32],
+            val: &[f32],
+            acc: &mut [f32],
+        ) {
+            if OB.is_multiple_of(16) {
+                // SAFETY: an `Avx512` exists only when AVX-512F was detected.
+                unsafe { f32_acc_avx512::<IMG, OB>(w, idx, val, acc) }
+            } else {
+                self.0.f32_acc::<IMG, OB>(w, idx, val, acc)
+            }
+        }
+        #[inline(always)]
+        fn i16_acc<const IMG: usize, const OB: usize>(
+            self,
+            m: &[i16],
+            idx: &[u32],
+            val: &[u8],
+            acc: &mut [i16],
+        ) {
+            self.0.i16_acc::<IMG, OB>(m, idx, val, acc)
+        }
+        #[inline(always)]
+        fn i32_acc<const IMG: usize, const OB: usize>(
+            self,
+            m: &[i32],
+            idx: &[u32],
+            val: &[u8],
+            acc: &mut [i32],
+        ) {
+            self.0.i32_acc::<IMG, OB>(m, idx, val, acc)
+        }
     }
 
     /// The k-bit kernel at the AVX2 level.
@@ -846,42 +979,94 @@ pub(crate) mod x86 {
         crate::sparse_dw::dw_run(k, t, sc, dwt, dx)
     }
 
-    /// [`crate::sparse_dw::dot8_portable`] in registers: eight accumulators, the weight vector
-    /// loaded once per eight `fma`s, the lanes summed by `hadd`s in the portable tree's order.
-    #[target_feature(enable = "avx2,fma")]
-    fn dot8_avx2(w: &[f32], g: &[f32], rows: &[usize; 8], goff: &[usize], op: usize) -> [f32; 8] {
-        let taps = goff.len();
-        assert!(op.is_multiple_of(8) && w.len() >= taps * op, "dot8 weights");
-        let reach = goff.iter().max().copied().unwrap_or(0) + op;
-        assert!(
-            rows.iter().all(|&r| r + reach <= g.len()),
-            "dot8 rows inside G"
-        );
-        let mut a = [_mm256_setzero_ps(); 8];
-        let p: [*const f32; 8] = rows.map(|r| g.as_ptr().wrapping_add(r));
-        for (tap, &off) in goff.iter().enumerate() {
-            let wr = w.as_ptr().wrapping_add(tap * op);
-            for ob in (0..op).step_by(8) {
-                // SAFETY: tap·op + ob + 8 ≤ taps·op ≤ w.len(); rows[j] + off + ob + 8 ≤ rows[j] +
-                // reach ≤ g.len() (both asserted above).
-                unsafe {
-                    let wv = _mm256_loadu_ps(wr.add(ob));
-                    for j in 0..8 {
-                        a[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p[j].add(off + ob)), a[j]);
-                    }
-                }
-            }
-        }
+    /// The lane tree of [`crate::sparse_dw::lane_sum`] over eight 8-lane accumulators at once:
+    /// lane `j` of the result is the sum of `a[j]`.
+    #[target_feature(enable = "avx2")]
+    fn lane_sums8(a: &[__m256; 8]) -> [f32; 8] {
         // hadd(x, y) = [x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7]
         let b = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
         let c = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-        // lane j of lo: ((l0+l1)+(l2+l3)) of entry j; of hi: ((l4+l5)+(l6+l7))
+        // lane j of lo: ((l0+l1)+(l2+l3)) of accumulator j; of hi: ((l4+l5)+(l6+l7))
         let lo = _mm256_permute2f128_ps::<0x20>(b, c);
         let hi = _mm256_permute2f128_ps::<0x31>(b, c);
         let mut out = [0f32; 8];
         // SAFETY: `out` holds 8 floats.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(lo, hi)) };
         out
+    }
+
+    /// Checks of the dot8 arguments the unchecked loads rely on.
+    fn dot8_check(w: &[f32], g: &[f32], rows: &[usize; 8], goff: &[usize], op: usize) {
+        assert!(
+            op.is_multiple_of(16) && w.len() >= goff.len() * op,
+            "dot8 weights"
+        );
+        let reach = goff.iter().max().copied().unwrap_or(0) + op;
+        assert!(
+            rows.iter().all(|&r| r + reach <= g.len()),
+            "dot8 rows inside G"
+        );
+    }
+
+    /// [`crate::sparse_dw::dot8_portable`] in registers: four entries at a time, each with two
+    /// 8-lane accumulators (the halves of its 16-lane one), the weight vectors loaded once per
+    /// four `fma`s.
+    #[target_feature(enable = "avx2,fma")]
+    fn dot8_avx2(w: &[f32], g: &[f32], rows: &[usize; 8], goff: &[usize], op: usize) -> [f32; 8] {
+        dot8_check(w, g, rows, goff, op);
+        let mut halves = [_mm256_setzero_ps(); 8];
+        for q in 0..2 {
+            let mut a = [[_mm256_setzero_ps(); 2]; 4];
+            let p: [*const f32; 4] =
+                std::array::from_fn(|j| g.as_ptr().wrapping_add(rows[4 * q + j]));
+            for (tap, &off) in goff.iter().enumerate() {
+                let wr = w.as_ptr().wrapping_add(tap * op);
+                for ob in (0..op).step_by(16) {
+                    // SAFETY: tap·op + ob + 16 ≤ taps·op ≤ w.len(); rows[j] + off + ob + 16 ≤
+                    // rows[j] + reach ≤ g.len() (both checked by `dot8_check`).
+                    unsafe {
+                        let w0 = _mm256_loadu_ps(wr.add(ob));
+                        let w1 = _mm256_loadu_ps(wr.add(ob + 8));
+                        for j in 0..4 {
+                            let r = p[j].add(off + ob);
+                            a[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(r), a[j][0]);
+                            a[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(r.add(8)), a[j][1]);
+                        }
+                    }
+                }
+            }
+            for j in 0..4 {
+                halves[4 * q + j] = _mm256_add_ps(a[j][0], a[j][1]);
+            }
+        }
+        lane_sums8(&halves)
+    }
+
+    /// [`crate::sparse_dw::dot8_portable`] with one 16-lane register per entry.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn dot8_avx512(w: &[f32], g: &[f32], rows: &[usize; 8], goff: &[usize], op: usize) -> [f32; 8] {
+        dot8_check(w, g, rows, goff, op);
+        let mut a = [_mm512_setzero_ps(); 8];
+        let p: [*const f32; 8] = rows.map(|r| g.as_ptr().wrapping_add(r));
+        for (tap, &off) in goff.iter().enumerate() {
+            let wr = w.as_ptr().wrapping_add(tap * op);
+            for ob in (0..op).step_by(16) {
+                // SAFETY: as in `dot8_avx2`.
+                unsafe {
+                    let wv = _mm512_loadu_ps(wr.add(ob));
+                    for j in 0..8 {
+                        a[j] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(p[j].add(off + ob)), a[j]);
+                    }
+                }
+            }
+        }
+        let mut halves = [_mm256_setzero_ps(); 8];
+        for j in 0..8 {
+            let lo = _mm512_castps512_ps256(a[j]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a[j])));
+            halves[j] = _mm256_add_ps(lo, hi);
+        }
+        lane_sums8(&halves)
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -11,7 +11,7 @@
 //! multiply-adds of the im2col GEMM `dW = G · colᵀ`, and it needs no im2col buffer.
 //!
 //! # How
-//! Per image, `G_n` is transposed into pixel-major rows of `O` values (padded to a multiple of 8
+//! Per image, `G_n` is transposed into pixel-major rows of `O` values (padded to a multiple of 16
 //! lanes) with a zero border of `k − 1 − p` pixels, so every tap of every input pixel reads a whole
 //! row, with no range checks: `row(y, x, i, j) = (y + k − 1 − i)·(W + k − 1) + (x + k − 1 − j)`.
 //! Then, per stripe of input rows (sized so the rows of `G` it reads stay in L1) and per input
@@ -36,8 +36,9 @@
 //!
 //! That is all a consumer needs when it ignores the gradient where its output was zero (an EM-PF
 //! neuron's `ds/dm = H(m − θ)` is zero exactly where `s = 0`). Per channel, the entries are taken
-//! eight at a time: each of the eight dot products keeps one 8-lane accumulator (`fma` over the
-//! taps and lane blocks of `O` in order), then the lanes are summed by the fixed tree
+//! eight at a time: each of the eight dot products keeps one 16-lane accumulator (`fma` over the
+//! taps and 16-lane blocks of `O` in order; two 8-lane registers at AVX2), its two halves are
+//! added lane by lane, then the lanes are summed by the fixed tree
 //! `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`: the same at every level.
 
 use crate::sparse::{Accum, Portable};
@@ -60,9 +61,9 @@ pub(crate) struct DwTask<'a> {
 }
 
 impl DwTask<'_> {
-    /// Output channels padded to whole 8-lane vectors (the row length of the transposed `G`).
+    /// Output channels padded to whole 16-lane blocks (the row length of the transposed `G`).
     pub fn op(&self) -> usize {
-        self.o.div_ceil(8) * 8
+        self.o.div_ceil(16) * 16
     }
     /// Output map `OH x OW`.
     pub fn out_hw(&self) -> (usize, usize) {
@@ -115,8 +116,9 @@ pub(crate) fn lane_sum(l: &[f32; 8]) -> f32 {
 }
 
 /// The portable eight dot products of the sparse dX: `out[j] = Σ_tap Σ_o w[tap·op + o] ·
-/// g[rows[j] + goff[tap] + o]`, one 8-lane `fma` accumulator per entry, lanes summed by
-/// [`lane_sum`].
+/// g[rows[j] + goff[tap] + o]` (`op` a multiple of 16), one 16-lane `fma` accumulator per entry
+/// over the taps and 16-lane blocks in order, its halves added lane by lane, then the 8 lanes
+/// summed by [`lane_sum`].
 #[inline(always)]
 pub(crate) fn dot8_portable(
     w: &[f32],
@@ -125,20 +127,20 @@ pub(crate) fn dot8_portable(
     goff: &[usize],
     op: usize,
 ) -> [f32; 8] {
-    let mut acc = [[0f32; 8]; 8];
+    let mut acc = [[0f32; 16]; 8];
     for (tap, &off) in goff.iter().enumerate() {
         let wr = &w[tap * op..][..op];
-        for ob in (0..op).step_by(8) {
-            let wv: &[f32; 8] = wr[ob..ob + 8].try_into().expect("8 lanes");
+        for ob in (0..op).step_by(16) {
+            let wv: &[f32; 16] = wr[ob..ob + 16].try_into().expect("16 lanes");
             for (a, &r) in acc.iter_mut().zip(rows) {
-                let gv: &[f32; 8] = g[r + off + ob..][..8].try_into().expect("8 lanes");
-                for l in 0..8 {
+                let gv: &[f32; 16] = g[r + off + ob..][..16].try_into().expect("16 lanes");
+                for l in 0..16 {
                     a[l] = wv[l].mul_add(gv[l], a[l]);
                 }
             }
         }
     }
-    acc.map(|a| lane_sum(&a))
+    acc.map(|a| lane_sum(&std::array::from_fn(|l| a[l] + a[l + 8])))
 }
 
 /// The driver every level shares; `acc` is the level's accumulation.
@@ -247,6 +249,10 @@ pub(crate) fn dw_run<K: Accum>(
                     while ob < op {
                         let (g, a) = (&g[ob..], &mut a[ob..]);
                         ob += match op - ob {
+                            r if r >= 128 && K::F32_LANES >= 128 => {
+                                acc.f32_acc::<1, 128>(g, idx, val, a);
+                                128
+                            }
                             r if r >= 64 => {
                                 acc.f32_acc::<1, 64>(g, idx, val, a);
                                 64
