@@ -36,6 +36,7 @@ mod driver;
 mod reference;
 mod sparse;
 mod sparse_dw;
+mod vectorize;
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     pub(crate) mod avx2;
@@ -45,6 +46,7 @@ mod x86_64 {
 pub use dispatch::{Isa, kernel_name};
 use driver::{ConvRows, Finish, Kernels, MatrixRows};
 pub use sparse::{QuantConvWeights, SignConvWeights};
+pub use vectorize::{VectorLevel, VectorWork, vector_level, vectorized};
 
 /// Errors of this crate.
 #[derive(Debug, Clone, PartialEq, Eq)]
