@@ -84,7 +84,7 @@ impl BnGeom {
 /// `Σ f(a[i], b[i])` in f64 with 8 interleaved accumulators (lane `i mod 8`, lanes added in
 /// order at the end): a fixed order, so deterministic, and not bound by the latency of one
 /// serial f64 add chain.
-#[inline]
+#[inline(always)]
 fn sum8<R: Real>(a: &[R], b: &[R], f: impl Fn(R, R) -> f64) -> f64 {
     let mut acc = [0.0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -102,7 +102,7 @@ fn sum8<R: Real>(a: &[R], b: &[R], f: impl Fn(R, R) -> f64) -> f64 {
 
 /// `(Σ a[i], Σ a[i]·b[i])` in one pass, each sum exactly as [`sum8`] takes it (same lanes, same
 /// order, so the same bits as two separate `sum8` passes).
-#[inline]
+#[inline(always)]
 fn sum8_pair<R: Real>(a: &[R], b: &[R]) -> (f64, f64) {
     let (mut s1, mut s2) = ([0.0f64; 8], [0.0f64; 8]);
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -127,39 +127,70 @@ pub fn batch_stats<R: Real>(x: &[R], g: BnGeom) -> (Vec<R>, Vec<R>) {
     let m = g.count() as f64;
     let stats: Vec<(R, R)> = (0..g.c)
         .into_par_iter()
-        .map(|ch| {
-            let mut s = 0.0;
-            for r in g.runs(ch) {
-                s += sum8(&x[r.clone()], &x[r], |v, _| v.f64());
-            }
-            let mu = s / m;
-            let mut q = 0.0;
-            for r in g.runs(ch) {
-                q += sum8(&x[r.clone()], &x[r], |v, _| {
-                    let d = v.f64() - mu;
-                    d * d
-                });
-            }
-            (R::of(mu), R::of(q / m))
-        })
+        .map(|ch| empf_simd::vectorized(ChannelStats { x, g, ch, m }))
         .collect();
     stats.into_iter().unzip()
+}
+
+/// Mean and biased variance of one channel ([`batch_stats`]), compiled for the host's vector
+/// extension.
+struct ChannelStats<'a, R> {
+    x: &'a [R],
+    g: BnGeom,
+    ch: usize,
+    m: f64,
+}
+
+impl<R: Real> empf_simd::VectorWork for ChannelStats<'_, R> {
+    type Output = (R, R);
+    #[inline(always)]
+    fn run(self) -> (R, R) {
+        let ChannelStats { x, g, ch, m } = self;
+        let mut s = 0.0;
+        for r in g.runs(ch) {
+            s += sum8(&x[r.clone()], &x[r], |v, _| v.f64());
+        }
+        let mu = s / m;
+        let mut q = 0.0;
+        for r in g.runs(ch) {
+            q += sum8(&x[r.clone()], &x[r], |v, _| {
+                let d = v.f64() - mu;
+                d * d
+            });
+        }
+        (R::of(mu), R::of(q / m))
+    }
 }
 
 /// Per-channel `(Σ dy, Σ dy·x̂)` (channels in parallel, each summed serially in f64).
 fn channel_sums<R: Real>(dy: &[R], xhat: &[R], g: BnGeom) -> Vec<(f64, f64)> {
     (0..g.c)
         .into_par_iter()
-        .map(|ch| {
-            let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-            for r in g.runs(ch) {
-                let (a, b) = sum8_pair(&dy[r.clone()], &xhat[r]);
-                sdy += a;
-                sdyx += b;
-            }
-            (sdy, sdyx)
-        })
+        .map(|ch| empf_simd::vectorized(ChannelSums { dy, xhat, g, ch }))
         .collect()
+}
+
+/// `(Σ dy, Σ dy·x̂)` of one channel ([`channel_sums`]), compiled for the host's vector extension.
+struct ChannelSums<'a, R> {
+    dy: &'a [R],
+    xhat: &'a [R],
+    g: BnGeom,
+    ch: usize,
+}
+
+impl<R: Real> empf_simd::VectorWork for ChannelSums<'_, R> {
+    type Output = (f64, f64);
+    #[inline(always)]
+    fn run(self) -> (f64, f64) {
+        let ChannelSums { dy, xhat, g, ch } = self;
+        let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+        for r in g.runs(ch) {
+            let (a, b) = sum8_pair(&dy[r.clone()], &xhat[r]);
+            sdy += a;
+            sdyx += b;
+        }
+        (sdy, sdyx)
+    }
 }
 
 /// `s = (σ² + eps)^(−1/2)` per channel.
@@ -184,16 +215,46 @@ pub fn normalise<R: Real>(
         .zip(xhat.par_chunks_mut(block))
         .zip(x.par_chunks(block))
         .for_each(|((yb, hb), xb)| {
-            for ch in 0..g.c {
-                let (mu, s, ga, be) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
-                let r = ch * g.hw..(ch + 1) * g.hw;
-                for ((xh, yy), &xx) in hb[r.clone()].iter_mut().zip(&mut yb[r.clone()]).zip(&xb[r])
-                {
-                    *xh = (xx - mu) * s;
-                    *yy = ga * *xh + be;
-                }
-            }
+            empf_simd::vectorized(NormaliseSample {
+                x: xb,
+                hw: g.hw,
+                coef: (mean, inv_std, gamma, beta),
+                xhat: hb,
+                y: yb,
+            })
         });
+}
+
+/// [`normalise`] over one sample, compiled for the host's vector extension.
+struct NormaliseSample<'a, R> {
+    x: &'a [R],
+    hw: usize,
+    /// Mean, inverse standard deviation, γ, β.
+    coef: (&'a [R], &'a [R], &'a [R], &'a [R]),
+    xhat: &'a mut [R],
+    y: &'a mut [R],
+}
+
+impl<R: Real> empf_simd::VectorWork for NormaliseSample<'_, R> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let NormaliseSample {
+            x,
+            hw,
+            coef: (mean, inv_std, gamma, beta),
+            xhat,
+            y,
+        } = self;
+        let planes = x.chunks(hw).zip(xhat.chunks_mut(hw)).zip(y.chunks_mut(hw));
+        for (ch, ((xp, hp), yp)) in planes.enumerate() {
+            let (mu, s, ga, be) = (mean[ch], inv_std[ch], gamma[ch], beta[ch]);
+            for ((xh, yy), &xx) in hp.iter_mut().zip(yp.iter_mut()).zip(xp) {
+                *xh = (xx - mu) * s;
+                *yy = ga * *xh + be;
+            }
+        }
+    }
 }
 
 /// Train-mode backward (batch statistics differentiated): writes `dx`, adds into `dgamma`, `dbeta`.
@@ -222,13 +283,45 @@ pub fn backward_train<R: Real>(
         .zip(dy.par_chunks(block))
         .zip(xhat.par_chunks(block))
         .for_each(|((ob, db), hb)| {
-            for (ch, &(k, mdy, mdyx)) in coef.iter().enumerate() {
-                let r = ch * g.hw..(ch + 1) * g.hw;
-                for ((o, &d), &xh) in ob[r.clone()].iter_mut().zip(&db[r.clone()]).zip(&hb[r]) {
-                    *o = k * (d - mdy - xh * mdyx);
-                }
-            }
+            empf_simd::vectorized(BackwardSample {
+                dy: db,
+                xhat: hb,
+                hw: g.hw,
+                coef: &coef,
+                dx: ob,
+            })
         });
+}
+
+/// The train-mode `dx` of one sample ([`backward_train`]), compiled for the host's vector
+/// extension.
+struct BackwardSample<'a, R> {
+    dy: &'a [R],
+    xhat: &'a [R],
+    hw: usize,
+    /// Per channel `(γ s, mean(dy), mean(dy·x̂))`.
+    coef: &'a [(R, R, R)],
+    dx: &'a mut [R],
+}
+
+impl<R: Real> empf_simd::VectorWork for BackwardSample<'_, R> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let BackwardSample {
+            dy,
+            xhat,
+            hw,
+            coef,
+            dx,
+        } = self;
+        let planes = dx.chunks_mut(hw).zip(dy.chunks(hw)).zip(xhat.chunks(hw));
+        for (((op, dp), hp), &(k, mdy, mdyx)) in planes.zip(coef) {
+            for ((o, &d), &xh) in op.iter_mut().zip(dp).zip(hp) {
+                *o = k * (d - mdy - xh * mdyx);
+            }
+        }
+    }
 }
 
 /// Eval-mode backward (running statistics are constants): `dx = γ s dy`; adds into `dgamma`, `dbeta`.
@@ -381,7 +474,7 @@ impl<R: Real> BatchNorm<R> {
         let beta = self.bias.value.as_slice().expect("standard");
         match cache {
             Some(c) => {
-                c.xhat.clear();
+                // every value is overwritten by `normalise`: no clearing pass
                 c.xhat.resize(g.len(), R::zero());
                 normalise(x, g, &mean, &s, gamma, beta, &mut c.xhat, &mut y);
                 c.inv_std = s;

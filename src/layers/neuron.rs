@@ -217,65 +217,142 @@ fn charge_fire<R: Real>(
             let lo = k * PAR_CHUNK;
             let xc = &x[lo..lo + sc.len()];
             let pc = prev.map(|p| &p[lo..lo + sc.len()]);
-            let FiredPart { eq, vals: out } = part;
-            out.clear();
-            eq.clear();
-            if gather {
-                eq.resize(mc.len(), 0);
-                if out.capacity() == 0 {
-                    // one allocation (trimmed below), not a doubling series, on the first step
-                    out.reserve_exact(sc.len());
-                }
-            }
-            let mut pbuf = [R::zero(); 64];
-            for (w, word) in mc.iter_mut().enumerate() {
-                let r = w * 64..(w * 64 + 64).min(sc.len());
-                let (sw, vw, xw) = (&mut sc[r.clone()], &mut vc[r.clone()], &xc[r.clone()]);
-                let mut bits = 0u64;
-                match (from, pc) {
-                    (ChargeFrom::Separate, Some(pc)) => {
-                        let pw = &pc[r];
-                        for (j, (((o, vo), &i), &p)) in
-                            sw.iter_mut().zip(vw.iter_mut()).zip(xw).zip(pw).enumerate()
-                        {
-                            let m = lam * p + i;
-                            bits |= u64::from(m > th) << j;
-                            *vo = m.min(th);
-                            *o = (m - th).max(R::zero());
-                        }
-                    }
-                    (ChargeFrom::InPlace, _) => {
-                        for (j, ((o, vo), &i)) in
-                            sw.iter_mut().zip(vw.iter_mut()).zip(xw).enumerate()
-                        {
-                            let p = *vo;
-                            pbuf[j] = p;
-                            let m = lam * p + i;
-                            bits |= u64::from(m > th) << j;
-                            *vo = m.min(th);
-                            *o = (m - th).max(R::zero());
-                        }
-                        if gather {
-                            eq[w] = gather_word(bits, &pbuf, common, out);
-                        }
-                    }
-                    _ => {
-                        for (j, ((o, vo), &m)) in
-                            sw.iter_mut().zip(vw.iter_mut()).zip(xw).enumerate()
-                        {
-                            bits |= u64::from(m > th) << j;
-                            *vo = m.min(th);
-                            *o = (m - th).max(R::zero());
-                        }
-                    }
-                }
-                *word = bits;
-            }
-            // bound the slack a high-firing step leaves behind (memory must not creep with T)
-            if out.capacity() > 2 * out.len() + 1024 {
-                out.shrink_to(out.len() + out.len() / 4);
-            }
+            empf_simd::vectorized(ChargeFireItem {
+                lam,
+                th,
+                xc,
+                pc,
+                from,
+                gather,
+                common,
+                item: (sc, vc, mc, part),
+            })
         });
+}
+
+/// One [`PAR_CHUNK`] item of [`charge_fire`], compiled for the host's vector extension.
+struct ChargeFireItem<'a, R> {
+    lam: R,
+    th: R,
+    xc: &'a [R],
+    pc: Option<&'a [R]>,
+    from: ChargeFrom,
+    gather: bool,
+    common: Option<R>,
+    #[allow(clippy::type_complexity)]
+    item: (
+        &'a mut [R],
+        &'a mut [R],
+        &'a mut [u64],
+        &'a mut FiredPart<R>,
+    ),
+}
+
+impl<R: Real> empf_simd::VectorWork for ChargeFireItem<'_, R> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let ChargeFireItem {
+            lam,
+            th,
+            xc,
+            pc,
+            from,
+            gather,
+            common,
+            item: (sc, vc, mc, part),
+        } = self;
+        let FiredPart { eq, vals: out } = part;
+        out.clear();
+        eq.clear();
+        if gather {
+            eq.resize(mc.len(), 0);
+            if out.capacity() == 0 {
+                // one allocation (trimmed below), not a doubling series, on the first step
+                out.reserve_exact(sc.len());
+            }
+        }
+        let mut pbuf = [R::zero(); 64];
+        for (w, word) in mc.iter_mut().enumerate() {
+            let r = w * 64..(w * 64 + 64).min(sc.len());
+            let (sw, vw, xw) = (&mut sc[r.clone()], &mut vc[r.clone()], &xc[r.clone()]);
+            let mut bits = 0u64;
+            match (from, pc) {
+                (ChargeFrom::Separate, Some(pc)) => {
+                    let pw = &pc[r];
+                    for (j, (((o, vo), &i), &p)) in
+                        sw.iter_mut().zip(vw.iter_mut()).zip(xw).zip(pw).enumerate()
+                    {
+                        let m = lam * p + i;
+                        bits |= u64::from(m > th) << j;
+                        *vo = m.min(th);
+                        *o = (m - th).max(R::zero());
+                    }
+                }
+                (ChargeFrom::InPlace, _) => {
+                    for (j, ((o, vo), &i)) in sw.iter_mut().zip(vw.iter_mut()).zip(xw).enumerate() {
+                        let p = *vo;
+                        pbuf[j] = p;
+                        let m = lam * p + i;
+                        bits |= u64::from(m > th) << j;
+                        *vo = m.min(th);
+                        *o = (m - th).max(R::zero());
+                    }
+                    if gather {
+                        eq[w] = gather_word(bits, &pbuf, common, out);
+                    }
+                }
+                _ => {
+                    for (j, ((o, vo), &m)) in sw.iter_mut().zip(vw.iter_mut()).zip(xw).enumerate() {
+                        bits |= u64::from(m > th) << j;
+                        *vo = m.min(th);
+                        *o = (m - th).max(R::zero());
+                    }
+                }
+            }
+            *word = bits;
+        }
+        // bound the slack a high-firing step leaves behind (memory must not creep with T)
+        if out.capacity() > 2 * out.len() + 1024 {
+            out.shrink_to(out.len() + out.len() / 4);
+        }
+    }
+}
+
+/// The fixed summation order of the per-word sums below: 8 interleaved partial sums (value `j`
+/// into lane `j mod 8`), added as `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`. Eight
+/// independent chains (and vector lanes) instead of one serial chain of float adds, whose latency
+/// bounded the neuron backward.
+#[inline(always)]
+fn tree8<R: Real>(l: [R; 8]) -> R {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+/// `o[j] = y[j]` where bit `j` of `bits` is set, `0` elsewhere (a word of at most 64 values);
+/// returns `Σ o` in the order of [`tree8`].
+#[inline(always)]
+fn mask_word<R: Real>(bits: u64, y: &[R], o: &mut [R]) -> R {
+    let mut l = [R::zero(); 8];
+    for (c, (oc, yc)) in o.chunks_mut(8).zip(y.chunks(8)).enumerate() {
+        let b = bits >> (8 * c);
+        for (k, (o, &y)) in oc.iter_mut().zip(yc).enumerate() {
+            *o = if (b >> k) & 1 == 1 { y } else { R::zero() };
+            l[k] += *o;
+        }
+    }
+    tree8(l)
+}
+
+/// `Σ a[j]·b[j]` over a word (at most 64 values) in the order of [`tree8`].
+#[inline(always)]
+fn dot_word<R: Real>(a: &[R], b: &[R]) -> R {
+    let mut l = [R::zero(); 8];
+    for (ac, bc) in a.chunks(8).zip(b.chunks(8)) {
+        for (k, (&x, &y)) in ac.iter().zip(bc).enumerate() {
+            l[k] += x * y;
+        }
+    }
+    tree8(l)
 }
 
 /// `out[i] = f(a[i], b[i])` in parallel over [`PAR_CHUNK`] items.
@@ -309,32 +386,22 @@ fn fire_back<R: Real>(
             for (w, (dw, &bits)) in dc.chunks_mut(64).zip(mc).enumerate() {
                 let lo = base + w * 64;
                 let dyw = &dy[lo..lo + dw.len()];
-                let mut wsum = R::zero();
-                match dv {
+                let wsum = match dv {
                     Some(dv) => {
                         let dvw = &dv[lo..lo + dw.len()];
+                        let mut l = [R::zero(); 8];
                         for (j, ((o, &y), &d)) in dw.iter_mut().zip(dyw).zip(dvw).enumerate() {
                             let h = (bits >> j) & 1 == 1;
                             *o = if h { y } else { d };
-                            wsum += if h { d - y } else { R::zero() };
+                            l[j % 8] += if h { d - y } else { R::zero() };
                         }
+                        tree8(l)
                     }
-                    None => {
-                        for (j, (o, &y)) in dw.iter_mut().zip(dyw).enumerate() {
-                            let h = (bits >> j) & 1 == 1;
-                            *o = if h { y } else { R::zero() };
-                            wsum -= *o;
-                        }
-                    }
-                }
+                    None => -mask_word(bits, dyw, dw),
+                };
                 dth += wsum.f64();
                 if let Some(p) = p {
-                    let pw = &p[lo..lo + dw.len()];
-                    let mut acc = R::zero();
-                    for (&o, &q) in dw.iter().zip(pw) {
-                        acc += o * q;
-                    }
-                    dlam += acc.f64();
+                    dlam += dot_word(dw, &p[lo..lo + dw.len()]).f64();
                 }
             }
             (dth, dlam)
@@ -442,8 +509,8 @@ impl<R> CacheBytes for FiredValues<R> {
 
 /// Online backward of [`fire`] (`dv = 0`): `dm = dy·H`; returns `Σ −dy·H` (dL/dθ) and
 /// `Σ dm·v[t−1]` (dL/dλ) with `v[t−1]` given at the fired positions only ([`FiredValues`]).
-/// Agrees with [`fire_back`] given the full `v[t−1]` (same terms; the λ sum is taken in index
-/// order over the non-zero terms only).
+/// Equals [`fire_back`] given the full `v[t−1]` bit for bit (the same terms in the same order of
+/// [`tree8`]; the terms at non-fired positions are zero in both).
 fn fire_back_online<R: Real>(
     dy: &[R],
     mask: &BitMask,
@@ -456,46 +523,57 @@ fn fire_back_online<R: Real>(
         .zip(mask.words.par_chunks(PAR_CHUNK / 64))
         .enumerate()
         .map(|(k, ((dc, yc), mc))| {
-            let (mut dth, mut dlam) = (0.0f64, 0.0f64);
-            let mut pi = p.map(|p| {
-                let part = &p.parts[k];
-                (
-                    part.eq.iter(),
-                    part.vals.iter(),
-                    p.common.unwrap_or(R::zero()),
-                )
-            });
-            for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
-                let mut wsum = R::zero();
-                for (j, (o, &y)) in dw.iter_mut().zip(yw).enumerate() {
-                    let h = (bits >> j) & 1 == 1;
-                    *o = if h { y } else { R::zero() };
-                    wsum -= *o;
-                }
-                dth += wsum.f64();
-                if let Some((eqs, vals, common)) = pi.as_mut() {
-                    let eq = *eqs.next().expect("one eq word per mask word");
-                    let mut acc = R::zero();
-                    let mut b = bits;
-                    while b != 0 {
-                        let j = b.trailing_zeros() as usize;
-                        let v = if (eq >> j) & 1 == 1 {
-                            *common
-                        } else {
-                            *vals.next().expect("one value per fired neuron")
-                        };
-                        acc += dw[j] * v;
-                        b &= b - 1;
-                    }
-                    dlam += acc.f64();
-                }
-            }
-            (dth, dlam)
+            empf_simd::vectorized(FireBackOnlineItem {
+                dc,
+                yc,
+                mc,
+                p: p.map(|p| (&p.parts[k], p.common.unwrap_or(R::zero()))),
+            })
         })
         .collect();
     parts
         .iter()
         .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
+}
+
+/// One [`PAR_CHUNK`] item of [`fire_back_online`], compiled for the host's vector extension.
+struct FireBackOnlineItem<'a, R> {
+    dc: &'a mut [R],
+    yc: &'a [R],
+    mc: &'a [u64],
+    /// The item's fired values and the merged value.
+    p: Option<(&'a FiredPart<R>, R)>,
+}
+
+impl<R: Real> empf_simd::VectorWork for FireBackOnlineItem<'_, R> {
+    type Output = (f64, f64);
+    #[inline(always)]
+    fn run(self) -> (f64, f64) {
+        let FireBackOnlineItem { dc, yc, mc, p } = self;
+        let (mut dth, mut dlam) = (0.0f64, 0.0f64);
+        let mut pi = p.map(|(part, common)| (part.eq.iter(), part.vals.iter(), common));
+        for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
+            dth -= mask_word(bits, yw, dw).f64();
+            if let Some((eqs, vals, common)) = pi.as_mut() {
+                let eq = *eqs.next().expect("one eq word per mask word");
+                // v[t−1] at the fired positions, 0 elsewhere (where dm is 0): the dot
+                // product of `fire_back` over the full v[t−1], term for term
+                let mut pv = [R::zero(); 64];
+                let mut b = bits;
+                while b != 0 {
+                    let j = b.trailing_zeros() as usize;
+                    pv[j] = if (eq >> j) & 1 == 1 {
+                        *common
+                    } else {
+                        *vals.next().expect("one value per fired neuron")
+                    };
+                    b &= b - 1;
+                }
+                dlam += dot_word(dw, &pv[..dw.len()]).f64();
+            }
+        }
+        (dth, dlam)
+    }
 }
 
 fn check_dy<R: Real>(layer: &str, dy: &Tensor<R>, shape: &[usize]) -> Result<()> {
@@ -1122,12 +1200,7 @@ fn relu_back<R: Real>(dy: &[R], mask: &BitMask, dx: &mut [R]) -> f64 {
         .map(|((dc, yc), mc)| {
             let mut sum = 0.0f64;
             for ((dw, yw), &bits) in dc.chunks_mut(64).zip(yc.chunks(64)).zip(mc) {
-                let mut wsum = R::zero();
-                for (j, (o, &y)) in dw.iter_mut().zip(yw).enumerate() {
-                    *o = if (bits >> j) & 1 == 1 { y } else { R::zero() };
-                    wsum += *o;
-                }
-                sum += wsum.f64();
+                sum += mask_word(bits, yw, dw).f64();
             }
             sum
         })
