@@ -98,11 +98,40 @@ pub(crate) struct DwScratch {
 /// with the input gradient at the non-zero inputs (zero elsewhere).
 pub(crate) type DwFn = fn(&DwTask<'_>, &mut DwScratch, &mut [f32], &mut [f32]);
 
-/// Bytes of transposed `G` rows one stripe of input rows reads, about half an L1 data cache
-/// (one input row per stripe for 28x28x64 and 14x14x128 maps): at spike densities above 0.2 the
-/// L1 hits outweigh the longer entry lists of larger stripes (48 and 96 KiB were up to 20 % and
-/// 50 % slower at a density of 0.4, a few percent faster at 0.1).
-const STRIPE_BYTES: usize = 16 << 10;
+/// Bytes of transposed `G` rows one stripe of input rows reads. With a 32 KiB L1 data cache
+/// (Zen 3), 16 KiB: at spike densities above 0.2 the L1 hits outweigh the longer entry lists of
+/// larger stripes (48 and 96 KiB were up to 20 % and 50 % slower at a density of 0.4, a few
+/// percent faster at 0.1). With a larger L1 (48 KiB on Zen 5), 5/6 of it: `mnist-cnn` online
+/// training (`empf bench train --steps 4 --modes online --batches 16 --data bundled`, two rounds)
+/// measured 371/399 images/s at 16 KiB, 377/401 at 24, 379–413 at 32, 417/417 at 40, 405/413 at
+/// 48, 402/411 at 64 and 389/387 at 96 KiB.
+fn stripe_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| match l1d_bytes() {
+        Some(l1) if l1 > 32 << 10 => l1 * 5 / 6,
+        _ => 16 << 10,
+    })
+}
+
+/// The L1 data cache of CPU 0, from Linux's sysfs (`None` elsewhere or when unreadable).
+fn l1d_bytes() -> Option<usize> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    (0..8).find_map(|i| {
+        let read = |f: &str| std::fs::read_to_string(dir.join(format!("index{i}/{f}"))).ok();
+        if read("level")?.trim() != "1" || read("type")?.trim() != "Data" {
+            return None;
+        }
+        let size = read("size")?;
+        let size = size.trim();
+        let (num, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+        let n: usize = num.parse().ok()?;
+        match unit {
+            "K" => Some(n << 10),
+            "M" => Some(n << 20),
+            _ => None,
+        }
+    })
+}
 
 /// The portable level (scalar; NEON on aarch64, where `mul_add` is one instruction).
 pub(crate) fn dw_generic(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32], dx: &mut [f32]) {
@@ -166,7 +195,7 @@ pub(crate) fn dw_run<K: Accum>(
     // rewritten per image
     sc.gt.clear();
     sc.gt.resize(hp * wp * op, 0.0);
-    let stripe = (STRIPE_BYTES / (wp * op * 4).max(1))
+    let stripe = (stripe_bytes() / (wp * op * 4).max(1))
         .saturating_sub(k - 1)
         .clamp(1, h.max(1));
     let gs = o * oh * ow;
