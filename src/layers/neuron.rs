@@ -382,34 +382,65 @@ fn fire_back<R: Real>(
         .enumerate()
         .map(|(k, (dc, mc))| {
             let base = k * PAR_CHUNK;
-            let (mut dth, mut dlam) = (0.0f64, 0.0f64);
-            for (w, (dw, &bits)) in dc.chunks_mut(64).zip(mc).enumerate() {
-                let lo = base + w * 64;
-                let dyw = &dy[lo..lo + dw.len()];
-                let wsum = match dv {
-                    Some(dv) => {
-                        let dvw = &dv[lo..lo + dw.len()];
-                        let mut l = [R::zero(); 8];
-                        for (j, ((o, &y), &d)) in dw.iter_mut().zip(dyw).zip(dvw).enumerate() {
-                            let h = (bits >> j) & 1 == 1;
-                            *o = if h { y } else { d };
-                            l[j % 8] += if h { d - y } else { R::zero() };
-                        }
-                        tree8(l)
-                    }
-                    None => -mask_word(bits, dyw, dw),
-                };
-                dth += wsum.f64();
-                if let Some(p) = p {
-                    dlam += dot_word(dw, &p[lo..lo + dw.len()]).f64();
-                }
-            }
-            (dth, dlam)
+            let r = base..base + dc.len();
+            empf_simd::vectorized(FireBackItem {
+                dyc: &dy[r.clone()],
+                dvc: dv.map(|d| &d[r.clone()]),
+                pc: p.map(|p| &p[r]),
+                mc,
+                dc,
+            })
         })
         .collect();
     parts
         .iter()
         .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y))
+}
+
+/// One [`PAR_CHUNK`] item of [`fire_back`], compiled for the host's vector extension.
+struct FireBackItem<'a, R> {
+    dyc: &'a [R],
+    dvc: Option<&'a [R]>,
+    pc: Option<&'a [R]>,
+    mc: &'a [u64],
+    dc: &'a mut [R],
+}
+
+impl<R: Real> empf_simd::VectorWork for FireBackItem<'_, R> {
+    type Output = (f64, f64);
+    #[inline(always)]
+    fn run(self) -> (f64, f64) {
+        let FireBackItem {
+            dyc,
+            dvc,
+            pc,
+            mc,
+            dc,
+        } = self;
+        let (mut dth, mut dlam) = (0.0f64, 0.0f64);
+        for (w, (dw, &bits)) in dc.chunks_mut(64).zip(mc).enumerate() {
+            let lo = w * 64;
+            let dyw = &dyc[lo..lo + dw.len()];
+            let wsum = match dvc {
+                Some(dv) => {
+                    let dvw = &dv[lo..lo + dw.len()];
+                    let mut l = [R::zero(); 8];
+                    for (j, ((o, &y), &d)) in dw.iter_mut().zip(dyw).zip(dvw).enumerate() {
+                        let h = (bits >> j) & 1 == 1;
+                        *o = if h { y } else { d };
+                        l[j % 8] += if h { d - y } else { R::zero() };
+                    }
+                    tree8(l)
+                }
+                None => -mask_word(bits, dyw, dw),
+            };
+            dth += wsum.f64();
+            if let Some(p) = pc {
+                dlam += dot_word(dw, &p[lo..lo + dw.len()]).f64();
+            }
+        }
+        (dth, dlam)
+    }
 }
 
 /// `p[i]` at the fired positions only (`H(m − θ) = 1`), in index order, one list per
