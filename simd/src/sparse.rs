@@ -279,22 +279,28 @@ fn build<V: Copy + PartialEq + Default, const IMG: usize>(
     let iy1 = ((b.oy1 - 1) * b.stride + kh).saturating_sub(b.pad).min(h);
     let (p0, p1) = (iy0 * w, iy1.max(iy0) * w);
     sc.off.clear();
-    sc.idx.clear();
-    sc.val.clear();
     sc.off.push(0);
+    // branch-free: every candidate entry is written, the count advances on non-zeros (the lists
+    // only grow; entries past the last offset are stale and never read)
+    let most = (p1 - p0) * c;
+    if sc.idx.len() < most {
+        sc.idx.resize(most, 0);
+        sc.val.resize(most * IMG, V::default());
+    }
     let zero = V::default();
+    let mut len = 0;
     for p in p0..p1 {
         for ci in 0..c {
-            let mut vs = [zero; IMG];
+            let mut nz = false;
             for k in 0..IMG {
-                vs[k] = imgs[k][ci * hw + p];
+                let v = imgs[k][ci * hw + p];
+                sc.val[len * IMG + k] = v;
+                nz |= v != zero;
             }
-            if vs.iter().any(|&v| v != zero) {
-                sc.idx.push((ci * opad) as u32);
-                sc.val.extend_from_slice(&vs);
-            }
+            sc.idx[len] = (ci * opad) as u32;
+            len += usize::from(nz);
         }
-        sc.off.push(sc.idx.len() as u32);
+        sc.off.push(len as u32);
     }
     p0
 }
