@@ -355,8 +355,13 @@ fn run<K: Accum, const IMG: usize>(k: K, t: &Task<'_>, sc: &mut Scratch, mut y: 
     let mut imgs = [t.x; IMG];
     imgs[IMG - 1] = x2;
     let p0 = build::<f32, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), imgs, sc);
-    // at most 8 vector accumulators
-    let max = K::F32_LANES / IMG;
+    // at most 8 vector accumulators per image (16 registers in all at AVX2 and below, of 32 at
+    // AVX-512)
+    let max = if IMG == 1 {
+        K::F32_LANES
+    } else {
+        K::F32_PAIR_LANES
+    };
     let mut ob = 0;
     while ob < wt.out_ch {
         let width = width(wt.opad, ob, max, 8);
@@ -456,6 +461,8 @@ pub(crate) trait Accum: Copy {
     /// Widest block of f32 lanes [`Accum::f32_acc`] takes for one image (8 vector accumulators);
     /// the lanes are independent sums, so the block width never changes a result.
     const F32_LANES: usize = 64;
+    /// The same for an image pair (16 vector accumulators in all).
+    const F32_PAIR_LANES: usize = 32;
     /// `dst[j·ds + i] = src[i·ss + j]` for `i, j < 8` (an 8 x 8 block transposed; a copy, so the
     /// same at every level).
     #[inline(always)]
@@ -840,6 +847,45 @@ pub(crate) mod x86 {
         }
     }
 
+    /// The AVX2 `i16_acc_avx2` with 32-lane registers: at most 8 per image (256 lanes).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn i16_acc_avx512<const IMG: usize, const OB: usize>(
+        m: &[i16],
+        idx: &[u32],
+        val: &[u8],
+        acc: &mut [i16],
+    ) {
+        let nv = OB / 32;
+        assert!(nv * 32 == OB && nv <= MAXV, "block of {OB} lanes");
+        assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
+        let mut a = [[_mm512_setzero_si512(); MAXV]; 2];
+        for i in 0..IMG {
+            for j in 0..nv {
+                // SAFETY: `acc` holds IMG·OB lanes (asserted); vector (i, j) is in it.
+                a[i][j] = unsafe { _mm512_loadu_si512(acc.as_ptr().add(i * OB + j * 32).cast()) };
+            }
+        }
+        for (e, &ix) in idx.iter().enumerate() {
+            let row = &m[ix as usize..ix as usize + OB];
+            for i in 0..IMG {
+                let v = _mm512_set1_epi16(val[e * IMG + i] as i16);
+                for j in 0..nv {
+                    // SAFETY: `row` holds OB = 32·nv lanes; vector j is in it.
+                    let r = unsafe { _mm512_loadu_si512(row.as_ptr().add(j * 32).cast()) };
+                    a[i][j] = _mm512_add_epi16(a[i][j], _mm512_and_si512(v, r));
+                }
+            }
+        }
+        for i in 0..IMG {
+            for j in 0..nv {
+                // SAFETY: as for the loads above.
+                unsafe {
+                    _mm512_storeu_si512(acc.as_mut_ptr().add(i * OB + j * 32).cast(), a[i][j])
+                };
+            }
+        }
+    }
+
     /// [`f32_acc_avx2`] with 16-lane registers: at most 8 per image (128 lanes).
     #[target_feature(enable = "avx512f")]
     fn f32_acc_avx512<const IMG: usize, const OB: usize>(
@@ -879,6 +925,7 @@ pub(crate) mod x86 {
 
     impl Accum for Avx512 {
         const F32_LANES: usize = 128;
+        const F32_PAIR_LANES: usize = 128;
         #[inline(always)]
         fn transpose8(self, src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
             self.0.transpose8(src, ss, dst, ds)
@@ -918,7 +965,12 @@ pub(crate) mod x86 {
             val: &[u8],
             acc: &mut [i16],
         ) {
-            self.0.i16_acc::<IMG, OB>(m, idx, val, acc)
+            if OB.is_multiple_of(32) {
+                // SAFETY: an `Avx512` exists only when AVX-512F and BW were detected.
+                unsafe { i16_acc_avx512::<IMG, OB>(m, idx, val, acc) }
+            } else {
+                self.0.i16_acc::<IMG, OB>(m, idx, val, acc)
+            }
         }
         #[inline(always)]
         fn i32_acc<const IMG: usize, const OB: usize>(
@@ -948,11 +1000,17 @@ pub(crate) mod x86 {
         }
     }
 
-    /// The k-bit kernel at the AVX-512 level (its AVX2 code).
+    /// The k-bit kernel at the AVX-512 level (16-bit sums in 32-lane registers; exact integers,
+    /// so the same results as every level).
     pub(crate) fn sparse_q_avx512(t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
-        let k = Avx2::detect().expect("avx512 kernel called on a CPU without avx2+fma");
-        // SAFETY: AVX2 and FMA were checked by `detect`; the function is safe code otherwise.
-        unsafe { q_avx2(k, t, sc, y, y2) }
+        let k = Avx512::detect().expect("avx512 kernel called on a CPU without avx512f+bw+fma");
+        // SAFETY: AVX-512F/BW, AVX2 and FMA were checked by `detect`; safe code otherwise.
+        unsafe { q_avx512(k, t, sc, y, y2) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    fn q_avx512(k: Avx512, t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
+        dispatch_q(k, t, sc, y, y2)
     }
 
     /// The quantiser at the AVX2 and AVX-512 levels (rounding inline, not a `roundf` call).

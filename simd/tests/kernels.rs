@@ -703,10 +703,11 @@ proptest! {
                 "{} differs from scalar", s.kernel_name()
             );
         }
-        // wrong lengths are errors, not panics
-        let mut short = vec![0f32; 1];
+        // wrong lengths are errors, not panics (one more than the output: a buffer of length 1
+        // was the right length for a 1x1 single-output case)
+        let mut wrong = vec![0f32; base.len() + 1];
         prop_assert!(Simd::new(Isa::Scalar).unwrap()
-            .sparse_conv(&xf, dims, 1, &sw, cc.stride, cc.pad, &scale, &shift, &mut short).is_err());
+            .sparse_conv(&xf, dims, 1, &sw, cc.stride, cc.pad, &scale, &shift, &mut wrong).is_err());
     }
 }
 
