@@ -516,7 +516,9 @@ impl Simd {
     pub fn sparse_kernel_name(&self) -> &'static str {
         match self.isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 if std::arch::is_x86_feature_detected!("fma") => {
+            Isa::Avx512 => "avx512 register-blocked sparse",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if std::arch::is_x86_feature_detected!("fma") => {
                 "avx2+fma register-blocked sparse"
             }
             Isa::Scalar => "scalar portable sparse",
