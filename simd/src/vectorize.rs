@@ -1,7 +1,7 @@
 //! Compiling plain Rust loops for the host's vector extensions.
 //!
 //! The crates are built for the baseline x86-64 target (SSE2), so the element-wise passes of the
-//! trainer (neuron charge and fire, BatchNorm, pooling) were vectorised 4 floats wide at best.
+//! trainer (neuron charge and fire, BatchNorm) were vectorised 4 floats wide at best.
 //! [`vectorized`] runs a piece of [`VectorWork`] inside a function compiled with AVX-512 (or AVX2
 //! and FMA) when the CPU has it: the work's `run`, marked `#[inline(always)]`, is inlined there
 //! and so compiled with those features (the technique of the `pulp` crate; a closure would not

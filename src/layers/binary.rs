@@ -274,8 +274,8 @@ impl<R: Real> BinaryConv2d<R> {
     /// sums in another order (equal to rounding). `Ok(None)`: nothing done (take the GEMM path)
     /// for f64, strides other than 1, padding of `k` or more, inputs denser than
     /// [`SPARSE_DW_MAX_DENSITY`] (dW alone) or [`SPARSE_GRADS_MAX_DENSITY`] (both), and ISA levels
-    /// without hardware FMA; `Ok(Some(dx))`: `dwb` is
-    /// filled, and `dx` is the input gradient when it was computed.
+    /// without hardware FMA; `Ok(Some(dx))`: `dwb` is filled, and `dx` is the input gradient when
+    /// it was computed.
     fn sparse_grads(&mut self, x: &Tensor<R>, dy: &Tensor<R>) -> Result<Option<Option<Vec<R>>>> {
         use std::any::Any;
         let s = self.core.spec;

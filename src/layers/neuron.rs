@@ -225,7 +225,10 @@ fn charge_fire<R: Real>(
                 from,
                 gather,
                 common,
-                item: (sc, vc, mc, part),
+                s: sc,
+                v: vc,
+                mask: mc,
+                part,
             })
         });
 }
@@ -239,13 +242,11 @@ struct ChargeFireItem<'a, R> {
     from: ChargeFrom,
     gather: bool,
     common: Option<R>,
-    #[allow(clippy::type_complexity)]
-    item: (
-        &'a mut [R],
-        &'a mut [R],
-        &'a mut [u64],
-        &'a mut FiredPart<R>,
-    ),
+    /// Outputs: spikes, potentials, firing-mask words, fired values.
+    s: &'a mut [R],
+    v: &'a mut [R],
+    mask: &'a mut [u64],
+    part: &'a mut FiredPart<R>,
 }
 
 impl<R: Real> empf_simd::VectorWork for ChargeFireItem<'_, R> {
@@ -260,7 +261,10 @@ impl<R: Real> empf_simd::VectorWork for ChargeFireItem<'_, R> {
             from,
             gather,
             common,
-            item: (sc, vc, mc, part),
+            s: sc,
+            v: vc,
+            mask: mc,
+            part,
         } = self;
         let FiredPart { eq, vals: out } = part;
         out.clear();
