@@ -847,82 +847,6 @@ pub(crate) mod x86 {
         }
     }
 
-    /// The AVX2 `i16_acc_avx2` with 32-lane registers: at most 8 per image (256 lanes).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn i16_acc_avx512<const IMG: usize, const OB: usize>(
-        m: &[i16],
-        idx: &[u32],
-        val: &[u8],
-        acc: &mut [i16],
-    ) {
-        let nv = OB / 32;
-        assert!(nv * 32 == OB && nv <= MAXV, "block of {OB} lanes");
-        assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
-        let mut a = [[_mm512_setzero_si512(); MAXV]; 2];
-        for i in 0..IMG {
-            for j in 0..nv {
-                // SAFETY: `acc` holds IMG·OB lanes (asserted); vector (i, j) is in it.
-                a[i][j] = unsafe { _mm512_loadu_si512(acc.as_ptr().add(i * OB + j * 32).cast()) };
-            }
-        }
-        for (e, &ix) in idx.iter().enumerate() {
-            let row = &m[ix as usize..ix as usize + OB];
-            for i in 0..IMG {
-                let v = _mm512_set1_epi16(val[e * IMG + i] as i16);
-                for j in 0..nv {
-                    // SAFETY: `row` holds OB = 32·nv lanes; vector j is in it.
-                    let r = unsafe { _mm512_loadu_si512(row.as_ptr().add(j * 32).cast()) };
-                    a[i][j] = _mm512_add_epi16(a[i][j], _mm512_and_si512(v, r));
-                }
-            }
-        }
-        for i in 0..IMG {
-            for j in 0..nv {
-                // SAFETY: as for the loads above.
-                unsafe {
-                    _mm512_storeu_si512(acc.as_mut_ptr().add(i * OB + j * 32).cast(), a[i][j])
-                };
-            }
-        }
-    }
-
-    /// [`f32_acc_avx2`] with 16-lane registers: at most 8 per image (128 lanes).
-    #[target_feature(enable = "avx512f")]
-    fn f32_acc_avx512<const IMG: usize, const OB: usize>(
-        w: &[f32],
-        idx: &[u32],
-        val: &[f32],
-        acc: &mut [f32],
-    ) {
-        let nv = OB / 16;
-        assert!(nv * 16 == OB && nv <= MAXV, "block of {OB} lanes");
-        assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
-        let mut a = [[_mm512_setzero_ps(); MAXV]; 2];
-        for i in 0..IMG {
-            for j in 0..nv {
-                // SAFETY: `acc` holds IMG·OB floats (asserted); vector (i, j) is in it.
-                a[i][j] = unsafe { _mm512_loadu_ps(acc.as_ptr().add(i * OB + j * 16)) };
-            }
-        }
-        for (e, &ix) in idx.iter().enumerate() {
-            let row = &w[ix as usize..ix as usize + OB];
-            for i in 0..IMG {
-                let v = _mm512_set1_ps(val[e * IMG + i]);
-                for j in 0..nv {
-                    // SAFETY: `row` holds OB = 16·nv floats; vector j is in it.
-                    let r = unsafe { _mm512_loadu_ps(row.as_ptr().add(j * 16)) };
-                    a[i][j] = _mm512_fmadd_ps(v, r, a[i][j]);
-                }
-            }
-        }
-        for i in 0..IMG {
-            for j in 0..nv {
-                // SAFETY: as for the loads above.
-                unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(i * OB + j * 16), a[i][j]) };
-            }
-        }
-    }
-
     impl Accum for Avx512 {
         const F32_LANES: usize = 128;
         const F32_PAIR_LANES: usize = 128;
@@ -1156,91 +1080,113 @@ pub(crate) mod x86 {
     /// Accumulators: at most 8 vectors per image.
     const MAXV: usize = 8;
 
-    macro_rules! int_acc {
-        ($name:ident, $t:ty, $lanes:expr, $set1:ident, $add:ident) => {
-            #[target_feature(enable = "avx2")]
+    /// One accumulation kernel of [`Accum`] in registers: `acc[i][lanes] (+)= val[e][i] (*) row(e)`
+    /// for the rows `w[idx[e]..][..OB]` of the entries in order, with at most [`MAXV`] vectors of
+    /// `$lanes` per image. `step(a, v, r)` is the lane operation (`fma` for floats, `a + (v & r)`
+    /// for integer levels against masks).
+    macro_rules! acc_kernel {
+        ($(#[$doc:meta])* $name:ident, $feat:literal, $t:ty, $v:ty, $lanes:expr, $zero:expr,
+         load |$lp:ident| $load:expr, store |$sp:ident, $sv:ident| $store:expr,
+         set1 |$x:ident| $set1:expr, step |$a:ident, $b:ident, $r:ident| $step:expr) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feat)]
             fn $name<const IMG: usize, const OB: usize>(
-                m: &[$t],
+                w: &[$t],
                 idx: &[u32],
-                val: &[u8],
+                val: &[$v],
                 acc: &mut [$t],
             ) {
                 let nv = OB / $lanes;
                 assert!(nv * $lanes == OB && nv <= MAXV, "block of {OB} lanes");
                 assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
-                let mut a = [[_mm256_setzero_si256(); MAXV]; 2];
+                let mut a = [[$zero; MAXV]; 2];
                 for i in 0..IMG {
                     for j in 0..nv {
-                        // SAFETY: `acc` holds IMG·OB lanes (asserted); vector (i, j) is in it.
-                        a[i][j] = unsafe {
-                            _mm256_loadu_si256(acc.as_ptr().add(i * OB + j * $lanes).cast())
-                        };
+                        let $lp = acc.as_ptr().wrapping_add(i * OB + j * $lanes);
+                        // SAFETY: `acc` holds IMG·OB values (asserted); vector (i, j) is in it.
+                        a[i][j] = unsafe { $load };
                     }
                 }
                 for (e, &ix) in idx.iter().enumerate() {
-                    let row = &m[ix as usize..ix as usize + OB];
+                    let row = &w[ix as usize..ix as usize + OB];
                     for i in 0..IMG {
-                        let v = $set1(val[e * IMG + i] as _);
+                        let $x = val[e * IMG + i];
+                        let v = $set1;
                         for j in 0..nv {
+                            let $lp = row.as_ptr().wrapping_add(j * $lanes);
                             // SAFETY: `row` holds OB = nv·lanes values; vector j is in it.
-                            let r =
-                                unsafe { _mm256_loadu_si256(row.as_ptr().add(j * $lanes).cast()) };
-                            a[i][j] = $add(a[i][j], _mm256_and_si256(v, r));
+                            let r = unsafe { $load };
+                            let ($a, $b, $r) = (a[i][j], v, r);
+                            a[i][j] = $step;
                         }
                     }
                 }
                 for i in 0..IMG {
                     for j in 0..nv {
+                        let ($sp, $sv) = (acc.as_mut_ptr().wrapping_add(i * OB + j * $lanes), a[i][j]);
                         // SAFETY: as for the loads above.
-                        unsafe {
-                            _mm256_storeu_si256(
-                                acc.as_mut_ptr().add(i * OB + j * $lanes).cast(),
-                                a[i][j],
-                            )
-                        };
+                        unsafe { $store };
                     }
                 }
             }
         };
     }
-    int_acc!(i16_acc_avx2, i16, 16, _mm256_set1_epi16, _mm256_add_epi16);
-    int_acc!(i32_acc_avx2, i32, 8, _mm256_set1_epi32, _mm256_add_epi32);
-
-    #[target_feature(enable = "avx2,fma")]
-    fn f32_acc_avx2<const IMG: usize, const OB: usize>(
-        w: &[f32],
-        idx: &[u32],
-        val: &[f32],
-        acc: &mut [f32],
-    ) {
-        let nv = OB / 8;
-        assert!(nv * 8 == OB && nv <= MAXV, "block of {OB} lanes");
-        assert!(acc.len() >= IMG * OB && val.len() >= IMG * idx.len());
-        let mut a = [[_mm256_setzero_ps(); MAXV]; 2];
-        for i in 0..IMG {
-            for j in 0..nv {
-                // SAFETY: `acc` holds IMG·OB floats (asserted); vector (i, j) is in it.
-                a[i][j] = unsafe { _mm256_loadu_ps(acc.as_ptr().add(i * OB + j * 8)) };
-            }
-        }
-        for (e, &ix) in idx.iter().enumerate() {
-            let row = &w[ix as usize..ix as usize + OB];
-            for i in 0..IMG {
-                let v = _mm256_set1_ps(val[e * IMG + i]);
-                for j in 0..nv {
-                    // SAFETY: `row` holds OB = 8·nv floats; vector j is in it.
-                    let r = unsafe { _mm256_loadu_ps(row.as_ptr().add(j * 8)) };
-                    a[i][j] = _mm256_fmadd_ps(v, r, a[i][j]);
-                }
-            }
-        }
-        for i in 0..IMG {
-            for j in 0..nv {
-                // SAFETY: as for the loads above.
-                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(i * OB + j * 8), a[i][j]) };
-            }
-        }
-    }
+    acc_kernel!(
+        i16_acc_avx2,
+        "avx2",
+        i16,
+        u8,
+        16,
+        _mm256_setzero_si256(),
+        load | p | _mm256_loadu_si256(p.cast()),
+        store | p,
+        v | _mm256_storeu_si256(p.cast(), v),
+        set1 | x | _mm256_set1_epi16(x as i16),
+        step | a,
+        v,
+        r | _mm256_add_epi16(a, _mm256_and_si256(v, r))
+    );
+    acc_kernel!(
+        i32_acc_avx2,
+        "avx2",
+        i32,
+        u8,
+        8,
+        _mm256_setzero_si256(),
+        load | p | _mm256_loadu_si256(p.cast()),
+        store | p,
+        v | _mm256_storeu_si256(p.cast(), v),
+        set1 | x | _mm256_set1_epi32(x as i32),
+        step | a,
+        v,
+        r | _mm256_add_epi32(a, _mm256_and_si256(v, r))
+    );
+    acc_kernel!(
+        f32_acc_avx2,
+        "avx2,fma",
+        f32,
+        f32,
+        8,
+        _mm256_setzero_ps(),
+        load | p | _mm256_loadu_ps(p),
+        store | p,
+        v | _mm256_storeu_ps(p, v),
+        set1 | x | _mm256_set1_ps(x),
+        step | a,
+        v,
+        r | _mm256_fmadd_ps(v, r, a)
+    );
+    acc_kernel!(
+        /// `i16_acc_avx2` with 32-lane registers (at most 256 lanes per image).
+        i16_acc_avx512, "avx512f,avx512bw", i16, u8, 32, _mm512_setzero_si512(),
+        load |p| _mm512_loadu_si512(p.cast()), store |p, v| _mm512_storeu_si512(p.cast(), v),
+        set1 |x| _mm512_set1_epi16(x as i16),
+        step |a, v, r| _mm512_add_epi16(a, _mm512_and_si512(v, r)));
+    acc_kernel!(
+        /// `f32_acc_avx2` with 16-lane registers (at most 128 lanes per image).
+        f32_acc_avx512, "avx512f", f32, f32, 16, _mm512_setzero_ps(),
+        load |p| _mm512_loadu_ps(p), store |p, v| _mm512_storeu_ps(p, v),
+        set1 |x| _mm512_set1_ps(x), step |a, v, r| _mm512_fmadd_ps(v, r, a));
 
     #[target_feature(enable = "avx2")]
     fn transpose8_avx2(src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {

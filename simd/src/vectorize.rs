@@ -12,8 +12,6 @@
 //! Call it inside each parallel work item (a rayon closure runs in its own function), around the
 //! loop itself.
 
-use std::sync::OnceLock;
-
 /// The extension [`vectorized`] compiles for on this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VectorLevel {
@@ -25,35 +23,25 @@ pub enum VectorLevel {
     Avx512,
 }
 
-/// The best level of the host (detected once; `EMPF_ISA=scalar` or `avx2` lowers it, as for the
-/// kernels).
+/// The level [`vectorized`] compiles for: that of the process-wide kernel level
+/// ([`crate::Isa::global`], so `EMPF_ISA` and `Isa::force` lower it too), when the CPU also has
+/// the extensions the work is compiled with (FMA; AVX-512DQ at the AVX-512 level).
 pub fn vector_level() -> VectorLevel {
-    static LEVEL: OnceLock<VectorLevel> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            let forced = std::env::var("EMPF_ISA").ok();
-            let avx2 = has!("avx2") && has!("fma") && forced.as_deref() != Some("scalar");
-            let avx512 = avx2
-                && has!("avx512f")
-                && has!("avx512bw")
-                && has!("avx512dq")
-                && has!("avx512vl")
-                && forced.as_deref() != Some("avx2");
-            if avx512 {
-                VectorLevel::Avx512
-            } else if avx2 {
-                VectorLevel::Avx2
-            } else {
-                VectorLevel::Baseline
-            }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::Isa;
+        use std::arch::is_x86_feature_detected as has;
+        let fma = has!("avx2") && has!("fma");
+        match Isa::global() {
+            Isa::Avx512 if fma && has!("avx512dq") => VectorLevel::Avx512,
+            Isa::Avx512 | Isa::Avx2 if fma => VectorLevel::Avx2,
+            _ => VectorLevel::Baseline,
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            VectorLevel::Baseline
-        }
-    })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        VectorLevel::Baseline
+    }
 }
 
 /// A piece of plain-Rust work to compile for the host's vector extension ([`vectorized`]).
@@ -89,12 +77,12 @@ pub fn vectorized<W: VectorWork>(work: W) -> W::Output {
 mod x86 {
     use super::VectorWork;
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2,popcnt")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
     pub(super) fn run_avx512<W: VectorWork>(work: W) -> W::Output {
         work.run()
     }
 
-    #[target_feature(enable = "avx2,fma,bmi1,bmi2,popcnt")]
+    #[target_feature(enable = "avx2,fma")]
     pub(super) fn run_avx2<W: VectorWork>(work: W) -> W::Output {
         work.run()
     }
