@@ -1058,11 +1058,12 @@ impl Simd {
         dw: &mut [f32],
     ) -> Result<()> {
         self.sparse_conv_backward(x, dims, g, out_ch, k, pad, dw, None)
+            .map(|_| ())
     }
 
-    /// [`Simd::sparse_conv_dw`], and with `dx = Some((w, dx))` (`w`: the weights `O x C x k x k`;
-    /// `dx`: `n x C x H x W`) also the input gradient at the non-zero inputs, in the same pass
-    /// (the transposed `g` and the list of non-zero inputs are shared):
+    /// [`Simd::sparse_conv_dw`], and with the weights `w` (`O x C x k x k`) also returns the input
+    /// gradient `dx` (`n x C x H x W`) at the non-zero inputs, from the same pass (the transposed
+    /// `g` and the list of non-zero inputs are shared):
     /// `dx[n][c][y][x] = Σ_o Σ_{i,j} w[o][c][i][j]·g[n][o][y + pad − i][x + pad − j]` where
     /// `x[n][c][y][x] ≠ 0`, and `0` where it is zero. That is the whole input gradient for a
     /// consumer that ignores the gradient where its output was zero (an EM-PF neuron: `ds/dm =
@@ -1079,9 +1080,10 @@ impl Simd {
         k: usize,
         pad: usize,
         dw: &mut [f32],
-        dx: Option<(&[f32], &mut [f32])>,
-    ) -> Result<()> {
+        w: Option<&[f32]>,
+    ) -> Result<Option<Vec<f32>>> {
         use rayon::prelude::*;
+        let weights = w;
         let (n, c, h, w) = dims;
         let fail = |what: &str| {
             shape_err(format!(
@@ -1113,8 +1115,8 @@ impl Simd {
             (n, gs, g.len()),
             (out_ch, c * taps, dw.len()),
         ];
-        if let Some((wts, dxs)) = &dx {
-            sizes.extend([(out_ch, c * taps, wts.len()), (n, xs, dxs.len())]);
+        if let Some(wts) = weights {
+            sizes.push((out_ch, c * taps, wts.len()));
         }
         if sizes
             .iter()
@@ -1131,23 +1133,22 @@ impl Simd {
             return fail("the map is too large for 32-bit offsets");
         }
         // w[o][c][tap] -> wt[c][tap][o], zero lanes o >= O
-        let (wt, dx) = match dx {
-            Some((wts, dxs)) => {
-                let mut wt = vec![0f32; c * taps * op];
-                for (o, wo) in wts.chunks_exact(c * taps).enumerate() {
-                    for (ct, &v) in wo.iter().enumerate() {
-                        wt[ct * op + o] = v;
-                    }
+        let wt = weights.map(|wts| {
+            let mut wt = vec![0f32; c * taps * op];
+            for (o, wo) in wts.chunks_exact(c * taps).enumerate() {
+                for (ct, &v) in wo.iter().enumerate() {
+                    wt[ct * op + o] = v;
                 }
-                (Some(wt), Some(dxs))
             }
-            None => (None, None),
-        };
+            wt
+        });
+        // zeros: the kernel writes only the non-zero inputs' entries
+        let mut dx = wt.as_ref().map(|_| vec![0f32; n * xs]);
         let kernel = self.k().sparse_dw;
         let parts = rayon::current_num_threads().clamp(1, n.max(1));
         // the chunks' input-gradient slices (empty without one)
         let mut dx_parts: Vec<&mut [f32]> = Vec::with_capacity(parts);
-        let mut rest: &mut [f32] = dx.unwrap_or_default();
+        let mut rest: &mut [f32] = dx.as_deref_mut().unwrap_or_default();
         for p in 0..parts {
             let (i0, i1) = (n * p / parts, n * (p + 1) / parts);
             let take = if wt.is_some() { (i1 - i0) * xs } else { 0 };
@@ -1187,7 +1188,7 @@ impl Simd {
                 }
             }
         }
-        Ok(())
+        Ok(dx)
     }
 
     /// Whether [`Simd::sparse_conv_dw`] runs fused multiply-adds in hardware at this level (AVX2

@@ -94,8 +94,8 @@ pub(crate) struct DwScratch {
 }
 
 /// The sparse-input dW of one ISA level over one chunk: adds into `dwt` (`C x k² x op`,
-/// channel-major, output channel fastest); with `t.wt`, also overwrites `dx` (`ns x C x H x W`)
-/// with the input gradient at the non-zero inputs (zero elsewhere).
+/// channel-major, output channel fastest); with `t.wt`, also writes the input gradient at the
+/// non-zero inputs into `dx` (`ns x C x H x W`, zeros on entry, which stay at the zero inputs).
 pub(crate) type DwFn = fn(&DwTask<'_>, &mut DwScratch, &mut [f32], &mut [f32]);
 
 /// Bytes of transposed `G` rows one stripe of input rows reads. With a 32 KiB L1 data cache
@@ -305,7 +305,6 @@ pub(crate) fn dw_run<K: Accum>(
         }
         if let Some(wt) = t.wt {
             let dxi = &mut dx[i * xs..(i + 1) * xs];
-            dxi.fill(0.0);
             for (ci, dxc) in dxi.chunks_exact_mut(h * w).enumerate() {
                 let (e0, e1) = (sc.starts[ci * h], sc.starts[ci * h + h]);
                 let wc = &wt[ci * taps * op..][..taps * op];

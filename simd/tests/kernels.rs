@@ -844,6 +844,25 @@ fn dw_case() -> impl Strategy<Value = ConvCase> {
         })
 }
 
+/// Small-integer inputs (half of them zero, the rest 1..6) and output gradients (−4..4) of a
+/// stride-1 conv case: every sum of products is exact in f32.
+fn dw_ints(cc: &ConvCase, r: &mut Gen) -> (Vec<i64>, Vec<i64>) {
+    let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
+    let xi: Vec<i64> = (0..cc.n * cc.c * cc.h * cc.w)
+        .map(|_| {
+            if r.below(2) == 0 {
+                0
+            } else {
+                r.below(7) as i64
+            }
+        })
+        .collect();
+    let gi: Vec<i64> = (0..cc.n * cc.cout * oh * ow)
+        .map(|_| r.below(9) as i64 - 4)
+        .collect();
+    (xi, gi)
+}
+
 /// Naive `dW[o][c][i][j] = Σ x[n][c][y][x]·g[n][o][y + p − i][x + p − j]` (stride 1), in i64.
 fn naive_dw(cc: &ConvCase, x: &[i64], g: &[i64]) -> Vec<i64> {
     let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
@@ -884,11 +903,7 @@ proptest! {
         cc in dw_case(), seed in any::<u64>()
     ) {
         let mut r = Gen(seed);
-        let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
-        let xi: Vec<i64> = (0..cc.n * cc.c * cc.h * cc.w)
-            .map(|_| if r.below(2) == 0 { 0 } else { r.below(7) as i64 })
-            .collect();
-        let gi: Vec<i64> = (0..cc.n * cc.cout * oh * ow).map(|_| r.below(9) as i64 - 4).collect();
+        let (xi, gi) = dw_ints(&cc, &mut r);
         let want = naive_dw(&cc, &xi, &gi);
         let xf: Vec<f32> = xi.iter().map(|&v| v as f32).collect();
         let gf: Vec<f32> = gi.iter().map(|&v| v as f32).collect();
@@ -964,12 +979,8 @@ proptest! {
         cc in dw_case(), seed in any::<u64>()
     ) {
         let mut r = Gen(seed);
-        let (oh, ow) = (cc.h + 2 * cc.pad + 1 - cc.k, cc.w + 2 * cc.pad + 1 - cc.k);
-        let xi: Vec<i64> = (0..cc.n * cc.c * cc.h * cc.w)
-            .map(|_| if r.below(2) == 0 { 0 } else { r.below(7) as i64 })
-            .collect();
+        let (xi, gi) = dw_ints(&cc, &mut r);
         let wi: Vec<i64> = (0..cc.cout * cc.c * cc.k * cc.k).map(|_| r.below(5) as i64 - 2).collect();
-        let gi: Vec<i64> = (0..cc.n * cc.cout * oh * ow).map(|_| r.below(9) as i64 - 4).collect();
         let want = naive_dx(&cc, &xi, &wi, &gi);
         let f = |v: &[i64]| -> Vec<f32> { v.iter().map(|&v| v as f32).collect() };
         let (xf, wf, gf) = (f(&xi), f(&wi), f(&gi));
@@ -981,22 +992,23 @@ proptest! {
         for threads in [1, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let scalar = Simd::new(Isa::Scalar).unwrap();
-            let (mut bdw, mut bdx) = (vec![f32::NAN; nw], vec![f32::NAN; xr.len()]);
-            pool.install(|| scalar.sparse_conv_backward(
-                &xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut bdw, Some((&wr, &mut bdx)))).unwrap();
+            let mut bdw = vec![f32::NAN; nw];
+            let bdx = pool.install(|| scalar.sparse_conv_backward(
+                &xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut bdw, Some(&wr))).unwrap().unwrap();
             let mut dw_alone = vec![f32::NAN; nw];
             pool.install(|| scalar.sparse_conv_dw(&xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut dw_alone)).unwrap();
             prop_assert!(bdw.iter().zip(&dw_alone).all(|(a, b)| a.to_bits() == b.to_bits()));
             for s in levels() {
-                let (mut dw, mut dx) = (vec![f32::NAN; nw], vec![f32::NAN; xf.len()]);
-                pool.install(|| s.sparse_conv_backward(
-                    &xf, dims, &gf, cc.cout, cc.k, cc.pad, &mut dw, Some((&wf, &mut dx)))).unwrap();
+                let mut dw = vec![f32::NAN; nw];
+                let dx = pool.install(|| s.sparse_conv_backward(
+                    &xf, dims, &gf, cc.cout, cc.k, cc.pad, &mut dw, Some(&wf))).unwrap().unwrap();
+                prop_assert_eq!(dx.len(), want.len());
                 for (a, &b) in dx.iter().zip(&want) {
                     prop_assert_eq!(a.to_bits(), (b as f32).to_bits(), "{} threads {}", s.kernel_name(), threads);
                 }
-                let (mut dw, mut dx) = (vec![f32::NAN; nw], vec![f32::NAN; xr.len()]);
-                pool.install(|| s.sparse_conv_backward(
-                    &xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut dw, Some((&wr, &mut dx)))).unwrap();
+                let mut dw = vec![f32::NAN; nw];
+                let dx = pool.install(|| s.sparse_conv_backward(
+                    &xr, dims, &gr, cc.cout, cc.k, cc.pad, &mut dw, Some(&wr))).unwrap().unwrap();
                 prop_assert!(
                     dx.iter().zip(&bdx).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{} dx differs from scalar ({} threads)", s.kernel_name(), threads
@@ -1023,17 +1035,18 @@ fn sparse_conv_dw_rejects_bad_shapes() {
     assert!(s.sparse_conv_dw(&x[1..], d, &g, 5, 3, 1, &mut dw).is_err());
     assert!(s.sparse_conv_dw(&x, d, &g[1..], 5, 3, 1, &mut dw).is_err());
     assert!(s.sparse_conv_dw(&x, d, &g, 5, 3, 1, &mut dw[1..]).is_err());
-    let (w, mut dx) = (vec![1f32; 5 * 3 * 9], vec![0f32; x.len()]);
-    assert!(
-        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some((&w, &mut dx)))
-            .is_ok()
+    // the input gradient: returned with the input's length, and only with the weights; short
+    // weights are an error
+    let w = vec![1f32; 5 * 3 * 9];
+    let dx = s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some(&w));
+    assert_eq!(dx.unwrap().map(|v| v.len()), Some(x.len()));
+    assert_eq!(
+        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, None)
+            .unwrap(),
+        None
     );
     assert!(
-        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some((&w[1..], &mut dx)))
-            .is_err()
-    );
-    assert!(
-        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some((&w, &mut dx[1..])))
+        s.sparse_conv_backward(&x, d, &g, 5, 3, 1, &mut dw, Some(&w[1..]))
             .is_err()
     );
     let e = s

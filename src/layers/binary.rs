@@ -308,18 +308,18 @@ impl<R: Real> BinaryConv2d<R> {
             return Ok(None);
         }
         let sh = x.shape();
-        let mut dx = self.input_grad_at_nonzero.then(|| vec![0f32; xs.len()]);
-        simd.sparse_conv_backward(
-            xs,
-            (sh[0], sh[1], sh[2], sh[3]),
-            gs,
-            s.out_ch,
-            s.kernel,
-            s.padding,
-            dwb,
-            dx.as_mut().map(|d| (&wb[..], &mut d[..])),
-        )
-        .map_err(|e| Error::Internal(format!("layer `{}`: {e}", self.name)))?;
+        let dx = simd
+            .sparse_conv_backward(
+                xs,
+                (sh[0], sh[1], sh[2], sh[3]),
+                gs,
+                s.out_ch,
+                s.kernel,
+                s.padding,
+                dwb,
+                self.input_grad_at_nonzero.then_some(&wb[..]),
+            )
+            .map_err(|e| Error::Internal(format!("layer `{}`: {e}", self.name)))?;
         Ok(Some(dx.map(|d| {
             *(Box::new(d) as Box<dyn Any>)
                 .downcast::<Vec<R>>()
@@ -923,6 +923,24 @@ mod tests {
         (l, spikes, dense)
     }
 
+    /// One training step of `l` from zeroed weight gradients, with `dL/dy[i] = dy(i)`: the weight
+    /// gradient and `dL/dx`.
+    fn f32_step_grads(
+        l: &mut BinaryConv2d<f32>,
+        x: &Tensor<f32>,
+        dy: impl Fn(usize) -> f32,
+    ) -> (Tensor<f32>, Tensor<f32>) {
+        let ctx = StepCtx::train(0, 1, GradMode::Online);
+        l.weight.grad.fill(0.0);
+        let mut cache = Cache::new();
+        let y = l
+            .forward(x, &ctx, &mut State::Empty, Some(&mut cache))
+            .unwrap();
+        let dy: Tensor<f32> = from_vec(y.shape(), (0..y.len()).map(dy).collect());
+        let dx = l.backward(&dy, &ctx, &cache, &mut State::Empty).unwrap();
+        (l.weight.grad.clone(), dx)
+    }
+
     /// The f32 backward with the sparse-input dW kernel gives the GEMM path's weight gradient to
     /// rounding and the same input gradient, on spike-like inputs (70 % zeros) at every padding of
     /// a stride-1 conv (1x1 and 3x3, 12 outputs: a 8-lane tail); strides of 2 and dense inputs take
@@ -933,21 +951,10 @@ mod tests {
         for (stride, padding, k) in [(1, 1, 3), (1, 0, 3), (1, 2, 3), (1, 0, 1), (2, 1, 3)] {
             let (mut l, spikes, dense) = f32_layer_and_inputs(&mut rng, (stride, padding, k), 0.5);
             for (x, dense_input) in [(&spikes, false), (&dense, true)] {
-                let ctx = StepCtx::train(0, 1, GradMode::Online);
                 let mut grads = Vec::new();
                 for sparse in [true, false] {
                     l.set_sparse(sparse);
-                    l.weight.grad.fill(0.0);
-                    let mut cache = Cache::new();
-                    let y = l
-                        .forward(x, &ctx, &mut State::Empty, Some(&mut cache))
-                        .unwrap();
-                    let dy: Tensor<f32> = from_vec(
-                        y.shape(),
-                        (0..y.len()).map(|i| (i as f32 * 0.37).sin()).collect(),
-                    );
-                    let dx = l.backward(&dy, &ctx, &cache, &mut State::Empty).unwrap();
-                    grads.push((l.weight.grad.clone(), dx));
+                    grads.push(f32_step_grads(&mut l, x, |i| (i as f32 * 0.37).sin()));
                 }
                 l.set_sparse(true);
                 let ((gs, dxs), (gd, dxd)) = (&grads[0], &grads[1]);
@@ -983,7 +990,6 @@ mod tests {
         for (stride, padding, k) in [(1, 1, 3), (1, 0, 3), (1, 2, 3), (1, 0, 1), (2, 1, 3)] {
             let (mut l, spikes, dense) = f32_layer_and_inputs(&mut rng, (stride, padding, k), 0.5);
             for x in [&spikes, &dense] {
-                let ctx = StepCtx::train(0, 1, GradMode::Online);
                 // (sparse, facts): the GEMM path, the sparse dW alone, both sparse
                 let mut runs = Vec::new();
                 for (sparse, facts) in [(false, false), (true, false), (true, true)] {
@@ -993,17 +999,7 @@ mod tests {
                     } else {
                         Facts::default()
                     });
-                    l.weight.grad.fill(0.0);
-                    let mut cache = Cache::new();
-                    let y = l
-                        .forward(x, &ctx, &mut State::Empty, Some(&mut cache))
-                        .unwrap();
-                    let dy: Tensor<f32> = from_vec(
-                        y.shape(),
-                        (0..y.len()).map(|i| (i as f32 * 0.61).cos()).collect(),
-                    );
-                    let dx = l.backward(&dy, &ctx, &cache, &mut State::Empty).unwrap();
-                    runs.push((l.weight.grad.clone(), dx));
+                    runs.push(f32_step_grads(&mut l, x, |i| (i as f32 * 0.61).cos()));
                 }
                 l.set_sparse(true);
                 l.set_input_facts(Facts::default());
