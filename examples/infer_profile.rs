@@ -3,13 +3,16 @@
 //! infer`; a trained checkpoint runs on the bundled MNIST test images).
 use empf::infer::{Precision, Runtime, export};
 use empf::model::zoo;
+// the allocator of the `empf` binary, so the profile is the one `empf bench infer` sees
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: empf_simd::alloc::BlockCache<mimalloc::MiMalloc> =
+    empf_simd::alloc::BlockCache::new(mimalloc::MiMalloc, 1 << 30);
 use empf::rng::Rng;
 use empf::tensor::from_vec;
 use empf::train::step::{StepInput, eval_batch};
 use std::time::Instant;
 fn main() -> empf::Result<()> {
+    empf_simd::alloc::keep_freed_pages();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arch = args.first().map(String::as_str).unwrap_or("mnist-cnn");
     let prec = args.get(1).map(String::as_str).unwrap_or("float");
