@@ -16,6 +16,10 @@
 //!   Σ q`, accumulated as `acc += q & mask` (mask all-ones for +1, zero for −1) in `i16` lanes when
 //!   `taps·C·(2^k − 1)` fits, else `i32`: twice the lanes of `f32` per vector and half the weight
 //!   bytes, and exact integers, so the result equals the bit-serial popcount convolution's.
+//!   At the AVX-512 level, levels of at most [`MASK_ADD_MAX_BITS`] bits with 16-bit sums take a
+//!   second walk, output pixel by output pixel: all taps of a pixel add into registers, each entry
+//!   one 8-bit add of the level under a 64-bit mask of sign bits (1 bit per weight, not 16) per
+//!   64 outputs, the 8-bit sums widened into 16-bit ones before any lane can pass 255.
 //!
 //! Every level adds the same terms in the same order (portable code, auto-vectorised, or AVX2+FMA
 //! intrinsics for the accumulation), hence results are bit-identical across levels.
@@ -104,7 +108,17 @@ pub struct QuantConvWeights {
     pub(crate) bits: u32,
     /// `[tap][c][opad]`: all ones for +1, 0 for −1 and padding.
     pub(crate) table: MaskTable,
+    /// The same signs at one bit per weight: bit `(tap·C + c)·opad + o` (little-endian bytes) is
+    /// set for +1; [`MASK_PAD`] zero bytes follow, so a block read past the last row stays inside.
+    pub(crate) signs: Vec<u8>,
 }
+
+/// Zero bytes after [`QuantConvWeights::signs`]: the widest block of sign bits one read takes.
+pub(crate) const MASK_PAD: usize = 16;
+
+/// The most bits per level for which the AVX-512 kernel sums in 8-bit lanes under sign masks
+/// (`⌊255 / (2^k − 1)⌋ ≥ 4` entries between widenings; above, the 16-bit `and` path is as fast).
+pub(crate) const MASK_ADD_MAX_BITS: u32 = 6;
 
 impl QuantConvWeights {
     /// The masks of `w` for inputs of `bits` bits (1..=8): `i16` lanes when no sum can overflow
@@ -139,6 +153,12 @@ impl QuantConvWeights {
                     .collect(),
             )
         };
+        let mut signs = vec![0u8; rows * opad / 8 + MASK_PAD];
+        for i in 0..rows * opad {
+            if mask(i / opad / w.in_ch, i / opad % w.in_ch, i % opad) {
+                signs[i / 8] |= 1 << (i % 8);
+            }
+        }
         Ok(QuantConvWeights {
             out_ch: w.out_ch,
             in_ch: w.in_ch,
@@ -147,6 +167,7 @@ impl QuantConvWeights {
             opad,
             bits,
             table,
+            signs,
         })
     }
     /// `(out_ch, in_ch, kh, kw)`.
@@ -197,6 +218,10 @@ pub(crate) type QTask<'a> = SparseTask<'a, u8, QuantConvWeights>;
 pub(crate) struct Lists<V> {
     /// The taps of the current output row: `(ox, base, p)`.
     taps: Vec<[usize; 3]>,
+    /// The taps of the current output row pixel by pixel, `(sign byte offset, e0, e1)` (the
+    /// masked-add kernel), and where each output pixel's taps start (`ow + 1` values).
+    pix: Vec<[u32; 3]>,
+    starts: Vec<usize>,
     /// Per listed input pixel and image, the sum of the values.
     sums: Vec<i32>,
     /// Per output pixel of the row and image, the sum of its inputs.
@@ -205,6 +230,9 @@ pub(crate) struct Lists<V> {
     tile: Vec<f32>,
     /// Integer sums of one output row, pixel-major.
     tile16: Vec<i16>,
+    /// The masked-add kernel's entries: `1 + IMG` words each, the sign byte offset of the
+    /// channel's row and each image's level times 64 (the offset of its splat vector).
+    ent: Vec<u32>,
     tile32: Vec<i32>,
     off: Vec<u32>,
     idx: Vec<u32>,
@@ -215,10 +243,13 @@ impl<V> Default for Lists<V> {
     fn default() -> Self {
         Lists {
             taps: Vec::new(),
+            pix: Vec::new(),
+            starts: Vec::new(),
             sums: Vec::new(),
             totals: Vec::new(),
             tile: Vec::new(),
             tile16: Vec::new(),
+            ent: Vec::new(),
             tile32: Vec::new(),
             off: Vec::new(),
             idx: Vec::new(),
@@ -771,6 +802,125 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
     *A::tile(sc) = tile;
 }
 
+/// The masked-add k-bit kernel (AVX-512 level): the sums `Σ_{w=+1} q` of one output pixel for a
+/// block of `OB` outputs and `IMG` images, `acc[i·OB + j]`, from its taps `(sign byte offset of
+/// the tap's row of channel 0 and the block, e0, e1)`.
+pub(crate) type MaskPixelFn<const IMG: usize, const OB: usize> =
+    fn(signs: &[u8], span: usize, taps: &[[u32; 3]], ent: &[u32], chunk: usize, acc: &mut [i16]);
+
+/// Lists in `sc.pix` the taps of output row `oy` pixel by pixel (`sc.starts[ox]..sc.starts[ox +
+/// 1]`), each as `(byte offset of its sign row, e0, e1)`, leaving out taps of no entries, and in
+/// `sc.totals` each pixel's `Σ q` per image.
+#[inline(always)]
+fn pixel_taps<const IMG: usize>(
+    b: &Band,
+    wt: &QuantConvWeights,
+    p0: usize,
+    oy: usize,
+    sc: &mut QScratch,
+) {
+    let (h, w) = (b.h as isize, b.w as isize);
+    let (c, kw, opad) = (wt.in_ch, wt.kw, wt.opad);
+    sc.pix.clear();
+    sc.starts.clear();
+    sc.totals.clear();
+    sc.totals.resize(b.ow * IMG, 0);
+    for ox in 0..b.ow {
+        sc.starts.push(sc.pix.len());
+        for ky in 0..wt.kh {
+            let iy = (oy * b.stride + ky) as isize - b.pad as isize;
+            if iy < 0 || iy >= h {
+                continue;
+            }
+            for kx in 0..kw {
+                let ix = (ox * b.stride + kx) as isize - b.pad as isize;
+                if ix < 0 || ix >= w {
+                    continue;
+                }
+                let p = (iy * w + ix) as usize - p0;
+                for i in 0..IMG {
+                    sc.totals[ox * IMG + i] += sc.sums[p * IMG + i];
+                }
+                let (e0, e1) = (sc.off[p], sc.off[p + 1]);
+                if e0 < e1 {
+                    let byte = (ky * kw + kx) * c * opad / 8;
+                    sc.pix.push([byte as u32, e0, e1]);
+                }
+            }
+        }
+    }
+    sc.starts.push(sc.pix.len());
+}
+
+/// Entries between two widenings of 8-bit sums of levels of `bits` bits: no lane passes 255.
+#[inline(always)]
+pub(crate) fn mask_chunk(bits: u32) -> usize {
+    255 / ((1usize << bits) - 1)
+}
+
+/// The k-bit kernel walking output pixels (all taps of a pixel summed in registers by `pixel`),
+/// for narrow tables of at most [`MASK_ADD_MAX_BITS`] bits; blocks of `OB` outputs.
+#[inline(always)]
+fn run_mask<const IMG: usize, const OB: usize>(
+    t: &QTask<'_>,
+    sc: &mut QScratch,
+    mut y: [&mut [Out]; IMG],
+    pixel: MaskPixelFn<IMG, OB>,
+) {
+    let wt = t.weights;
+    let b = &t.band;
+    let mut imgs = [t.x; IMG];
+    imgs[IMG - 1] = t.x2.unwrap_or(t.x);
+    // entries at sign byte offsets `c·opad / 8`
+    let p0 = build::<u8, IMG>(b, (wt.in_ch, wt.kh, wt.opad / 8), imgs, sc);
+    sc.sums.clear();
+    sc.ent.clear();
+    for p in 0..sc.off.len() - 1 {
+        let mut s = [0i32; IMG];
+        for e in sc.off[p] as usize..sc.off[p + 1] as usize {
+            sc.ent.push(sc.idx[e]);
+            for k in 0..IMG {
+                let v = sc.val[e * IMG + k];
+                s[k] += i32::from(v);
+                sc.ent.push(64 * u32::from(v));
+            }
+        }
+        sc.sums.extend_from_slice(&s);
+    }
+    let chunk = mask_chunk(wt.bits);
+    let span = wt.in_ch.saturating_sub(1) * wt.opad / 8 + OB / 8;
+    let px = IMG * OB;
+    let mut acc = [0i16; 256];
+    let acc = &mut acc[..px];
+    if sc.tile.len() < b.ow * px {
+        sc.tile.resize(b.ow * px, 0.0);
+    }
+    for oy in b.oy0..b.oy1 {
+        pixel_taps::<IMG>(b, wt, p0, oy, sc);
+        let mut ob = 0;
+        while ob < wt.out_ch {
+            let nout = (wt.out_ch - ob).min(OB);
+            let (scale, shift) = (&t.scale[ob..ob + nout], &t.shift[ob..ob + nout]);
+            let signs = &wt.signs[ob / 8..];
+            for ox in 0..b.ow {
+                let taps = &sc.pix[sc.starts[ox]..sc.starts[ox + 1]];
+                pixel(signs, span, taps, &sc.ent, chunk, acc);
+                for i in 0..IMG {
+                    let total = sc.totals[ox * IMG + i];
+                    let a = &acc[i * OB..][..nout];
+                    let out = &mut sc.tile[(ox * IMG + i) * OB..][..nout];
+                    for j in 0..nout {
+                        let dot = 2 * i32::from(a[j]) - total;
+                        out[j] = scale[j] * (dot as f32) + shift[j];
+                    }
+                }
+            }
+            flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, &mut y);
+            ob += OB;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use super::{Accum, Out, Portable, QScratch, QTask, Scratch, Task, dispatch, dispatch_q};
@@ -934,7 +1084,125 @@ pub(crate) mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     fn q_avx512(k: Avx512, t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
-        dispatch_q(k, t, sc, y, y2)
+        let wt = t.weights;
+        if !(wt.narrow() && wt.bits <= super::MASK_ADD_MAX_BITS) {
+            return dispatch_q(k, t, sc, y, y2);
+        }
+        let wide = wt.out_ch > 64;
+        match (t.x2.is_some(), wide) {
+            (false, false) => super::run_mask::<1, 64>(t, sc, [y], mask_pixel_safe::<1, 1, 64>),
+            (false, true) => super::run_mask::<1, 128>(t, sc, [y], mask_pixel_safe::<1, 2, 128>),
+            (true, false) => super::run_mask::<2, 64>(t, sc, [y, y2], mask_pixel_safe::<2, 1, 64>),
+            (true, true) => super::run_mask::<2, 128>(t, sc, [y, y2], mask_pixel_safe::<2, 2, 128>),
+        }
+    }
+
+    /// [`mask_pixel_avx512`] behind a safe signature (for [`super::MaskPixelFn`]).
+    fn mask_pixel_safe<const IMG: usize, const NV: usize, const OB: usize>(
+        signs: &[u8],
+        span: usize,
+        taps: &[[u32; 3]],
+        ent: &[u32],
+        chunk: usize,
+        acc: &mut [i16],
+    ) {
+        // SAFETY: only reached from `q_avx512`, which runs after `Avx512::detect` (F and BW).
+        unsafe { mask_pixel_avx512::<IMG, NV, OB>(signs, span, taps, ent, chunk, acc) }
+    }
+
+    /// 64 copies of each level below 64 (the levels of at most [`super::MASK_ADD_MAX_BITS`] bits):
+    /// the level's vector is one load, which folds into the masked add (no broadcast shuffle).
+    #[repr(align(64))]
+    struct Splat([[u8; 64]; 64]);
+    static SPLAT: Splat = {
+        let mut t = [[0u8; 64]; 64];
+        let mut v = 0;
+        while v < 64 {
+            t[v] = [v as u8; 64];
+            v += 1;
+        }
+        Splat(t)
+    };
+
+    /// The sums `Σ_{w=+1} q` of one output pixel over its `taps`, `NV` vectors of 64 outputs per
+    /// image (`OB = 64·NV`): per entry, one 8-bit add of the level's vector under the 64-bit sign
+    /// mask of each vector, widened into 16-bit sums every `chunk` entries (before a lane can pass
+    /// 255); exact integers, so the same as the `and` kernels. `span`: the sign bytes one tap's
+    /// entries may read past its offset (`(C − 1)·opad / 8 + 8·NV`).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn mask_pixel_avx512<const IMG: usize, const NV: usize, const OB: usize>(
+        signs: &[u8],
+        span: usize,
+        taps: &[[u32; 3]],
+        ent: &[u32],
+        chunk: usize,
+        acc: &mut [i16],
+    ) {
+        assert!(NV <= 2 && OB == 64 * NV && acc.len() >= IMG * OB && chunk > 0);
+        let z = _mm512_setzero_si512();
+        let mut a8 = [[z; 2]; 2];
+        let mut a16 = [[z; 4]; 2];
+        // a macro, not a closure: the body must be compiled with this function's features
+        macro_rules! widen {
+            () => {
+                for i in 0..IMG {
+                    for j in 0..NV {
+                        let v = a8[i][j];
+                        let lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(v));
+                        let hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(v));
+                        a16[i][2 * j] = _mm512_add_epi16(a16[i][2 * j], lo);
+                        a16[i][2 * j + 1] = _mm512_add_epi16(a16[i][2 * j + 1], hi);
+                        a8[i][j] = z;
+                    }
+                }
+            };
+        }
+        let tab = SPLAT.0.as_ptr().cast::<u8>();
+        let mut left = chunk;
+        for &[byte, e0, e1] in taps {
+            let (mut e, e1, byte) = (e0 as usize, e1 as usize, byte as usize);
+            assert!(e <= e1 && e1 * (1 + IMG) <= ent.len());
+            assert!(byte + span <= signs.len());
+            let row = signs[byte..].as_ptr();
+            while e < e1 {
+                let end = e + (e1 - e).min(left);
+                left -= end - e;
+                while e < end {
+                    // SAFETY: `(e + 1)·(1 + IMG) ≤ ent.len()` (asserted); the entry's byte
+                    // offset is `c·opad / 8` with `c < C` (the lists of `build`), so the mask
+                    // read ends within `span` of `row`, inside `signs` (asserted); levels are
+                    // below `2^bits ≤ 64` (checked by the caller), so each splat row exists.
+                    unsafe {
+                        let en = ent.as_ptr().add(e * (1 + IMG));
+                        let ix = *en as usize;
+                        let mut mk = [0u64; 2];
+                        for j in 0..NV {
+                            mk[j] = row.add(ix + 8 * j).cast::<u64>().read_unaligned();
+                        }
+                        for i in 0..IMG {
+                            let v = *en.add(1 + i) as usize;
+                            let s = _mm512_load_si512(tab.add(v).cast());
+                            for j in 0..NV {
+                                a8[i][j] = _mm512_mask_add_epi8(a8[i][j], mk[j], a8[i][j], s);
+                            }
+                        }
+                    }
+                    e += 1;
+                }
+                if left == 0 {
+                    widen!();
+                    left = chunk;
+                }
+            }
+        }
+        widen!();
+        for i in 0..IMG {
+            for j in 0..2 * NV {
+                let p = acc[i * OB + 32 * j..][..32].as_mut_ptr();
+                // SAFETY: the slice holds the 32 lanes stored.
+                unsafe { _mm512_storeu_si512(p.cast(), a16[i][j]) };
+            }
+        }
     }
 
     /// The quantiser at the AVX2 and AVX-512 levels (rounding inline, not a `roundf` call).

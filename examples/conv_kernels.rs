@@ -1,0 +1,74 @@
+//! Kernel-only timing of the sparse float and k-bit convolutions on mnist-cnn's two binary conv
+//! shapes (random spikes of a given density): `cargo run --release --example conv_kernels [density]
+//! [bits]`; minimum over repetitions, so noise from other processes drops out.
+use empf_simd::{QuantConvWeights, SignConvWeights, Simd};
+use std::time::Instant;
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let density: f64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(0.25);
+    let bits: u32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4);
+    let s = Simd::global();
+    let mut seed = 1u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let only: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(0);
+    for (c, o, hw) in [(32usize, 64usize, 28usize), (64, 128, 14)] {
+        if only != 0 && only != c {
+            continue;
+        }
+        let (n, pair) = (8, 2);
+        let x: Vec<f32> = (0..n * c * hw * hw)
+            .map(|_| {
+                if rnd() < density {
+                    (rnd() * 1.5) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let w: Vec<f32> = (0..o * c * 9)
+            .map(|_| if rnd() < 0.5 { 1.0 } else { -1.0 })
+            .collect();
+        let sw = SignConvWeights::from_f32_oihw(&w, o, c, 3, 3).unwrap();
+        let qw = QuantConvWeights::new(&sw, bits).unwrap();
+        let step = 0.1;
+        let mut q = vec![0u8; x.len()];
+        s.quantise(&x, step, bits, &mut q).unwrap();
+        let (sc, sh) = (vec![1f32; o], vec![0f32; o]);
+        let time = |f: &mut dyn FnMut()| {
+            let mut best = f64::MAX;
+            for _ in 0..200 {
+                let t = Instant::now();
+                f();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            best * 1e3
+        };
+        let tf = time(&mut || {
+            std::hint::black_box(
+                s.sparse_conv_vec(&x, (n, hw, hw), pair, &sw, 1, 1, &sc, &sh)
+                    .unwrap(),
+            );
+        });
+        let tq = time(&mut || {
+            std::hint::black_box(
+                s.sparse_conv_q_vec(&q, (n, hw, hw), pair, &qw, 1, 1, &sc, &sh)
+                    .unwrap(),
+            );
+        });
+        let tz = time(&mut || {
+            let mut q2 = vec![0u8; x.len()];
+            s.quantise(&x, step, bits, &mut q2).unwrap();
+            std::hint::black_box(q2);
+        });
+        println!(
+            "{c}->{o} {hw}x{hw}: float {tf:.3} ms, {bits}-bit {tq:.3} ms ({:.2}x), quantise {tz:.3} ms, {}",
+            tf / tq,
+            s.kernel_name()
+        );
+    }
+}
