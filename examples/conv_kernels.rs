@@ -48,12 +48,17 @@ fn main() {
             }
             best * 1e3
         };
-        let tf = time(&mut || {
-            std::hint::black_box(
-                s.sparse_conv_vec(&x, (n, hw, hw), pair, &sw, 1, 1, &sc, &sh)
-                    .unwrap(),
-            );
-        });
+        let only_q = std::env::var_os("CONV_KERNELS_ONLY_Q").is_some();
+        let tf = if only_q {
+            1.0
+        } else {
+            time(&mut || {
+                std::hint::black_box(
+                    s.sparse_conv_vec(&x, (n, hw, hw), pair, &sw, 1, 1, &sc, &sh)
+                        .unwrap(),
+                );
+            })
+        };
         let tq = time(&mut || {
             std::hint::black_box(
                 s.sparse_conv_q_vec(&q, (n, hw, hw), pair, &qw, 1, 1, &sc, &sh)

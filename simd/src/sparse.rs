@@ -233,6 +233,8 @@ pub(crate) struct Lists<V> {
     /// The masked-add kernel's entries: `1 + IMG` words each, the sign byte offset of the
     /// channel's row and each image's level times 64 (the offset of its splat vector).
     ent: Vec<u32>,
+    /// Per pixel of a block of 64, per block of 64 channels, the non-zero channels as bits.
+    bits: Vec<u64>,
     tile32: Vec<i32>,
     off: Vec<u32>,
     idx: Vec<u32>,
@@ -250,6 +252,7 @@ impl<V> Default for Lists<V> {
             tile: Vec::new(),
             tile16: Vec::new(),
             ent: Vec::new(),
+            bits: Vec::new(),
             tile32: Vec::new(),
             off: Vec::new(),
             idx: Vec::new(),
@@ -320,15 +323,18 @@ fn build<V: Copy + PartialEq + Default, const IMG: usize>(
     }
     let zero = V::default();
     let mut len = 0;
+    // the lists as local slices: the stores through them cannot alias the `Vec` headers, so the
+    // pointers stay in registers
+    let (idx, val) = (&mut sc.idx[..most], &mut sc.val[..most * IMG]);
     for p in p0..p1 {
         for ci in 0..c {
             let mut nz = false;
             for k in 0..IMG {
                 let v = imgs[k][ci * hw + p];
-                sc.val[len * IMG + k] = v;
+                val[len * IMG + k] = v;
                 nz |= v != zero;
             }
-            sc.idx[len] = (ci * opad) as u32;
+            idx[len] = (ci * opad) as u32;
             len += usize::from(nz);
         }
         sc.off.push(len as u32);
@@ -819,35 +825,41 @@ fn pixel_taps<const IMG: usize>(
     oy: usize,
     sc: &mut QScratch,
 ) {
-    let (h, w) = (b.h as isize, b.w as isize);
-    let (c, kw, opad) = (wt.in_ch, wt.kw, wt.opad);
+    let (c, kh, kw, opad) = (wt.in_ch, wt.kh, wt.kw, wt.opad);
+    // the kernel rows (and, per pixel, columns) inside the image: `0 ≤ o·stride + k − pad < size`
+    let inside = |o: usize, size: usize, k: usize| {
+        let at = o * b.stride;
+        (
+            b.pad.saturating_sub(at),
+            (size + b.pad).saturating_sub(at).min(k),
+        )
+    };
+    let (ky0, ky1) = inside(oy, b.h, kh);
     sc.pix.clear();
+    sc.pix.reserve(b.ow * kh * kw);
     sc.starts.clear();
     sc.totals.clear();
     sc.totals.resize(b.ow * IMG, 0);
+    let (off, sums, totals) = (&sc.off[..], &sc.sums[..], &mut sc.totals[..]);
     for ox in 0..b.ow {
         sc.starts.push(sc.pix.len());
-        for ky in 0..wt.kh {
-            let iy = (oy * b.stride + ky) as isize - b.pad as isize;
-            if iy < 0 || iy >= h {
-                continue;
-            }
-            for kx in 0..kw {
-                let ix = (ox * b.stride + kx) as isize - b.pad as isize;
-                if ix < 0 || ix >= w {
-                    continue;
-                }
-                let p = (iy * w + ix) as usize - p0;
+        let (kx0, kx1) = inside(ox, b.w, kw);
+        let mut tot = [0i32; IMG];
+        for ky in ky0..ky1 {
+            let iy = oy * b.stride + ky - b.pad;
+            for kx in kx0..kx1 {
+                let p = iy * b.w + ox * b.stride + kx - b.pad - p0;
                 for i in 0..IMG {
-                    sc.totals[ox * IMG + i] += sc.sums[p * IMG + i];
+                    tot[i] += sums[p * IMG + i];
                 }
-                let (e0, e1) = (sc.off[p], sc.off[p + 1]);
+                let (e0, e1) = (off[p], off[p + 1]);
                 if e0 < e1 {
                     let byte = (ky * kw + kx) * c * opad / 8;
                     sc.pix.push([byte as u32, e0, e1]);
                 }
             }
         }
+        totals[ox * IMG..][..IMG].copy_from_slice(&tot);
     }
     sc.starts.push(sc.pix.len());
 }
@@ -858,6 +870,110 @@ pub(crate) fn mask_chunk(bits: u32) -> usize {
     255 / ((1usize << bits) - 1)
 }
 
+/// The non-zero bytes of `x` (at most 64) as the bits of a word, bit `i` for `x[i]`.
+pub(crate) type NonzeroFn = fn(&[u8]) -> u64;
+
+/// Transposes the 64 x 64 bit matrix `a` (row `i` = `a[i]`, column `j` = bit `j`): swaps the
+/// off-diagonal halves of ever smaller blocks (32, 16, ..., 1).
+#[inline(always)]
+pub(crate) fn transpose64(a: &mut [u64; 64]) {
+    let mut j = 32;
+    let mut mask: u64 = 0x0000_0000_FFFF_FFFF;
+    while j != 0 {
+        let mut k = 0;
+        while k < 64 {
+            for i in k..k + j {
+                let t = ((a[i] >> j) ^ a[i + j]) & mask;
+                a[i] ^= t << j;
+                a[i + j] ^= t;
+            }
+            k += 2 * j;
+        }
+        j >>= 1;
+        mask ^= mask << j;
+    }
+}
+
+/// The lists of the masked-add kernel for the input rows the band taps: per input pixel (from
+/// the first listed, returned), its entries `(c·opad / 8, 64·q per image)` for the channels where
+/// one of the images is non-zero, in channel order, in `sc.ent` (pixel `p`'s from `sc.off[p]`),
+/// and its `Σ q` per image in `sc.sums`. Non-zero channels are found 64 pixels x 64 channels at
+/// a time: one vector test per channel row of 64 pixels, a bit-matrix transpose, then the set
+/// bits of each pixel (no per-channel work for zero inputs).
+#[inline(always)]
+fn mask_lists<const IMG: usize>(
+    b: &Band,
+    wt: &QuantConvWeights,
+    imgs: [&[u8]; IMG],
+    sc: &mut QScratch,
+    nonzero: NonzeroFn,
+) -> usize {
+    let (h, w, c) = (b.h, b.w, wt.in_ch);
+    let hw = h * w;
+    let opad8 = (wt.opad / 8) as u32;
+    let iy0 = (b.oy0 * b.stride).saturating_sub(b.pad);
+    let iy1 = ((b.oy1 - 1) * b.stride + wt.kh)
+        .saturating_sub(b.pad)
+        .min(h);
+    let (p0, p1) = (iy0 * w, iy1.max(iy0) * w);
+    sc.off.clear();
+    sc.off.push(0);
+    sc.ent.clear();
+    sc.sums.clear();
+    let blocks = c.div_ceil(64);
+    sc.bits.clear();
+    sc.bits.resize(blocks * 64, 0);
+    let mut m = [0u64; 64];
+    let mut len = 0u32;
+    let mut pb = p0;
+    while pb < p1 {
+        let np = (p1 - pb).min(64);
+        for cbi in 0..blocks {
+            let (cb, nc) = (cbi * 64, (c - cbi * 64).min(64));
+            for r in 0..64 {
+                m[r] = 0;
+                if r < nc {
+                    for k in 0..IMG {
+                        m[r] |= nonzero(&imgs[k][(cb + r) * hw + pb..][..np]);
+                    }
+                }
+            }
+            transpose64(&mut m);
+            sc.bits[cb..cb + 64].copy_from_slice(&m);
+        }
+        let ones: usize = (0..np)
+            .map(|pp| {
+                (0..blocks)
+                    .map(|cbi| sc.bits[cbi * 64 + pp].count_ones() as usize)
+                    .sum::<usize>()
+            })
+            .sum();
+        sc.ent.reserve(ones * (1 + IMG));
+        for pp in 0..np {
+            let p = pb + pp;
+            let mut s = [0i32; IMG];
+            for cbi in 0..blocks {
+                let mut bits = sc.bits[cbi * 64 + pp];
+                while bits != 0 {
+                    let ci = cbi * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    sc.ent.push(ci as u32 * opad8);
+                    for k in 0..IMG {
+                        let v = imgs[k][ci * hw + p];
+                        s[k] += i32::from(v);
+                        sc.ent.push(64 * u32::from(v));
+                    }
+                    len += 1;
+                }
+            }
+            sc.off.push(len);
+            sc.sums.extend_from_slice(&s);
+        }
+        pb += np;
+    }
+    p0
+}
+
 /// The k-bit kernel walking output pixels (all taps of a pixel summed in registers by `pixel`),
 /// for narrow tables of at most [`MASK_ADD_MAX_BITS`] bits; blocks of `OB` outputs.
 #[inline(always)]
@@ -866,27 +982,14 @@ fn run_mask<const IMG: usize, const OB: usize>(
     sc: &mut QScratch,
     mut y: [&mut [Out]; IMG],
     pixel: MaskPixelFn<IMG, OB>,
+    nonzero: NonzeroFn,
 ) {
     let wt = t.weights;
     let b = &t.band;
     let mut imgs = [t.x; IMG];
     imgs[IMG - 1] = t.x2.unwrap_or(t.x);
     // entries at sign byte offsets `c·opad / 8`
-    let p0 = build::<u8, IMG>(b, (wt.in_ch, wt.kh, wt.opad / 8), imgs, sc);
-    sc.sums.clear();
-    sc.ent.clear();
-    for p in 0..sc.off.len() - 1 {
-        let mut s = [0i32; IMG];
-        for e in sc.off[p] as usize..sc.off[p + 1] as usize {
-            sc.ent.push(sc.idx[e]);
-            for k in 0..IMG {
-                let v = sc.val[e * IMG + k];
-                s[k] += i32::from(v);
-                sc.ent.push(64 * u32::from(v));
-            }
-        }
-        sc.sums.extend_from_slice(&s);
-    }
+    let p0 = mask_lists::<IMG>(b, wt, imgs, sc, nonzero);
     let chunk = mask_chunk(wt.bits);
     let span = wt.in_ch.saturating_sub(1) * wt.opad / 8 + OB / 8;
     let px = IMG * OB;
@@ -1090,11 +1193,40 @@ pub(crate) mod x86 {
         }
         let wide = wt.out_ch > 64;
         match (t.x2.is_some(), wide) {
-            (false, false) => super::run_mask::<1, 64>(t, sc, [y], mask_pixel_safe::<1, 1, 64>),
-            (false, true) => super::run_mask::<1, 128>(t, sc, [y], mask_pixel_safe::<1, 2, 128>),
-            (true, false) => super::run_mask::<2, 64>(t, sc, [y, y2], mask_pixel_safe::<2, 1, 64>),
-            (true, true) => super::run_mask::<2, 128>(t, sc, [y, y2], mask_pixel_safe::<2, 2, 128>),
+            (false, false) => {
+                super::run_mask::<1, 64>(t, sc, [y], mask_pixel_safe::<1, 1, 64>, nonzero_safe)
+            }
+            (false, true) => {
+                super::run_mask::<1, 128>(t, sc, [y], mask_pixel_safe::<1, 2, 128>, nonzero_safe)
+            }
+            (true, false) => {
+                super::run_mask::<2, 64>(t, sc, [y, y2], mask_pixel_safe::<2, 1, 64>, nonzero_safe)
+            }
+            (true, true) => super::run_mask::<2, 128>(
+                t,
+                sc,
+                [y, y2],
+                mask_pixel_safe::<2, 2, 128>,
+                nonzero_safe,
+            ),
         }
+    }
+
+    /// [`nonzero_avx512`] behind a safe signature (for [`super::NonzeroFn`]).
+    fn nonzero_safe(x: &[u8]) -> u64 {
+        // SAFETY: only reached from `q_avx512`, which runs after `Avx512::detect` (F and BW).
+        unsafe { nonzero_avx512(x) }
+    }
+
+    /// The non-zero bytes of `x` (at most 64) as bits: one masked load and one byte test.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn nonzero_avx512(x: &[u8]) -> u64 {
+        let n = x.len().min(64);
+        let lm = if n == 64 { !0 } else { (1u64 << n) - 1 };
+        // SAFETY: the mask covers the first `n ≤ x.len()` bytes only; masked-off bytes are not
+        // read (and cannot fault).
+        let v = unsafe { _mm512_maskz_loadu_epi8(lm, x.as_ptr().cast()) };
+        _mm512_test_epi8_mask(v, v)
     }
 
     /// [`mask_pixel_avx512`] behind a safe signature (for [`super::MaskPixelFn`]).
