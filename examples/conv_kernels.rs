@@ -21,23 +21,33 @@ fn main() {
             continue;
         }
         let (n, pair) = (8, 2);
-        let x: Vec<f32> = (0..n * c * hw * hw)
-            .map(|_| {
-                if rnd() < density {
-                    (rnd() * 1.5) as f32
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let dumped = std::env::var_os("CONV_KERNELS_INPUTS")
+            .map(|d| std::path::Path::new(&d).join(format!("{c}_{n}.bin")));
+        let x: Vec<f32> = match dumped {
+            Some(f) => std::fs::read(&f)
+                .expect("input file")
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            None => (0..n * c * hw * hw)
+                .map(|_| if rnd() < density { (rnd() * 1.5) as f32 } else { 0.0 })
+                .collect(),
+        };
+        assert_eq!(x.len(), n * c * hw * hw);
+        let nzf = x.iter().filter(|&&v| v != 0.0).count() as f64 / x.len() as f64;
         let w: Vec<f32> = (0..o * c * 9)
             .map(|_| if rnd() < 0.5 { 1.0 } else { -1.0 })
             .collect();
         let sw = SignConvWeights::from_f32_oihw(&w, o, c, 3, 3).unwrap();
         let qw = QuantConvWeights::new(&sw, bits).unwrap();
-        let step = 0.1;
+        let step: f32 = std::env::var("CONV_KERNELS_STEP")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.1);
         let mut q = vec![0u8; x.len()];
         s.quantise(&x, step, bits, &mut q).unwrap();
+        let nzq = q.iter().filter(|&&v| v != 0).count() as f64 / q.len() as f64;
+        println!("density: spikes {nzf:.3}, levels {nzq:.3}");
         let (sc, sh) = (vec![1f32; o], vec![0f32; o]);
         let time = |f: &mut dyn FnMut()| {
             let mut best = f64::MAX;

@@ -448,7 +448,7 @@ fn block<K: Accum, const IMG: usize, const OB: usize>(
                 v[j] = scale[j] * v[j] + shift[j];
             }
         }
-        flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, y);
+        k.flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, y);
     }
 }
 
@@ -510,6 +510,20 @@ pub(crate) trait Accum: Copy {
                 dst[j * ds + i] = v;
             }
         }
+    }
+    /// [`flush`]: the row tile into the channel planes (a copy, so the same at every level).
+    #[inline(always)]
+    fn flush<const IMG: usize>(
+        self,
+        tile: &[f32],
+        b: &Band,
+        oy: usize,
+        ob: usize,
+        nout: usize,
+        rows: usize,
+        y: &mut [&mut [Out]; IMG],
+    ) {
+        flush::<IMG>(tile, b, oy, ob, nout, rows, y)
     }
     /// The eight dot products of the sparse dX (`crate::sparse_dw::dot8_portable`).
     #[inline(always)]
@@ -803,7 +817,7 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
                 out[j] = scale[j] * (dot as f32) + shift[j];
             }
         }
-        flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, y);
+        k.flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, y);
     }
     *A::tile(sc) = tile;
 }
@@ -977,7 +991,8 @@ fn mask_lists<const IMG: usize>(
 /// The k-bit kernel walking output pixels (all taps of a pixel summed in registers by `pixel`),
 /// for narrow tables of at most [`MASK_ADD_MAX_BITS`] bits; blocks of `OB` outputs.
 #[inline(always)]
-fn run_mask<const IMG: usize, const OB: usize>(
+fn run_mask<K: Accum, const IMG: usize, const OB: usize>(
+    k: K,
     t: &QTask<'_>,
     sc: &mut QScratch,
     mut y: [&mut [Out]; IMG],
@@ -1018,7 +1033,7 @@ fn run_mask<const IMG: usize, const OB: usize>(
                     }
                 }
             }
-            flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, &mut y);
+            k.flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, &mut y);
             ob += OB;
         }
     }
@@ -1103,6 +1118,24 @@ pub(crate) mod x86 {
     impl Accum for Avx512 {
         const F32_LANES: usize = 128;
         const F32_PAIR_LANES: usize = 128;
+        #[inline(always)]
+        fn flush<const IMG: usize>(
+            self,
+            tile: &[f32],
+            b: &super::Band,
+            oy: usize,
+            ob: usize,
+            nout: usize,
+            rows: usize,
+            y: &mut [&mut [Out]; IMG],
+        ) {
+            if rows.is_multiple_of(16) {
+                // SAFETY: an `Avx512` exists only when AVX-512F was detected.
+                unsafe { flush_avx512::<IMG>(tile, b, oy, ob, nout, rows, y) }
+            } else {
+                super::flush::<IMG>(tile, b, oy, ob, nout, rows, y)
+            }
+        }
         #[inline(always)]
         fn transpose8(self, src: &[f32], ss: usize, dst: &mut [f32], ds: usize) {
             self.0.transpose8(src, ss, dst, ds)
@@ -1194,15 +1227,16 @@ pub(crate) mod x86 {
         let wide = wt.out_ch > 64;
         match (t.x2.is_some(), wide) {
             (false, false) => {
-                super::run_mask::<1, 64>(t, sc, [y], mask_pixel_safe::<1, 1, 64>, nonzero_safe)
+                super::run_mask::<_, 1, 64>(k, t, sc, [y], mask_pixel_safe::<1, 1, 64>, nonzero_safe)
             }
             (false, true) => {
-                super::run_mask::<1, 128>(t, sc, [y], mask_pixel_safe::<1, 2, 128>, nonzero_safe)
+                super::run_mask::<_, 1, 128>(k, t, sc, [y], mask_pixel_safe::<1, 2, 128>, nonzero_safe)
             }
             (true, false) => {
-                super::run_mask::<2, 64>(t, sc, [y, y2], mask_pixel_safe::<2, 1, 64>, nonzero_safe)
+                super::run_mask::<_, 2, 64>(k, t, sc, [y, y2], mask_pixel_safe::<2, 1, 64>, nonzero_safe)
             }
-            (true, true) => super::run_mask::<2, 128>(
+            (true, true) => super::run_mask::<_, 2, 128>(
+                k,
                 t,
                 sc,
                 [y, y2],
@@ -1333,6 +1367,76 @@ pub(crate) mod x86 {
                 let p = acc[i * OB + 32 * j..][..32].as_mut_ptr();
                 // SAFETY: the slice holds the 32 lanes stored.
                 unsafe { _mm512_storeu_si512(p.cast(), a16[i][j]) };
+            }
+        }
+    }
+
+    /// Transposes the 16 x 16 block `r` (row `i` = `r[i]`) in place: 32-bit, then 64-bit
+    /// interleaves within 128-bit lanes, then two rounds of 128-bit lane shuffles.
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [__m512; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in (0..16).step_by(2) {
+            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for i in (0..16).step_by(4) {
+            let d = |v: __m512| _mm512_castps_pd(v);
+            r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(t[i]), d(t[i + 2])));
+            r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(t[i]), d(t[i + 2])));
+            r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(d(t[i + 1]), d(t[i + 3])));
+            r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(d(t[i + 1]), d(t[i + 3])));
+        }
+        for h in [0, 8] {
+            for j in 0..4 {
+                t[h + j] = _mm512_shuffle_f32x4::<0x88>(r[h + j], r[h + j + 4]);
+                t[h + j + 4] = _mm512_shuffle_f32x4::<0xdd>(r[h + j], r[h + j + 4]);
+            }
+        }
+        for j in 0..8 {
+            r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[j + 8]);
+            r[j + 8] = _mm512_shuffle_f32x4::<0xdd>(t[j], t[j + 8]);
+        }
+    }
+
+    /// [`super::flush`] by 16 x 16 transposes: 16 pixels x 16 channels of the tile in, 16
+    /// channel rows of 16 pixels out (masked at the row's and the block's ends); `rows` is a
+    /// multiple of 16. The same values as the scalar copy.
+    #[target_feature(enable = "avx512f")]
+    fn flush_avx512<const IMG: usize>(
+        tile: &[f32],
+        b: &super::Band,
+        oy: usize,
+        ob: usize,
+        nout: usize,
+        rows: usize,
+        y: &mut [&mut [Out]; IMG],
+    ) {
+        let (ow, plane) = (b.ow, (b.oy1 - b.oy0) * b.ow);
+        let at = (oy - b.oy0) * ow;
+        assert!(rows.is_multiple_of(16) && nout <= rows && tile.len() >= ow * IMG * rows);
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, yk) in y.iter_mut().enumerate() {
+            assert!(nout == 0 || (ob + nout - 1) * plane + at + ow <= yk.len());
+            for ox0 in (0..ow).step_by(16) {
+                let np = (ow - ox0).min(16);
+                let lanes: __mmask16 = if np == 16 { !0 } else { (1 << np) - 1 };
+                for j0 in (0..nout).step_by(16) {
+                    for (p, v) in r.iter_mut().enumerate().take(np) {
+                        let src = &tile[((ox0 + p) * IMG + i) * rows + j0..][..16];
+                        // SAFETY: `src` holds 16 values (`j0 + 16 ≤ rows`: both multiples of 16).
+                        *v = unsafe { _mm512_loadu_ps(src.as_ptr()) };
+                    }
+                    transpose16(&mut r);
+                    for (c, v) in r.iter().enumerate().take((nout - j0).min(16)) {
+                        let at = (ob + j0 + c) * plane + at + ox0;
+                        // SAFETY: `at + np ≤ (ob + nout − 1)·plane + at_row + ow ≤ yk.len()`
+                        // (asserted above); only the `np` masked lanes are written.
+                        unsafe {
+                            _mm512_mask_storeu_ps(yk.as_mut_ptr().add(at).cast(), lanes, *v)
+                        };
+                    }
+                }
             }
         }
     }
