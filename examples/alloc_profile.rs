@@ -11,8 +11,10 @@ struct Counting;
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static HIST: Mutex<[(usize, usize, usize); 64]> = Mutex::new([(0, 0, 0); 64]);
-static M: empf_simd::alloc::BlockCache<mimalloc::MiMalloc> =
-    empf_simd::alloc::BlockCache::new(mimalloc::MiMalloc, 1 << 30);
+static M: empf_simd::alloc::BlockCache<mimalloc::MiMalloc> = empf_simd::alloc::BlockCache::new(
+    mimalloc::MiMalloc,
+    empf_simd::alloc::BlockCache::<()>::DEFAULT_CAP,
+);
 static SMALL: Mutex<[(usize, usize); 21]> = Mutex::new([(0, 0); 21]);
 fn big(size: usize, d: isize) {
     if size < (64 << 10) {

@@ -30,7 +30,13 @@ fn main() {
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
             None => (0..n * c * hw * hw)
-                .map(|_| if rnd() < density { (rnd() * 1.5) as f32 } else { 0.0 })
+                .map(|_| {
+                    if rnd() < density {
+                        (rnd() * 1.5) as f32
+                    } else {
+                        0.0
+                    }
+                })
                 .collect(),
         };
         assert_eq!(x.len(), n * c * hw * hw);

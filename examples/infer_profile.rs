@@ -5,8 +5,10 @@ use empf::infer::{Precision, Runtime, export};
 use empf::model::zoo;
 // the allocator of the `empf` binary, so the profile is the one `empf bench infer` sees
 #[global_allocator]
-static GLOBAL: empf_simd::alloc::BlockCache<mimalloc::MiMalloc> =
-    empf_simd::alloc::BlockCache::new(mimalloc::MiMalloc, 1 << 30);
+static GLOBAL: empf_simd::alloc::BlockCache<mimalloc::MiMalloc> = empf_simd::alloc::BlockCache::new(
+    mimalloc::MiMalloc,
+    empf_simd::alloc::BlockCache::<()>::DEFAULT_CAP,
+);
 use empf::rng::Rng;
 use empf::tensor::from_vec;
 use empf::train::step::{StepInput, eval_batch};

@@ -96,6 +96,8 @@ impl<A> BlockCache<A> {
     pub const GRAIN: usize = 64 << 10;
     /// Most blocks kept at once.
     pub const SLOTS: usize = 256;
+    /// The cap of the `empf` binary and its profiling examples (1 GiB of freed blocks).
+    pub const DEFAULT_CAP: usize = 1 << 30;
     const ALIGN: usize = 64;
 
     /// Wrap `inner`, keeping at most `cap` bytes of freed blocks.

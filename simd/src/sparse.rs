@@ -1226,24 +1226,23 @@ pub(crate) mod x86 {
         }
         let wide = wt.out_ch > 64;
         match (t.x2.is_some(), wide) {
-            (false, false) => {
-                super::run_mask::<_, 1, 64>(k, t, sc, [y], mask_pixel_safe::<1, 1, 64>, nonzero_safe)
-            }
-            (false, true) => {
-                super::run_mask::<_, 1, 128>(k, t, sc, [y], mask_pixel_safe::<1, 2, 128>, nonzero_safe)
-            }
-            (true, false) => {
-                super::run_mask::<_, 2, 64>(k, t, sc, [y, y2], mask_pixel_safe::<2, 1, 64>, nonzero_safe)
-            }
-            (true, true) => super::run_mask::<_, 2, 128>(
-                k,
-                t,
-                sc,
-                [y, y2],
-                mask_pixel_safe::<2, 2, 128>,
-                nonzero_safe,
-            ),
+            (false, false) => mask_run::<1, 1, 64>(k, t, sc, [y]),
+            (false, true) => mask_run::<1, 2, 128>(k, t, sc, [y]),
+            (true, false) => mask_run::<2, 1, 64>(k, t, sc, [y, y2]),
+            (true, true) => mask_run::<2, 2, 128>(k, t, sc, [y, y2]),
         }
+    }
+
+    /// The masked-add kernel for `IMG` images and blocks of `OB = 64·NV` outputs (inlined into
+    /// `q_avx512`, so compiled with its features).
+    #[inline(always)]
+    fn mask_run<const IMG: usize, const NV: usize, const OB: usize>(
+        k: Avx512,
+        t: &QTask<'_>,
+        sc: &mut QScratch,
+        y: [&mut [Out]; IMG],
+    ) {
+        super::run_mask::<_, IMG, OB>(k, t, sc, y, mask_pixel_safe::<IMG, NV, OB>, nonzero_safe)
     }
 
     /// [`nonzero_avx512`] behind a safe signature (for [`super::NonzeroFn`]).
@@ -1432,9 +1431,7 @@ pub(crate) mod x86 {
                         let at = (ob + j0 + c) * plane + at + ox0;
                         // SAFETY: `at + np ≤ (ob + nout − 1)·plane + at_row + ow ≤ yk.len()`
                         // (asserted above); only the `np` masked lanes are written.
-                        unsafe {
-                            _mm512_mask_storeu_ps(yk.as_mut_ptr().add(at).cast(), lanes, *v)
-                        };
+                        unsafe { _mm512_mask_storeu_ps(yk.as_mut_ptr().add(at).cast(), lanes, *v) };
                     }
                 }
             }

@@ -20,6 +20,7 @@ fn main() {
 /// 64 KiB and more are reused by exact size ([`BlockCache`]): each step then touches the same
 /// blocks, and resident memory stays near the live peak instead of drifting with fragmentation.
 #[global_allocator]
-static GLOBAL: BlockCache<mimalloc::MiMalloc> = BlockCache::new(mimalloc::MiMalloc, 1 << 30);
+static GLOBAL: BlockCache<mimalloc::MiMalloc> =
+    BlockCache::new(mimalloc::MiMalloc, BlockCache::<()>::DEFAULT_CAP);
 
 use empf_simd::alloc::BlockCache;
