@@ -270,8 +270,14 @@ fn k_bit_runtime_equals_the_scalar_reference_of_the_quantised_network() {
             run(Precision::Popcount(bits)),
             "{bits}-bit kernels differ"
         );
-        // a QAT model (quantisers in the graph) runs the same in float and k-bit mode
+        // a QAT model (quantisers in the graph) runs the same in float and k-bit mode; in k-bit
+        // mode its quantisers fold into the binary layers: exactly the plain model's k-bit run
         let qat = export(&cfg, &reference).unwrap();
+        let qk = Runtime::new(qat.clone(), Precision::Bits(bits), None, Simd::global())
+            .unwrap()
+            .run(&x)
+            .unwrap();
+        assert_eq!(qk, got, "{bits}-bit QAT model in {bits}-bit mode");
         let f = runtime(&qat, Precision::Float).run(&x).unwrap();
         let d = max_rel(&f, &want);
         assert!(

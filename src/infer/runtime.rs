@@ -225,6 +225,53 @@ fn prepare(ops: Vec<Op>, simd: &Simd, bits: Option<u32>) -> Result<Vec<Node>> {
         .collect()
 }
 
+/// Drops, in k-bit modes (`quant`: the mode's bits and step), every spike quantiser of the same
+/// bits and step that feeds a binary layer on float-spike inputs: that layer quantises its input
+/// itself, and `clamp(round(x/s))` of the quantiser's output `s·q` is `q` again (`s·q/s` is within
+/// a few ulps of the integer `q ≤ 255`, for steps in the normal range), the level the quantiser
+/// would have produced from `x`: the same levels, one pass and one buffer fewer.
+fn fold_quantisers(nodes: Vec<Node>, quant: Option<(u32, f32)>) -> Vec<Node> {
+    let Some((k, s)) = quant else { return nodes };
+    let exact = (f32::MIN_POSITIVE * 256.0..=1e30).contains(&s);
+    let mut out: Vec<Node> = Vec::with_capacity(nodes.len());
+    let mut it = nodes.into_iter().peekable();
+    while let Some(node) = it.next() {
+        let node = match node {
+            Node::Residual {
+                name,
+                body,
+                shortcut,
+            } => Node::Residual {
+                name,
+                body: fold_quantisers(body, quant),
+                shortcut: shortcut.map(|sc| fold_quantisers(sc, quant)),
+            },
+            Node::Quant { bits, step }
+                if exact
+                    && bits == k
+                    && step == s
+                    && matches!(
+                        it.peek(),
+                        Some(
+                            Node::BinConv {
+                                binary_input: false,
+                                ..
+                            } | Node::BinLinear {
+                                binary_input: false,
+                                ..
+                            }
+                        )
+                    ) =>
+            {
+                continue;
+            }
+            n => n,
+        };
+        out.push(node);
+    }
+    out
+}
+
 /// `bits`: the k of k-bit precision with the sparse integer kernels.
 fn prepare_op(op: Op, simd: &Simd, bits: Option<u32>) -> Result<Node> {
     Ok(match op {
@@ -432,15 +479,16 @@ impl Runtime {
                 model.input
             )));
         }
+        let nodes = prepare(
+            model.ops,
+            &simd,
+            match precision {
+                Precision::Bits(k) => Some(k),
+                _ => None,
+            },
+        )?;
         let rt = Runtime {
-            nodes: prepare(
-                model.ops,
-                &simd,
-                match precision {
-                    Precision::Bits(k) => Some(k),
-                    _ => None,
-                },
-            )?,
+            nodes: fold_quantisers(nodes, precision.bits().map(|k| (k, step))),
             steps: model.steps,
             input: model.input,
             classes: model.classes,
@@ -1029,7 +1077,49 @@ fn add(a: Act, b: Act, steps: usize) -> Act {
 
 #[cfg(test)]
 mod tests {
-    use super::Precision;
+    use super::{Node, Precision, Runtime};
+    use crate::model::{ModelConfig, SpikeQuantConfig, zoo};
+
+    fn quantisers(nodes: &[Node]) -> usize {
+        nodes
+            .iter()
+            .map(|n| match n {
+                Node::Quant { .. } => 1,
+                Node::Residual { body, shortcut, .. } => {
+                    quantisers(body) + shortcut.as_deref().map_or(0, quantisers)
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// k-bit modes of the QAT model's own bits and step drop its quantisers (the binary layers
+    /// quantise their inputs to the same levels); other modes keep them.
+    #[test]
+    fn k_bit_modes_fold_the_quantisers_of_their_own_bits_and_step() {
+        let cfg = ModelConfig {
+            steps: 2,
+            widths: vec![4, 8, 8],
+            input: [1, 8, 8],
+            spike_quant: Some(SpikeQuantConfig {
+                bits: 4,
+                step: 0.25,
+            }),
+            ..zoo::small_config()
+        };
+        let net = zoo::build::<f32>(&cfg, &mut crate::rng::Rng::new(1)).unwrap();
+        let model = crate::infer::export(&cfg, &net).unwrap();
+        let simd = empf_simd::Simd::global();
+        let count = |p: Precision, step: Option<f32>| {
+            quantisers(&Runtime::new(model.clone(), p, step, simd).unwrap().nodes)
+        };
+        assert_eq!(count(Precision::Float, None), 2);
+        assert_eq!(count(Precision::Bits(4), None), 0);
+        assert_eq!(count(Precision::Popcount(4), None), 0);
+        assert_eq!(count(Precision::Bits(2), None), 2);
+        // the model's own step wins over a requested one: still folded
+        assert_eq!(count(Precision::Bits(4), Some(0.5)), 0);
+    }
 
     #[test]
     fn precision_names_parse_with_and_without_popcount() {
