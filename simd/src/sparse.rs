@@ -513,6 +513,7 @@ pub(crate) trait Accum: Copy {
     }
     /// [`flush`]: the row tile into the channel planes (a copy, so the same at every level).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn flush<const IMG: usize>(
         self,
         tile: &[f32],
@@ -1119,6 +1120,7 @@ pub(crate) mod x86 {
         const F32_LANES: usize = 128;
         const F32_PAIR_LANES: usize = 128;
         #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
         fn flush<const IMG: usize>(
             self,
             tile: &[f32],
