@@ -720,13 +720,24 @@ fn shape_of(node: &Node, s: &[usize]) -> Result<Vec<usize>> {
     })
 }
 
-/// The `N x ...` slice of step `t`.
-fn step_slice(a: &Act, t: usize, per: usize) -> &[f32] {
+/// The values of all `steps` steps of `a` in one owned buffer, step-major, for a per-step op to
+/// overwrite in place: a repeated input is copied once per step, otherwise its buffer is taken
+/// (no buffer is zeroed and then overwritten).
+fn step_buffer(a: Act, steps: usize) -> Vec<f32> {
     let xs = a.x.as_slice().expect("standard layout");
     if a.repeated {
-        &xs[..per]
-    } else {
-        &xs[t * per..(t + 1) * per]
+        let mut y = Vec::with_capacity(xs.len() * steps);
+        for _ in 0..steps {
+            y.extend_from_slice(xs);
+        }
+        return y;
+    }
+    let len = xs.len();
+    // standard layout: the values are one run of the buffer, from its offset
+    let (buf, off) = a.x.into_raw_vec_and_offset();
+    match off {
+        Some(0) if buf.len() == len => buf,
+        _ => buf[off.unwrap_or(0)..][..len].to_vec(),
     }
 }
 
@@ -906,12 +917,11 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
         Node::Parallel { threshold } => {
             let (n, inner, os) = rows_shape(&a, ctx.steps);
             let per = n * inner;
-            let mut y = vec![0f32; per * ctx.steps];
+            let mut y = step_buffer(a, ctx.steps);
             for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
                 let th = threshold[t];
                 yt.par_iter_mut()
-                    .zip(step_slice(&a, t, per))
-                    .for_each(|(o, &x)| *o = if x > th { x - th } else { 0.0 });
+                    .for_each(|o| *o = if *o > th { *o - th } else { 0.0 });
             }
             return Ok(Act {
                 x: from_vec(&os, y),
@@ -934,7 +944,8 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 1
             };
             let c = shape[1];
-            let mut y = vec![0f32; per * ctx.steps];
+            // the spikes overwrite the inputs in place
+            let mut y = step_buffer(a, ctx.steps);
             let mut v = vec![0f32; per];
             for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
                 let th = threshold[t];
@@ -942,20 +953,19 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 let aff = input
                     .as_ref()
                     .map(|(k, b)| (&k[t * chs..(t + 1) * chs], &b[t * chs..(t + 1) * chs]));
-                let xt = step_slice(&a, t, per);
                 yt.par_chunks_mut(inner)
                     .zip(v.par_chunks_mut(inner))
-                    .zip(xt.par_chunks(inner))
-                    .for_each(|((ys, vs), xs)| {
+                    .for_each(|(ys, vs)| {
                         for ci in 0..c {
                             let ch = if chs == 1 { 0 } else { ci };
                             let l = lk[ch];
                             let (k, b) = aff.map_or((1.0, 0.0), |(k, b)| (k[ch], b[ch]));
                             let r = ci * hw..(ci + 1) * hw;
-                            let (ys, vs, xs) = (&mut ys[r.clone()], &mut vs[r.clone()], &xs[r]);
+                            let (ys, vs) = (&mut ys[r.clone()], &mut vs[r]);
                             let (affine, recur) = (aff.is_some(), t > 0);
                             // selects, not branches: vectorised (spikes are data-dependent)
-                            for ((y, v), &x) in ys.iter_mut().zip(vs.iter_mut()).zip(xs) {
+                            for (y, v) in ys.iter_mut().zip(vs.iter_mut()) {
+                                let x = *y;
                                 let mut m = if affine { k * x + b } else { x };
                                 if recur {
                                     // float addition commutes: this is both `λv + x` (V1)
@@ -1000,19 +1010,16 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                     1.0
                 }
             };
-            let mut y = vec![0f32; per * ctx.steps];
+            let mut y = step_buffer(a, ctx.steps);
             let mut v = vec![0f32; per];
             for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
-                let xt = step_slice(&a, t, per);
-                yt.par_iter_mut()
-                    .zip(v.par_iter_mut())
-                    .zip(xt.par_iter())
-                    .for_each(|((o, vv), &x)| {
-                        let m = if t > 0 { lk * *vv + x } else { x };
-                        let s = spike(m);
-                        *o = s;
-                        *vv = if hard { m * (1.0 - s) } else { m - th * s };
-                    });
+                yt.par_iter_mut().zip(v.par_iter_mut()).for_each(|(o, vv)| {
+                    let x = *o;
+                    let m = if t > 0 { lk * *vv + x } else { x };
+                    let s = spike(m);
+                    *o = s;
+                    *vv = if hard { m * (1.0 - s) } else { m - th * s };
+                });
             }
             return Ok(Act {
                 x: from_vec(&os, y),
