@@ -465,7 +465,7 @@ impl Simd {
                 pack_u8_planes: x86_64::avx512::pack_u8_planes,
                 sparse_conv: sparse::x86::sparse_avx512,
                 sparse_conv_q: sparse::x86::sparse_q_avx512,
-                quantise: sparse::x86::quantise_avx2,
+                quantise: sparse::x86::quantise_avx512,
                 sparse_dw: sparse::x86::dw_avx512,
             },
             #[cfg(target_arch = "aarch64")]

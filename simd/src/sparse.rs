@@ -1455,6 +1455,19 @@ pub(crate) mod x86 {
         super::quantise_body(x, step, bits, q)
     }
 
+    /// The quantiser at the AVX-512 level (16 lanes; the same IEEE operations, so the same
+    /// levels).
+    pub(crate) fn quantise_avx512(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+        Avx512::detect().expect("avx512 kernel called on a CPU without avx512f+bw+fma");
+        // SAFETY: AVX-512F/BW were checked by `detect`; the function is safe code otherwise.
+        unsafe { quantise_avx512_body(x, step, bits, q) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx2")]
+    fn quantise_avx512_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+        super::quantise_body(x, step, bits, q)
+    }
+
     /// The sparse-input dW at the AVX2 and AVX-512 levels (the portable fused code on a CPU without
     /// FMA: the same sums).
     pub(crate) fn dw_avx2(t: &DwTask<'_>, sc: &mut DwScratch, dwt: &mut [f32], dx: &mut [f32]) {
