@@ -1,6 +1,8 @@
 //! Kernel-only timing of the sparse float and k-bit convolutions on mnist-cnn's two binary conv
-//! shapes (random spikes of a given density): `cargo run --release --example conv_kernels [density]
-//! [bits]`; minimum over repetitions, so noise from other processes drops out.
+//! shapes, 8 images in pairs as the runtime runs them (random spikes of a given density, uniform
+//! in [0, 1.5), quantised with step 0.1): `cargo run --release --example conv_kernels [density]
+//! [bits] [32|64: only the shape of that many input channels]`; the minimum of 200 calls, so
+//! noise from other processes drops out (`RAYON_NUM_THREADS=1` for one core).
 use empf_simd::{QuantConvWeights, SignConvWeights, Simd};
 use std::time::Instant;
 fn main() {
@@ -21,24 +23,15 @@ fn main() {
             continue;
         }
         let (n, pair) = (8, 2);
-        let dumped = std::env::var_os("CONV_KERNELS_INPUTS")
-            .map(|d| std::path::Path::new(&d).join(format!("{c}_{n}.bin")));
-        let x: Vec<f32> = match dumped {
-            Some(f) => std::fs::read(&f)
-                .expect("input file")
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            None => (0..n * c * hw * hw)
-                .map(|_| {
-                    if rnd() < density {
-                        (rnd() * 1.5) as f32
-                    } else {
-                        0.0
-                    }
-                })
-                .collect(),
-        };
+        let x: Vec<f32> = (0..n * c * hw * hw)
+            .map(|_| {
+                if rnd() < density {
+                    (rnd() * 1.5) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         assert_eq!(x.len(), n * c * hw * hw);
         let nzf = x.iter().filter(|&&v| v != 0.0).count() as f64 / x.len() as f64;
         let w: Vec<f32> = (0..o * c * 9)
@@ -46,10 +39,7 @@ fn main() {
             .collect();
         let sw = SignConvWeights::from_f32_oihw(&w, o, c, 3, 3).unwrap();
         let qw = QuantConvWeights::new(&sw, bits).unwrap();
-        let step: f32 = std::env::var("CONV_KERNELS_STEP")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.1);
+        let step = 0.1;
         let mut q = vec![0u8; x.len()];
         s.quantise(&x, step, bits, &mut q).unwrap();
         let nzq = q.iter().filter(|&&v| v != 0).count() as f64 / q.len() as f64;
@@ -64,17 +54,12 @@ fn main() {
             }
             best * 1e3
         };
-        let only_q = std::env::var_os("CONV_KERNELS_ONLY_Q").is_some();
-        let tf = if only_q {
-            1.0
-        } else {
-            time(&mut || {
-                std::hint::black_box(
-                    s.sparse_conv_vec(&x, (n, hw, hw), pair, &sw, 1, 1, &sc, &sh)
-                        .unwrap(),
-                );
-            })
-        };
+        let tf = time(&mut || {
+            std::hint::black_box(
+                s.sparse_conv_vec(&x, (n, hw, hw), pair, &sw, 1, 1, &sc, &sh)
+                    .unwrap(),
+            );
+        });
         let tq = time(&mut || {
             std::hint::black_box(
                 s.sparse_conv_q_vec(&q, (n, hw, hw), pair, &qw, 1, 1, &sc, &sh)
