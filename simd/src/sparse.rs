@@ -118,6 +118,7 @@ pub(crate) const MASK_PAD: usize = 16;
 
 /// The most bits per level for which the AVX-512 kernel sums in 8-bit lanes under sign masks
 /// (`⌊255 / (2^k − 1)⌋ ≥ 4` entries between widenings; above, the 16-bit `and` path is as fast).
+#[cfg(target_arch = "x86_64")]
 pub(crate) const MASK_ADD_MAX_BITS: u32 = 6;
 
 impl QuantConvWeights {
@@ -220,7 +221,9 @@ pub(crate) struct Lists<V> {
     taps: Vec<[usize; 3]>,
     /// The taps of the current output row pixel by pixel, `(sign byte offset, e0, e1)` (the
     /// masked-add kernel), and where each output pixel's taps start (`ow + 1` values).
+    #[cfg(target_arch = "x86_64")]
     pix: Vec<[u32; 3]>,
+    #[cfg(target_arch = "x86_64")]
     starts: Vec<usize>,
     /// Per listed input pixel and image, the sum of the values.
     sums: Vec<i32>,
@@ -232,8 +235,10 @@ pub(crate) struct Lists<V> {
     tile16: Vec<i16>,
     /// The masked-add kernel's entries: `1 + IMG` words each, the sign byte offset of the
     /// channel's row and each image's level times 64 (the offset of its splat vector).
+    #[cfg(target_arch = "x86_64")]
     ent: Vec<u32>,
     /// Per pixel of a block of 64, per block of 64 channels, the non-zero channels as bits.
+    #[cfg(target_arch = "x86_64")]
     bits: Vec<u64>,
     tile32: Vec<i32>,
     off: Vec<u32>,
@@ -245,13 +250,17 @@ impl<V> Default for Lists<V> {
     fn default() -> Self {
         Lists {
             taps: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
             pix: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
             starts: Vec::new(),
             sums: Vec::new(),
             totals: Vec::new(),
             tile: Vec::new(),
             tile16: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
             ent: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
             bits: Vec::new(),
             tile32: Vec::new(),
             off: Vec::new(),
@@ -826,12 +835,14 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
 /// The masked-add k-bit kernel (AVX-512 level): the sums `Σ_{w=+1} q` of one output pixel for a
 /// block of `OB` outputs and `IMG` images, `acc[i·OB + j]`, from its taps `(sign byte offset of
 /// the tap's row of channel 0 and the block, e0, e1)`.
+#[cfg(target_arch = "x86_64")]
 pub(crate) type MaskPixelFn<const IMG: usize, const OB: usize> =
     fn(signs: &[u8], span: usize, taps: &[[u32; 3]], ent: &[u32], chunk: usize, acc: &mut [i16]);
 
 /// Lists in `sc.pix` the taps of output row `oy` pixel by pixel (`sc.starts[ox]..sc.starts[ox +
 /// 1]`), each as `(byte offset of its sign row, e0, e1)`, leaving out taps of no entries, and in
 /// `sc.totals` each pixel's `Σ q` per image.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn pixel_taps<const IMG: usize>(
     b: &Band,
@@ -880,16 +891,19 @@ fn pixel_taps<const IMG: usize>(
 }
 
 /// Entries between two widenings of 8-bit sums of levels of `bits` bits: no lane passes 255.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn mask_chunk(bits: u32) -> usize {
     255 / ((1usize << bits) - 1)
 }
 
 /// The non-zero bytes of `x` (at most 64) as the bits of a word, bit `i` for `x[i]`.
+#[cfg(target_arch = "x86_64")]
 pub(crate) type NonzeroFn = fn(&[u8]) -> u64;
 
 /// Transposes the 64 x 64 bit matrix `a` (row `i` = `a[i]`, column `j` = bit `j`): swaps the
 /// off-diagonal halves of ever smaller blocks (32, 16, ..., 1).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn transpose64(a: &mut [u64; 64]) {
     let mut j = 32;
@@ -915,6 +929,7 @@ pub(crate) fn transpose64(a: &mut [u64; 64]) {
 /// and its `Σ q` per image in `sc.sums`. Non-zero channels are found 64 pixels x 64 channels at
 /// a time: one vector test per channel row of 64 pixels, a bit-matrix transpose, then the set
 /// bits of each pixel (no per-channel work for zero inputs).
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn mask_lists<const IMG: usize>(
     b: &Band,
@@ -991,6 +1006,7 @@ fn mask_lists<const IMG: usize>(
 
 /// The k-bit kernel walking output pixels (all taps of a pixel summed in registers by `pixel`),
 /// for narrow tables of at most [`MASK_ADD_MAX_BITS`] bits; blocks of `OB` outputs.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn run_mask<K: Accum, const IMG: usize, const OB: usize>(
     k: K,
