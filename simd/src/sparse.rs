@@ -197,6 +197,19 @@ pub(crate) struct Band {
     pub oy1: usize,
 }
 
+impl Band {
+    /// The input pixels `p0..p1` (flat, row-major) of the rows that output rows `oy0..oy1` of a
+    /// kernel `kh` rows high tap.
+    #[inline(always)]
+    fn input_pixels(&self, kh: usize) -> (usize, usize) {
+        let iy0 = (self.oy0 * self.stride).saturating_sub(self.pad);
+        let iy1 = ((self.oy1 - 1) * self.stride + kh)
+            .saturating_sub(self.pad)
+            .min(self.h);
+        (iy0 * self.w, iy1.max(iy0) * self.w)
+    }
+}
+
 /// One task of a sparse convolution: one image of inputs `X` (or two that share the weight loads:
 /// `x2`), with the weights `W`.
 pub(crate) struct SparseTask<'a, X, W> {
@@ -208,6 +221,16 @@ pub(crate) struct SparseTask<'a, X, W> {
     pub weights: &'a W,
     pub scale: &'a [f32],
     pub shift: &'a [f32],
+}
+
+impl<X, W> SparseTask<'_, X, W> {
+    /// The `IMG` images run together: `[x]`, or `[x, x2]`.
+    #[inline(always)]
+    fn images<const IMG: usize>(&self) -> [&[X]; IMG] {
+        let mut imgs = [self.x; IMG];
+        imgs[IMG - 1] = self.x2.unwrap_or(self.x);
+        imgs
+    }
 }
 
 /// A float sparse convolution task.
@@ -316,11 +339,8 @@ fn build<V: Copy + PartialEq + Default, const IMG: usize>(
     imgs: [&[V]; IMG],
     sc: &mut Lists<V>,
 ) -> usize {
-    let (h, w) = (b.h, b.w);
-    let hw = h * w;
-    let iy0 = (b.oy0 * b.stride).saturating_sub(b.pad);
-    let iy1 = ((b.oy1 - 1) * b.stride + kh).saturating_sub(b.pad).min(h);
-    let (p0, p1) = (iy0 * w, iy1.max(iy0) * w);
+    let hw = b.h * b.w;
+    let (p0, p1) = b.input_pixels(kh);
     sc.off.clear();
     sc.off.push(0);
     // branch-free: every candidate entry is written, the count advances on non-zeros (the lists
@@ -397,10 +417,7 @@ fn width(opad: usize, ob: usize, max: usize, min: usize) -> usize {
 #[inline(always)]
 fn run<K: Accum, const IMG: usize>(k: K, t: &Task<'_>, sc: &mut Scratch, mut y: [&mut [Out]; IMG]) {
     let wt = t.weights;
-    let x2 = t.x2.unwrap_or(t.x);
-    let mut imgs = [t.x; IMG];
-    imgs[IMG - 1] = x2;
-    let p0 = build::<f32, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), imgs, sc);
+    let p0 = build::<f32, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), t.images(), sc);
     // at most 8 vector accumulators per image (16 registers in all at AVX2 and below, of 32 at
     // AVX-512)
     let max = if IMG == 1 {
@@ -731,9 +748,7 @@ fn run_q<K: Accum, const IMG: usize>(
     mut y: [&mut [Out]; IMG],
 ) {
     let wt = t.weights;
-    let mut imgs = [t.x; IMG];
-    imgs[IMG - 1] = t.x2.unwrap_or(t.x);
-    let p0 = build::<u8, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), imgs, sc);
+    let p0 = build::<u8, IMG>(&t.band, (wt.in_ch, wt.kh, wt.opad), t.images(), sc);
     // Σ q per listed input pixel and image, for `dot = 2·Σ_{w=+1} q − Σ q`
     sc.sums.clear();
     for p in 0..sc.off.len() - 1 {
@@ -822,10 +837,7 @@ fn block_q<K: Accum, A: Lane, const IMG: usize, const OB: usize>(
             .zip(tile.chunks_exact(OB))
             .zip(&sc.totals)
         {
-            for j in 0..nout {
-                let dot = 2 * a[j].wide() - total;
-                out[j] = scale[j] * (dot as f32) + shift[j];
-            }
+            epilogue_q(a, total, scale, shift, &mut out[..nout]);
         }
         k.flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, y);
     }
@@ -938,14 +950,9 @@ fn mask_lists<const IMG: usize>(
     sc: &mut QScratch,
     nonzero: NonzeroFn,
 ) -> usize {
-    let (h, w, c) = (b.h, b.w, wt.in_ch);
-    let hw = h * w;
+    let (hw, c) = (b.h * b.w, wt.in_ch);
     let opad8 = (wt.opad / 8) as u32;
-    let iy0 = (b.oy0 * b.stride).saturating_sub(b.pad);
-    let iy1 = ((b.oy1 - 1) * b.stride + wt.kh)
-        .saturating_sub(b.pad)
-        .min(h);
-    let (p0, p1) = (iy0 * w, iy1.max(iy0) * w);
+    let (p0, p1) = b.input_pixels(wt.kh);
     sc.off.clear();
     sc.off.push(0);
     sc.ent.clear();
@@ -971,14 +978,6 @@ fn mask_lists<const IMG: usize>(
             transpose64(&mut m);
             sc.bits[cb..cb + 64].copy_from_slice(&m);
         }
-        let ones: usize = (0..np)
-            .map(|pp| {
-                (0..blocks)
-                    .map(|cbi| sc.bits[cbi * 64 + pp].count_ones() as usize)
-                    .sum::<usize>()
-            })
-            .sum();
-        sc.ent.reserve(ones * (1 + IMG));
         for pp in 0..np {
             let p = pb + pp;
             let mut s = [0i32; IMG];
@@ -1018,10 +1017,8 @@ fn run_mask<K: Accum, const IMG: usize, const OB: usize>(
 ) {
     let wt = t.weights;
     let b = &t.band;
-    let mut imgs = [t.x; IMG];
-    imgs[IMG - 1] = t.x2.unwrap_or(t.x);
     // entries at sign byte offsets `c·opad / 8`
-    let p0 = mask_lists::<IMG>(b, wt, imgs, sc, nonzero);
+    let p0 = mask_lists::<IMG>(b, wt, t.images(), sc, nonzero);
     let chunk = mask_chunk(wt.bits);
     let span = wt.in_ch.saturating_sub(1) * wt.opad / 8 + OB / 8;
     let px = IMG * OB;
@@ -1042,17 +1039,23 @@ fn run_mask<K: Accum, const IMG: usize, const OB: usize>(
                 pixel(signs, span, taps, &sc.ent, chunk, acc);
                 for i in 0..IMG {
                     let total = sc.totals[ox * IMG + i];
-                    let a = &acc[i * OB..][..nout];
                     let out = &mut sc.tile[(ox * IMG + i) * OB..][..nout];
-                    for j in 0..nout {
-                        let dot = 2 * i32::from(a[j]) - total;
-                        out[j] = scale[j] * (dot as f32) + shift[j];
-                    }
+                    epilogue_q(&acc[i * OB..], total, scale, shift, out);
                 }
             }
             k.flush::<IMG>(&sc.tile, b, oy, ob, nout, OB, &mut y);
             ob += OB;
         }
+    }
+}
+
+/// The k-bit epilogue of one output pixel, the same at every level: `out[j] = scale[j]·(2·a[j] −
+/// total) + shift[j]` for the `out.len()` outputs (`a[j] = Σ_{w=+1} q`, `total = Σ q`).
+#[inline(always)]
+fn epilogue_q<A: Lane>(a: &[A], total: i32, scale: &[f32], shift: &[f32], out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let dot = 2 * a[j].wide() - total;
+        *o = scale[j] * (dot as f32) + shift[j];
     }
 }
 
@@ -1352,7 +1355,7 @@ pub(crate) mod x86 {
                 left -= end - e;
                 while e < end {
                     // SAFETY: `(e + 1)·(1 + IMG) ≤ ent.len()` (asserted); the entry's byte
-                    // offset is `c·opad / 8` with `c < C` (the lists of `build`), so the mask
+                    // offset is `c·opad / 8` with `c < C` (the lists of `mask_lists`), so the mask
                     // read ends within `span` of `row`, inside `signs` (asserted); levels are
                     // below `2^bits ≤ 64` (checked by the caller), so each splat row exists.
                     unsafe {
