@@ -15,6 +15,11 @@ use empf::train::step::{StepInput, eval_batch};
 use std::time::Instant;
 fn main() -> empf::Result<()> {
     empf_simd::alloc::keep_freed_pages();
+    match std::env::var("EMPF_DENSE_Q").as_deref() {
+        Ok("always") => empf_simd::set_dense_q(empf_simd::DenseQ::Always),
+        Ok("never") => empf_simd::set_dense_q(empf_simd::DenseQ::Never),
+        _ => {}
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arch = args.first().map(String::as_str).unwrap_or("mnist-cnn");
     let prec = args.get(1).map(String::as_str).unwrap_or("float");

@@ -31,6 +31,8 @@ mod aarch64 {
     pub(crate) mod neon;
 }
 pub mod alloc;
+#[cfg(target_arch = "x86_64")]
+mod dense_q;
 mod dispatch;
 mod driver;
 mod reference;
@@ -45,6 +47,42 @@ mod x86_64 {
 
 pub use dispatch::{Isa, kernel_name};
 use driver::{ConvRows, Finish, Kernels, MatrixRows};
+
+/// Which k-bit convolution kernel runs where both could ([`Simd::sparse_conv_q`],
+/// [`Simd::sparse_conv_q_spikes_vec`]): the dense 8-bit dot-product kernel (AVX-512 VNNI, stride 1)
+/// or the sparse kernels that skip zero levels. Both sum the same integers exactly, so the results
+/// are identical; only the speed differs. Process-wide, for benchmarks and tests
+/// ([`set_dense_q`]); elsewhere than AVX-512 VNNI and stride 1 the sparse kernels always run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenseQ {
+    /// The kernel of fewer estimated cycles for the share of non-zero inputs (the default).
+    Auto,
+    /// The dense kernel wherever it can run.
+    Always,
+    /// The sparse kernels.
+    Never,
+}
+
+static DENSE_Q: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the process-wide [`DenseQ`] policy.
+pub fn set_dense_q(policy: DenseQ) {
+    let v = match policy {
+        DenseQ::Auto => 0,
+        DenseQ::Always => 1,
+        DenseQ::Never => 2,
+    };
+    DENSE_Q.store(v, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The process-wide [`DenseQ`] policy.
+pub fn dense_q() -> DenseQ {
+    match DENSE_Q.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => DenseQ::Always,
+        2 => DenseQ::Never,
+        _ => DenseQ::Auto,
+    }
+}
 pub use sparse::{QuantConvWeights, SignConvWeights};
 pub use vectorize::{VectorLevel, VectorWork, vector_level, vectorized};
 
@@ -1276,6 +1314,46 @@ impl Simd {
         check_levels(q, w.bits)?;
         Ok(filled(len, |y| {
             sparse_into(&g, q, pair, w, scale, shift, y, self.k().sparse_conv_q)
+        }))
+    }
+
+    /// [`Simd::sparse_conv_q_vec`] of the levels `clamp(round(x/step), 0, 2^w.bits() − 1)` of the
+    /// float spikes `x` (as [`Simd::quantise`]), quantised inside the convolution's tasks: no
+    /// level tensor is written, and the dense kernel quantises each input row as it packs it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_conv_q_spikes_vec(
+        &self,
+        x: &[f32],
+        step: f32,
+        dims: (usize, usize, usize),
+        pair: usize,
+        w: &QuantConvWeights,
+        stride: usize,
+        pad: usize,
+        scale: &[f32],
+        shift: &[f32],
+    ) -> Result<Vec<f32>> {
+        let g = SparseGeom::new("sparse_conv_q_spikes", dims, w.dims(), stride, pad)?;
+        let len = g.out_len();
+        g.check(x.len(), len, scale, shift)?;
+        let (quantise, kernel) = (self.k().quantise, self.k().sparse_conv_q);
+        let xs = g.in_len();
+        Ok(filled(len, |y| {
+            g.drive(
+                pair,
+                y,
+                |band, i, i2, sc: &mut sparse::SpikeScratch, yi, yj| {
+                    let task = sparse::SparseTask {
+                        x: &x[i * xs..(i + 1) * xs],
+                        x2: i2.map(|j| &x[j * xs..(j + 1) * xs]),
+                        band,
+                        weights: w,
+                        scale,
+                        shift,
+                    };
+                    sparse::spikes_task(&task, step, quantise, kernel, sc, yi, yj)
+                },
+            )
         }))
     }
 

@@ -111,6 +111,9 @@ pub struct QuantConvWeights {
     /// The same signs at one bit per weight: bit `(tap·C + c)·opad + o` (little-endian bytes) is
     /// set for +1; [`MASK_PAD`] zero bytes follow, so a block read past the last row stays inside.
     pub(crate) signs: Vec<u8>,
+    /// The signs as bytes for the dense 8-bit dot-product kernel (`crate::dense_q::dots`).
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) dots: Vec<i32>,
 }
 
 /// Zero bytes after [`QuantConvWeights::signs`]: the widest block of sign bits one read takes.
@@ -161,6 +164,8 @@ impl QuantConvWeights {
             }
         }
         Ok(QuantConvWeights {
+            #[cfg(target_arch = "x86_64")]
+            dots: crate::dense_q::dots(w.out_ch, w.in_ch, taps, mask),
             out_ch: w.out_ch,
             in_ch: w.in_ch,
             kh: w.kh,
@@ -264,6 +269,9 @@ pub(crate) struct Lists<V> {
     #[cfg(target_arch = "x86_64")]
     bits: Vec<u64>,
     tile32: Vec<i32>,
+    /// The dense kernel's buffers.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) dense: crate::dense_q::DenseScratch,
     off: Vec<u32>,
     idx: Vec<u32>,
     val: Vec<V>,
@@ -286,6 +294,8 @@ impl<V> Default for Lists<V> {
             #[cfg(target_arch = "x86_64")]
             bits: Vec::new(),
             tile32: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
+            dense: Default::default(),
             off: Vec::new(),
             idx: Vec::new(),
             val: Vec::new(),
@@ -711,7 +721,7 @@ lane!(i32, i32_acc, tile32);
 
 /// `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero; NaN ↦ 0), element-wise.
 #[inline(always)]
-fn quantise_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+pub(crate) fn quantise_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
     let max = ((1u32 << bits) - 1) as f32;
     for (d, &v) in q.iter_mut().zip(x) {
         let r = (v / step).round();
@@ -725,6 +735,57 @@ fn quantise_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
 
 /// The quantiser of one ISA level.
 pub(crate) type QuantiseFn = fn(&[f32], f32, u32, &mut [u8]);
+
+/// Buffers of a k-bit convolution task on float spikes: the levels of its (up to two) images, and
+/// the level kernels' buffers.
+#[derive(Default)]
+pub(crate) struct SpikeScratch {
+    q: QScratch,
+    levels: [Vec<u8>; 2],
+}
+
+/// A k-bit convolution task on float spikes `t.x` (and `t.x2`): the dense kernel where it takes
+/// the task (quantising as it packs), else the images quantised by `quantise` into levels for the
+/// level kernel `kernel`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn spikes_task(
+    t: &SparseTask<'_, f32, QuantConvWeights>,
+    step: f32,
+    quantise: QuantiseFn,
+    kernel: SparseQFn,
+    sc: &mut SpikeScratch,
+    y: &mut [Out],
+    y2: &mut [Out],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::dense_q::{Src, run, takes};
+        if takes(t, Src::Spikes(t.x, step)) {
+            run(t, Src::Spikes(t.x, step), &mut sc.q.dense, y);
+            if let Some(x2) = t.x2 {
+                run(t, Src::Spikes(x2, step), &mut sc.q.dense, y2);
+            }
+            return;
+        }
+    }
+    let bits = t.weights.bits;
+    let [l1, l2] = &mut sc.levels;
+    l1.resize(t.x.len(), 0);
+    quantise(t.x, step, bits, l1);
+    if let Some(x2) = t.x2 {
+        l2.resize(x2.len(), 0);
+        quantise(x2, step, bits, l2);
+    }
+    let task = SparseTask {
+        x: &l1[..],
+        x2: t.x2.map(|_| &l2[..]),
+        band: t.band,
+        weights: t.weights,
+        scale: t.scale,
+        shift: t.shift,
+    };
+    kernel(&task, &mut sc.q, y, y2)
+}
 
 /// The portable quantiser.
 pub(crate) fn quantise_generic(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
@@ -1242,6 +1303,14 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     fn q_avx512(k: Avx512, t: &QTask<'_>, sc: &mut QScratch, y: &mut [Out], y2: &mut [Out]) {
         let wt = t.weights;
+        use crate::dense_q::{Src, run, takes};
+        if takes(t, Src::Levels(t.x)) {
+            run(t, Src::Levels(t.x), &mut sc.dense, y);
+            if let Some(x2) = t.x2 {
+                run(t, Src::Levels(x2), &mut sc.dense, y2);
+            }
+            return;
+        }
         if !(wt.narrow() && wt.bits <= super::MASK_ADD_MAX_BITS) {
             return dispatch_q(k, t, sc, y, y2);
         }

@@ -722,7 +722,7 @@ proptest! {
     #[test]
     fn sparse_conv_q_is_exact_at_every_level_and_equals_the_popcount_conv(
         cc in conv_case(), wide_out in any::<bool>(), bits in 1u32..=8, seed in any::<u64>(),
-        pair in 0usize..3
+        pair in 0usize..3, zeros in 0u64..=8
     ) {
         let mut cc = cc;
         if wide_out {
@@ -732,10 +732,11 @@ proptest! {
         let mut g = Gen(seed);
         let wf: Vec<f32> = (0..cc.cout * cc.c * cc.k * cc.k).map(|_| g.sign_f32()).collect();
         let max = (1u64 << bits) - 1;
+        // `zeros` eighths of the levels zero: the dense and the sparse kernels both exercised
         let q: Vec<u8> = (0..cc.n * cc.c * cc.h * cc.w)
-            .map(|_| match g.below(4) {
-                0 | 1 => 0,
-                2 => max as u8,
+            .map(|_| match (g.below(8) < zeros, g.below(2)) {
+                (true, _) => 0,
+                (false, 0) => max as u8,
                 _ => g.below(max + 1) as u8,
             })
             .collect();
@@ -766,7 +767,29 @@ proptest! {
             .bconv_fused(BinOp::And, &img, &pw, cc.stride, cc.pad, &ep, SpikeOut::F32(&mut pop), &mut [])
             .unwrap();
         let dims = (cc.n, cc.h, cc.w);
-        for s in levels() {
+        // float spikes near the levels (ties, NaN, negatives, infinities, beyond the top level) and
+        // their levels by the quantiser's formula
+        let step = 0.05 + g.below(100) as f32 / 200.0;
+        let x: Vec<f32> = q
+            .iter()
+            .map(|&v| {
+                let v = f32::from(v);
+                match g.below(8) {
+                    0 => (v - 0.5) * step,
+                    1 => (v + 0.3) * step,
+                    2 => (v - 0.49) * step,
+                    3 if v == 0.0 => f32::NAN,
+                    4 if v == 0.0 => -1.5,
+                    5 => f32::INFINITY,
+                    6 => (v + 7.0) * step,
+                    _ => v * step,
+                }
+            })
+            .collect();
+        let xq: Vec<u8> = x.iter().map(|&v| (v / step).round().clamp(0.0, max as f32) as u8).collect();
+        let policies = [empf_simd::DenseQ::Always, empf_simd::DenseQ::Never, empf_simd::DenseQ::Auto];
+        for (s, policy) in levels().into_iter().flat_map(|s| policies.map(|p| (s, p))) {
+            empf_simd::set_dense_q(policy);
             let mut y = vec![f32::NAN; want.len()];
             s.sparse_conv_q(&q, dims, pair, &qw, cc.stride, cc.pad, &scale, &shift, &mut y).unwrap();
             for ni in 0..cc.n {
@@ -781,6 +804,16 @@ proptest! {
             }
             let yv = s.sparse_conv_q_vec(&q, dims, pair, &qw, cc.stride, cc.pad, &scale, &shift).unwrap();
             prop_assert!(yv.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "{} vec", s.isa());
+            // the same convolution on float spikes, quantised inside it
+            let mut yq = vec![f32::NAN; want.len()];
+            s.sparse_conv_q(&xq, dims, pair, &qw, cc.stride, cc.pad, &scale, &shift, &mut yq).unwrap();
+            let ys = s
+                .sparse_conv_q_spikes_vec(&x, step, dims, pair, &qw, cc.stride, cc.pad, &scale, &shift)
+                .unwrap();
+            prop_assert!(
+                ys.iter().zip(&yq).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{} {:?} spikes", s.isa(), policy
+            );
             if bits < 8 {
                 let mut bad = q.clone();
                 bad[q.len() / 2] = 1 << bits;

@@ -791,14 +791,12 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                     .map_err(|e| simd_err(name, e))?,
                 Some((bits, step)) if levels.is_some() => {
                     let lv = levels.as_ref().expect("checked");
-                    let mut q = vec![0u8; xs.len()];
-                    ctx.simd
-                        .quantise(xs, step, bits, &mut q)
-                        .map_err(|e| simd_err(name, e))?;
+                    debug_assert_eq!(lv.bits(), bits, "levels built for the mode's bits");
                     let sc: Vec<f32> = scale.iter().map(|&k| k * step).collect();
                     ctx.simd
-                        .sparse_conv_q_vec(
-                            &q,
+                        .sparse_conv_q_spikes_vec(
+                            xs,
+                            step,
                             (shape[0], shape[2], shape[3]),
                             if rep { 0 } else { shape[0] / ctx.steps },
                             lv,
