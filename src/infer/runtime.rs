@@ -160,6 +160,57 @@ struct Act {
 /// together (see [`Runtime::run`]).
 const GROUP_VALUES: usize = 1 << 13;
 
+/// One sample's time-step of an EM-PF neuron layer (`C x HW` inputs `ys`, overwritten by the
+/// spikes, and potentials `vs`), compiled for the host's vector extension.
+struct EmpfItem<'a> {
+    ys: &'a mut [f32],
+    vs: &'a mut [f32],
+    hw: usize,
+    /// λ per channel (one for all when it has one value).
+    leak: &'a [f32],
+    /// The folded input affine `(k, b)` per channel (Version II), if any.
+    input: Option<(&'a [f32], &'a [f32])>,
+    th: f32,
+    /// Whether the step has a previous potential (`t > 0`).
+    recur: bool,
+}
+
+impl empf_simd::VectorWork for EmpfItem<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let EmpfItem {
+            ys,
+            vs,
+            hw,
+            leak,
+            input,
+            th,
+            recur,
+        } = self;
+        let chs = leak.len();
+        for (ci, (ys, vs)) in ys.chunks_mut(hw).zip(vs.chunks_mut(hw)).enumerate() {
+            let ch = if chs == 1 { 0 } else { ci };
+            let l = leak[ch];
+            let (k, b) = input.map_or((1.0, 0.0), |(k, b)| (k[ch], b[ch]));
+            let affine = input.is_some();
+            // selects, not branches: vectorised (spikes are data-dependent)
+            for (y, v) in ys.iter_mut().zip(vs.iter_mut()) {
+                let x = *y;
+                let mut m = if affine { k * x + b } else { x };
+                if recur {
+                    // float addition commutes: this is both `λv + x` (V1) and `(kx + b) + λ̂v`
+                    // (folded V2), bit for bit
+                    m += l * *v;
+                }
+                let fire = m > th;
+                *y = if fire { m - th } else { 0.0 };
+                *v = if fire { th } else { m };
+            }
+        }
+    }
+}
+
 /// A loaded model ready to run.
 pub struct Runtime {
     nodes: Vec<Node>,
@@ -941,7 +992,6 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             } else {
                 1
             };
-            let c = shape[1];
             // the spikes overwrite the inputs in place
             let mut y = step_buffer(a, ctx.steps);
             let mut v = vec![0f32; per];
@@ -954,27 +1004,15 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 yt.par_chunks_mut(inner)
                     .zip(v.par_chunks_mut(inner))
                     .for_each(|(ys, vs)| {
-                        for ci in 0..c {
-                            let ch = if chs == 1 { 0 } else { ci };
-                            let l = lk[ch];
-                            let (k, b) = aff.map_or((1.0, 0.0), |(k, b)| (k[ch], b[ch]));
-                            let r = ci * hw..(ci + 1) * hw;
-                            let (ys, vs) = (&mut ys[r.clone()], &mut vs[r]);
-                            let (affine, recur) = (aff.is_some(), t > 0);
-                            // selects, not branches: vectorised (spikes are data-dependent)
-                            for (y, v) in ys.iter_mut().zip(vs.iter_mut()) {
-                                let x = *y;
-                                let mut m = if affine { k * x + b } else { x };
-                                if recur {
-                                    // float addition commutes: this is both `λv + x` (V1)
-                                    // and `(kx + b) + λ̂v` (folded V2), bit for bit
-                                    m += l * *v;
-                                }
-                                let fire = m > th;
-                                *y = if fire { m - th } else { 0.0 };
-                                *v = if fire { th } else { m };
-                            }
-                        }
+                        empf_simd::vectorized(EmpfItem {
+                            ys,
+                            vs,
+                            hw,
+                            leak: lk,
+                            input: aff,
+                            th,
+                            recur: t > 0,
+                        })
                     });
             }
             return Ok(Act {
