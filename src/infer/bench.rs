@@ -71,21 +71,37 @@ fn images(n: usize, input: [usize; 3], rng: &mut Rng) -> Tensor<f32> {
     )
 }
 
-fn measure(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        f()?;
-        times.push(t0.elapsed().as_secs_f64());
+/// The medians of `reps` timed calls of each engine on `x`, after one warm-up call each. The
+/// engines take turns call by call, so a host whose speed drifts (a shared machine) slows all of
+/// them alike instead of whichever ran during a slow spell.
+fn measure(
+    reps: usize,
+    engines: &mut [&mut dyn FnMut(&Tensor<f32>) -> Result<()>],
+    x: &Tensor<f32>,
+) -> Result<Vec<f64>> {
+    let mut times = vec![Vec::with_capacity(reps); engines.len()];
+    for e in engines.iter_mut() {
+        e(x)?; // warm-up
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    for _ in 0..reps {
+        for (e, t) in engines.iter_mut().zip(&mut times) {
+            let t0 = Instant::now();
+            e(x)?;
+            t.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
 }
 
 /// Measure eval mode of `net` and the runtime at each precision: median of `reps` batch-1 calls and
-/// of `reps` calls at `batch`, on synthetic images or on the first images of `data`, and then
-/// every engine's accuracy on the whole of `data`.
+/// of `reps` calls at `batch` (the engines taking turns), on synthetic images or on the first
+/// images of `data`, and then every engine's accuracy on the whole of `data`.
 pub fn bench_infer(
     cfg: &ModelConfig,
     net: &mut Sequential<f32>,
@@ -109,12 +125,28 @@ pub fn bench_infer(
         ),
     };
     let steps = cfg.steps;
-    let mut rows = Vec::new();
-    let mut eval = |x: &Tensor<f32>| -> Result<()> {
-        eval_batch(net, StepInput::Static(x), steps).map(|_| ())
+    let mut rts = precisions
+        .iter()
+        .map(|&p| Runtime::new(model.clone(), p, None, Simd::global()))
+        .collect::<Result<Vec<_>>>()?;
+    let (lat, thr) = {
+        let mut eval = |x: &Tensor<f32>| -> Result<()> {
+            eval_batch(net, StepInput::Static(x), steps).map(|_| ())
+        };
+        let mut runs: Vec<_> = rts
+            .iter_mut()
+            .map(|rt| move |x: &Tensor<f32>| rt.run(x).map(|_| ()))
+            .collect();
+        let mut engines: Vec<&mut dyn FnMut(&Tensor<f32>) -> Result<()>> = vec![&mut eval];
+        for r in &mut runs {
+            engines.push(r);
+        }
+        (
+            measure(reps, &mut engines, &x1)?,
+            measure(reps, &mut engines, &xb)?,
+        )
     };
-    let lat = measure(reps, || eval(&x1))?;
-    let thr = measure(reps, || eval(&xb))?;
+    let mut rows = Vec::new();
     let accuracy = match data {
         Some(d) => {
             let mut ok = 0;
@@ -130,16 +162,14 @@ pub fn bench_infer(
         }
         None => None,
     };
+    let n = xb.shape()[0] as f64;
     rows.push(InferBenchRow {
         engine: "eval (training graph)".into(),
-        latency_s: lat,
-        throughput: xb.shape()[0] as f64 / thr,
+        latency_s: lat[0],
+        throughput: n / thr[0],
         accuracy,
     });
-    for &p in precisions {
-        let mut rt = Runtime::new(model.clone(), p, None, Simd::global())?;
-        let lat = measure(reps, || rt.run(&x1).map(|_| ()))?;
-        let thr = measure(reps, || rt.run(&xb).map(|_| ()))?;
+    for (i, (&p, rt)) in precisions.iter().zip(&mut rts).enumerate() {
         let accuracy = match data {
             Some(d) => {
                 let mut ok = 0;
@@ -152,8 +182,8 @@ pub fn bench_infer(
         };
         rows.push(InferBenchRow {
             engine: format!("runtime {}", p.name()),
-            latency_s: lat,
-            throughput: xb.shape()[0] as f64 / thr,
+            latency_s: lat[i + 1],
+            throughput: n / thr[i + 1],
             accuracy,
         });
     }
