@@ -126,6 +126,8 @@ enum Node {
         leak: Vec<f32>,
         threshold: Vec<f32>,
         input: Option<(Vec<f32>, Vec<f32>)>,
+        /// A 2x2, stride-2 average pool of the spikes follows, fused in (see [`fuse_pools`]).
+        pool: bool,
     },
     Parallel {
         threshold: Vec<f32>,
@@ -173,6 +175,8 @@ struct EmpfItem<'a> {
     th: f32,
     /// Whether the step has a previous potential (`t > 0`).
     recur: bool,
+    /// The fused 2x2, stride-2 average pool: its output (`C x H/2 x W/2`) and the width `W`.
+    pool: Option<(&'a mut [f32], usize)>,
 }
 
 impl empf_simd::VectorWork for EmpfItem<'_> {
@@ -187,6 +191,7 @@ impl empf_simd::VectorWork for EmpfItem<'_> {
             input,
             th,
             recur,
+            mut pool,
         } = self;
         let chs = leak.len();
         for (ci, (ys, vs)) in ys.chunks_mut(hw).zip(vs.chunks_mut(hw)).enumerate() {
@@ -206,6 +211,19 @@ impl empf_simd::VectorWork for EmpfItem<'_> {
                 let fire = m > th;
                 *y = if fire { m - th } else { 0.0 };
                 *v = if fire { th } else { m };
+            }
+            if let Some((out, w)) = pool.as_mut() {
+                let (w, ow) = (*w, *w / 2);
+                let oh = hw / w / 2;
+                // the additions of `AvgPool2d`'s 2x2 forward, in its order: the same values
+                let plane = &mut out[ci * oh * ow..][..oh * ow];
+                for (i, yr) in plane.chunks_exact_mut(ow).enumerate() {
+                    let r0 = &ys[2 * i * w..][..2 * ow];
+                    let r1 = &ys[(2 * i + 1) * w..][..2 * ow];
+                    for ((o, a), b) in yr.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                        *o = (0.0 + a[0] + a[1] + b[0] + b[1]) * 0.25;
+                    }
+                }
             }
         }
     }
@@ -281,6 +299,40 @@ fn prepare(ops: Vec<Op>, simd: &Simd, bits: Option<u32>) -> Result<Vec<Node>> {
 /// itself, and `clamp(round(x/s))` of the quantiser's output `s·q` is `q` again (`s·q/s` is within
 /// a few ulps of the integer `q ≤ 255`, for steps in the normal range), the level the quantiser
 /// would have produced from `x`: the same levels, one pass and one buffer fewer.
+/// Fuses every 2x2, stride-2, unpadded average pool that follows an EM-PF neuron into the neuron
+/// (`pool: true`): each spike plane is pooled while it is in cache, with the pool's additions in
+/// its order (so the same values), instead of in a pass of its own over the whole tensor.
+fn fuse_pools(nodes: Vec<Node>) -> Vec<Node> {
+    let mut out: Vec<Node> = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let node = match node {
+            Node::Residual {
+                name,
+                body,
+                shortcut,
+            } => Node::Residual {
+                name,
+                body: fuse_pools(body),
+                shortcut: shortcut.map(fuse_pools),
+            },
+            Node::Layer(Op::AvgPool {
+                kernel: 2,
+                stride: 2,
+                pad: 0,
+                ..
+            }) if matches!(out.last(), Some(Node::Empf { pool: false, .. })) => {
+                if let Some(Node::Empf { pool, .. }) = out.last_mut() {
+                    *pool = true;
+                }
+                continue;
+            }
+            n => n,
+        };
+        out.push(node);
+    }
+    out
+}
+
 fn fold_quantisers(nodes: Vec<Node>, quant: Option<(u32, f32)>) -> Vec<Node> {
     let Some((k, s)) = quant else { return nodes };
     let exact = (f32::MIN_POSITIVE * 256.0..=1e30).contains(&s);
@@ -420,6 +472,7 @@ fn prepare_op(op: Op, simd: &Simd, bits: Option<u32>) -> Result<Node> {
             leak,
             threshold,
             input,
+            pool: false,
         },
         Op::Parallel { threshold, .. } => Node::Parallel { threshold },
         Op::Lif {
@@ -539,7 +592,7 @@ impl Runtime {
             },
         )?;
         let rt = Runtime {
-            nodes: fold_quantisers(nodes, precision.bits().map(|k| (k, step))),
+            nodes: fuse_pools(fold_quantisers(nodes, precision.bits().map(|k| (k, step)))),
             steps: model.steps,
             input: model.input,
             classes: model.classes,
@@ -676,7 +729,8 @@ fn node_kind(n: &Node) -> &'static str {
         Node::Linear { .. } => "linear",
         Node::BinLinear { .. } => "binlinear",
         Node::Affine { .. } => "affine",
-        Node::Empf { .. } => "empf",
+        Node::Empf { pool: false, .. } => "empf",
+        Node::Empf { pool: true, .. } => "empf+avgpool",
         Node::Parallel { .. } => "parallel",
         Node::Lif { .. } => "lif",
         Node::Layer(_) => "layer",
@@ -736,16 +790,25 @@ fn shape_of(node: &Node, s: &[usize]) -> Result<Vec<usize>> {
             }
             s.to_vec()
         }
-        Node::Empf { name, channels, .. } => {
+        Node::Empf {
+            name,
+            channels,
+            pool,
+            ..
+        } => {
             let ok = matches!(s.len(), 2 | 4) && (*channels == 1 || s[1] == *channels);
-            if !ok {
+            if !ok || (*pool && (s.len() != 4 || s[2] < 2 || s[3] < 2)) {
                 return Err(Error::shape(
                     name,
                     format!("N x {channels} (x H x W) for a per-channel neuron"),
                     s,
                 ));
             }
-            s.to_vec()
+            if *pool {
+                vec![s[0], s[1], s[2] / 2, s[3] / 2]
+            } else {
+                s.to_vec()
+            }
         }
         Node::Parallel { .. } | Node::Lif { .. } | Node::Quant { .. } => s.to_vec(),
         Node::Layer(op) => layer_of(op)?.output_shape(s)?,
@@ -982,6 +1045,7 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             leak,
             threshold,
             input,
+            pool,
             ..
         } => {
             let (n, inner, os) = rows_shape(&a, ctx.steps);
@@ -992,18 +1056,34 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             } else {
                 1
             };
-            // the spikes overwrite the inputs in place
+            // the spikes overwrite the inputs in place (and are pooled into `pooled`)
             let mut y = step_buffer(a, ctx.steps);
             let mut v = vec![0f32; per];
+            let width = if *pool { shape[3] } else { 0 };
+            let pooled_shape = [os[0], os.get(1).copied().unwrap_or(1), shape.get(2).map_or(1, |h| h / 2), width / 2];
+            let pooled_inner = pooled_shape[1..].iter().product::<usize>();
+            let mut pooled = vec![0f32; if *pool { os[0] * pooled_inner } else { 0 }];
+            let mut pooled_steps = pooled.chunks_mut((n * pooled_inner).max(1));
             for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
                 let th = threshold[t];
                 let lk = &leak[t * chs..(t + 1) * chs];
                 let aff = input
                     .as_ref()
                     .map(|(k, b)| (&k[t * chs..(t + 1) * chs], &b[t * chs..(t + 1) * chs]));
+                let pt: &mut [f32] = if *pool {
+                    pooled_steps.next().expect("one pooled chunk per step")
+                } else {
+                    &mut []
+                };
+                let mut pts: Vec<&mut [f32]> = if *pool {
+                    pt.chunks_mut(pooled_inner).collect()
+                } else {
+                    (0..n).map(|_| &mut [][..]).collect()
+                };
                 yt.par_chunks_mut(inner)
                     .zip(v.par_chunks_mut(inner))
-                    .for_each(|(ys, vs)| {
+                    .zip(pts.par_iter_mut())
+                    .for_each(|((ys, vs), ps)| {
                         empf_simd::vectorized(EmpfItem {
                             ys,
                             vs,
@@ -1012,8 +1092,15 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                             input: aff,
                             th,
                             recur: t > 0,
+                            pool: (width > 0).then_some((&mut **ps, width)),
                         })
                     });
+            }
+            if *pool {
+                return Ok(Act {
+                    x: from_vec(&pooled_shape, pooled),
+                    repeated: false,
+                });
             }
             return Ok(Act {
                 x: from_vec(&os, y),
@@ -1120,7 +1207,8 @@ fn add(a: Act, b: Act, steps: usize) -> Act {
 
 #[cfg(test)]
 mod tests {
-    use super::{Node, Precision, Runtime};
+    use super::{Node, Op, Precision, Runtime};
+    use crate::tensor::{Tensor, as_slice, from_vec};
     use crate::model::{ModelConfig, SpikeQuantConfig, zoo};
 
     fn quantisers(nodes: &[Node]) -> usize {
@@ -1162,6 +1250,71 @@ mod tests {
         assert_eq!(count(Precision::Bits(2), None), 2);
         // the model's own step wins over a requested one: still folded
         assert_eq!(count(Precision::Bits(4), Some(0.5)), 0);
+    }
+
+    /// Splits fused neuron pools back into a neuron and an `AvgPool` layer.
+    fn unfuse(nodes: Vec<Node>) -> Vec<Node> {
+        let mut out = Vec::new();
+        for node in nodes {
+            match node {
+                Node::Empf {
+                    name,
+                    channels,
+                    leak,
+                    threshold,
+                    input,
+                    pool: true,
+                } => {
+                    out.push(Node::Empf {
+                        name,
+                        channels,
+                        leak,
+                        threshold,
+                        input,
+                        pool: false,
+                    });
+                    out.push(Node::Layer(Op::AvgPool {
+                        name: "pool".into(),
+                        kernel: 2,
+                        stride: 2,
+                        pad: 0,
+                    }));
+                }
+                n => out.push(n),
+            }
+        }
+        out
+    }
+
+    /// An EM-PF neuron with its 2x2 average pool fused in gives the separate neuron and pool
+    /// layer's outputs bit for bit (odd sizes: 9 -> 4 -> 2), at float and k-bit precision.
+    #[test]
+    fn fused_neuron_pools_equal_the_separate_pool_layer() {
+        let cfg = ModelConfig {
+            steps: 3,
+            widths: vec![4, 8, 8],
+            input: [1, 9, 9],
+            ..zoo::small_config()
+        };
+        let net = zoo::build::<f32>(&cfg, &mut crate::rng::Rng::new(3)).unwrap();
+        let model = crate::infer::export(&cfg, &net).unwrap();
+        let simd = empf_simd::Simd::global();
+        let mut rng = crate::rng::Rng::new(4);
+        let x = from_vec(&[3, 1, 9, 9], (0..243).map(|_| rng.uniform() as f32).collect());
+        for p in [Precision::Float, Precision::Bits(4)] {
+            let mut fused = Runtime::new(model.clone(), p, None, simd).unwrap();
+            let fusions = fused
+                .nodes
+                .iter()
+                .filter(|n| matches!(n, Node::Empf { pool: true, .. }))
+                .count();
+            assert_eq!(fusions, 2, "mnist-cnn's two pools fused");
+            let mut plain = Runtime::new(model.clone(), p, None, simd).unwrap();
+            plain.nodes = unfuse(std::mem::take(&mut plain.nodes));
+            let (a, b) = (fused.run(&x).unwrap(), plain.run(&x).unwrap());
+            let bits = |t: &Tensor<f32>| as_slice(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "{p:?}");
+        }
     }
 
     #[test]
