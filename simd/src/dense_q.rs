@@ -90,16 +90,20 @@ pub(crate) fn takes<X>(t: &QTaskOf<'_, X>, src: Src<'_>) -> bool {
     }
     let wt = t.weights;
     let (rows, taps) = (b.oy1 - b.oy0, wt.kh * wt.kw);
-    let oh = b.h + 2 * b.pad + 1 - wt.kh;
-    // the band's share of the image's non-zero inputs
-    let nz = src.nonzero() * rows / oh.max(1);
     // in units of one `vpdpbusd`, measured on mnist-cnn's two binary convolutions (see
     // `examples/conv_kernels.rs`): the sparse kernels cost about 55 per output pixel, tap and
     // block of 64 outputs (lists, taps, flush) plus 2.4 per non-zero input, tap and block
     let dense =
         rows * b.ow.div_ceil(16) * taps * wt.in_ch.div_ceil(4) * wt.out_ch.div_ceil(OB) * OB;
-    let sparse5 = taps * wt.out_ch.div_ceil(64) * (275 * rows * b.ow + 12 * nz);
-    5 * dense <= sparse5
+    let blocks = taps * wt.out_ch.div_ceil(64);
+    let fixed5 = blocks * 275 * rows * b.ow;
+    if fixed5 >= 5 * dense {
+        return true; // whatever the inputs
+    }
+    // the band's share of the image's non-zero inputs
+    let oh = b.h + 2 * b.pad + 1 - wt.kh;
+    let nz = src.nonzero() * rows / oh.max(1);
+    5 * dense <= fixed5 + blocks * 12 * nz
 }
 
 /// The non-zero bytes of `x`.
@@ -131,15 +135,15 @@ fn count_levels_f32(x: &[f32], half: f32) -> usize {
 /// A k-bit task over inputs `X` (levels, or float spikes).
 pub(crate) type QTaskOf<'a, X> = crate::sparse::SparseTask<'a, X, crate::QuantConvWeights>;
 
-/// The dense kernel's buffer: the repacked band.
-#[derive(Default)]
-pub(crate) struct DenseScratch {
-    packed: Vec<u8>,
+thread_local! {
+    /// The repacked band, kept per thread from call to call: no allocation, no page faults and
+    /// no clearing (every byte a tile reads is written first: levels, or zero padding).
+    static PACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Runs the band of `t` for the image `src` into `y` (`O x rows x OW`). Only called after
 /// [`takes`] (AVX-512F/BW/VL/VNNI present, stride 1).
-pub(crate) fn run<X>(t: &QTaskOf<'_, X>, src: Src<'_>, sc: &mut DenseScratch, y: &mut [Out]) {
+pub(crate) fn run<X>(t: &QTaskOf<'_, X>, src: Src<'_>, y: &mut [Out]) {
     assert!(
         t.band.stride == 1
             && std::arch::is_x86_feature_detected!("avx512vnni")
@@ -148,11 +152,11 @@ pub(crate) fn run<X>(t: &QTaskOf<'_, X>, src: Src<'_>, sc: &mut DenseScratch, y:
         "dense k-bit kernel called without stride 1 and AVX-512 VNNI"
     );
     // SAFETY: the CPU features were checked just above.
-    unsafe { run_vnni(t, src, sc, y) }
+    PACKED.with_borrow_mut(|packed| unsafe { run_vnni(t, src, packed, y) })
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, sc: &mut DenseScratch, y: &mut [Out]) {
+fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [Out]) {
     let wt = t.weights;
     let b = &t.band;
     let (c, kh, kw) = (wt.in_ch, wt.kh, wt.kw);
@@ -171,18 +175,22 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, sc: &mut DenseScratch, y: &mut 
             && t.shift.len() >= wt.out_ch,
         "dense k-bit kernel: shapes do not match"
     );
-    let packed = &mut sc.packed;
-    packed.clear();
-    packed.resize(cg * plane + SLACK, 0);
+    if packed.len() < cg * plane + SLACK {
+        packed.resize(cg * plane + SLACK, 0);
+    }
     let max = ((1u32 << wt.bits) - 1) as f32;
     for g in 0..cg {
         let chans = (c - 4 * g).min(4);
         for r in 0..pr {
             let iy = (b.oy0 + r).wrapping_sub(pad);
+            let row = &mut packed[(g * pr + r) * wp * 4..][..wp * 4];
             if iy >= h {
-                continue; // a padding row: zeros
+                row.fill(0); // a padding row
+                continue;
             }
-            let dst = &mut packed[(g * pr + r) * wp * 4 + pad * 4..][..w * 4];
+            row[..pad * 4].fill(0);
+            row[(pad + w) * 4..].fill(0);
+            let dst = &mut row[pad * 4..][..w * 4];
             let row0 = (4 * g * h + iy) * w;
             let rows4: [usize; 4] = [row0, row0 + h * w, row0 + 2 * h * w, row0 + 3 * h * w];
             match src {

@@ -269,9 +269,6 @@ pub(crate) struct Lists<V> {
     #[cfg(target_arch = "x86_64")]
     bits: Vec<u64>,
     tile32: Vec<i32>,
-    /// The dense kernel's buffers.
-    #[cfg(target_arch = "x86_64")]
-    pub(crate) dense: crate::dense_q::DenseScratch,
     off: Vec<u32>,
     idx: Vec<u32>,
     val: Vec<V>,
@@ -294,8 +291,6 @@ impl<V> Default for Lists<V> {
             #[cfg(target_arch = "x86_64")]
             bits: Vec::new(),
             tile32: Vec::new(),
-            #[cfg(target_arch = "x86_64")]
-            dense: Default::default(),
             off: Vec::new(),
             idx: Vec::new(),
             val: Vec::new(),
@@ -761,9 +756,9 @@ pub(crate) fn spikes_task(
     {
         use crate::dense_q::{Src, run, takes};
         if takes(t, Src::Spikes(t.x, step)) {
-            run(t, Src::Spikes(t.x, step), &mut sc.q.dense, y);
+            run(t, Src::Spikes(t.x, step), y);
             if let Some(x2) = t.x2 {
-                run(t, Src::Spikes(x2, step), &mut sc.q.dense, y2);
+                run(t, Src::Spikes(x2, step), y2);
             }
             return;
         }
@@ -1305,9 +1300,9 @@ pub(crate) mod x86 {
         let wt = t.weights;
         use crate::dense_q::{Src, run, takes};
         if takes(t, Src::Levels(t.x)) {
-            run(t, Src::Levels(t.x), &mut sc.dense, y);
+            run(t, Src::Levels(t.x), y);
             if let Some(x2) = t.x2 {
-                run(t, Src::Levels(x2), &mut sc.dense, y2);
+                run(t, Src::Levels(x2), y2);
             }
             return;
         }

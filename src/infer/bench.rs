@@ -71,12 +71,15 @@ fn images(n: usize, input: [usize; 3], rng: &mut Rng) -> Tensor<f32> {
     )
 }
 
+/// One engine's inference call on a batch.
+type Engine<'a> = dyn FnMut(&Tensor<f32>) -> Result<()> + 'a;
+
 /// The medians of `reps` timed calls of each engine on `x`, after one warm-up call each. The
 /// engines take turns call by call, so a host whose speed drifts (a shared machine) slows all of
 /// them alike instead of whichever ran during a slow spell.
 fn measure(
     reps: usize,
-    engines: &mut [&mut dyn FnMut(&Tensor<f32>) -> Result<()>],
+    engines: &mut [&mut Engine<'_>],
     x: &Tensor<f32>,
 ) -> Result<Vec<f64>> {
     let mut times = vec![Vec::with_capacity(reps); engines.len()];
@@ -137,7 +140,7 @@ pub fn bench_infer(
             .iter_mut()
             .map(|rt| move |x: &Tensor<f32>| rt.run(x).map(|_| ()))
             .collect();
-        let mut engines: Vec<&mut dyn FnMut(&Tensor<f32>) -> Result<()>> = vec![&mut eval];
+        let mut engines: Vec<&mut Engine<'_>> = vec![&mut eval];
         for r in &mut runs {
             engines.push(r);
         }

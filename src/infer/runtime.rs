@@ -220,7 +220,11 @@ impl empf_simd::VectorWork for EmpfItem<'_> {
                 for (i, yr) in plane.chunks_exact_mut(ow).enumerate() {
                     let r0 = &ys[2 * i * w..][..2 * ow];
                     let r1 = &ys[(2 * i + 1) * w..][..2 * ow];
-                    for ((o, a), b) in yr.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+                    for ((o, a), b) in yr
+                        .iter_mut()
+                        .zip(r0.chunks_exact(2))
+                        .zip(r1.chunks_exact(2))
+                    {
                         *o = (0.0 + a[0] + a[1] + b[0] + b[1]) * 0.25;
                     }
                 }
@@ -1060,7 +1064,12 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             let mut y = step_buffer(a, ctx.steps);
             let mut v = vec![0f32; per];
             let width = if *pool { shape[3] } else { 0 };
-            let pooled_shape = [os[0], os.get(1).copied().unwrap_or(1), shape.get(2).map_or(1, |h| h / 2), width / 2];
+            let pooled_shape = [
+                os[0],
+                os.get(1).copied().unwrap_or(1),
+                shape.get(2).map_or(1, |h| h / 2),
+                width / 2,
+            ];
             let pooled_inner = pooled_shape[1..].iter().product::<usize>();
             let mut pooled = vec![0f32; if *pool { os[0] * pooled_inner } else { 0 }];
             let mut pooled_steps = pooled.chunks_mut((n * pooled_inner).max(1));
@@ -1208,8 +1217,8 @@ fn add(a: Act, b: Act, steps: usize) -> Act {
 #[cfg(test)]
 mod tests {
     use super::{Node, Op, Precision, Runtime};
-    use crate::tensor::{Tensor, as_slice, from_vec};
     use crate::model::{ModelConfig, SpikeQuantConfig, zoo};
+    use crate::tensor::{Tensor, as_slice, from_vec};
 
     fn quantisers(nodes: &[Node]) -> usize {
         nodes
@@ -1300,7 +1309,10 @@ mod tests {
         let model = crate::infer::export(&cfg, &net).unwrap();
         let simd = empf_simd::Simd::global();
         let mut rng = crate::rng::Rng::new(4);
-        let x = from_vec(&[3, 1, 9, 9], (0..243).map(|_| rng.uniform() as f32).collect());
+        let x = from_vec(
+            &[3, 1, 9, 9],
+            (0..243).map(|_| rng.uniform() as f32).collect(),
+        );
         for p in [Precision::Float, Precision::Bits(4)] {
             let mut fused = Runtime::new(model.clone(), p, None, simd).unwrap();
             let fusions = fused
@@ -1312,7 +1324,8 @@ mod tests {
             let mut plain = Runtime::new(model.clone(), p, None, simd).unwrap();
             plain.nodes = unfuse(std::mem::take(&mut plain.nodes));
             let (a, b) = (fused.run(&x).unwrap(), plain.run(&x).unwrap());
-            let bits = |t: &Tensor<f32>| as_slice(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let bits =
+                |t: &Tensor<f32>| as_slice(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b), "{p:?}");
         }
     }
