@@ -179,6 +179,10 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
         packed.resize(cg * plane + SLACK, 0);
     }
     let max = ((1u32 << wt.bits) - 1) as f32;
+    let recip = match src {
+        Src::Spikes(_, step) => crate::sparse::exact_reciprocal(step),
+        Src::Levels(_) => None,
+    };
     for g in 0..cg {
         let chans = (c - 4 * g).min(4);
         for r in 0..pr {
@@ -207,7 +211,7 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
                 Src::Spikes(x, step) => pack_row(dst, chans, |j, x0, m| {
                     // SAFETY: as above, for the floats of `x`.
                     let v = unsafe { _mm512_maskz_loadu_ps(m, x[rows4[j] + x0..].as_ptr()) };
-                    quantise16(v, step, max)
+                    quantise16(v, step, recip, max)
                 }),
             }
         }
@@ -280,14 +284,19 @@ fn pack_row(dst: &mut [u8], chans: usize, load: impl Fn(usize, usize, __mmask16)
     }
 }
 
-/// The levels `clamp(round(v / step), 0, max)` of 16 spikes as 32-bit lanes, with the IEEE
-/// operations of `sparse::quantise_body` (round half away from zero as `trunc` plus one where the
-/// exact remainder is at least ½; NaN and values ≤ 0 give 0).
+/// The levels `clamp(round(v / step), 0, max)` of 16 spikes as 32-bit lanes, the values of
+/// `sparse::quantise_body` (`recip`: the step's exact reciprocal, if any, as there; round half
+/// away from zero as `trunc` plus one where the exact remainder is at least ½; NaN and values ≤ 0
+/// give 0).
 #[inline(always)]
-fn quantise16(v: __m512, step: f32, max: f32) -> __m512i {
+fn quantise16(v: __m512, step: f32, recip: Option<f32>, max: f32) -> __m512i {
     // SAFETY: AVX-512F is enabled by the caller (inlined into `run_vnni`).
     unsafe {
-        let q = _mm512_div_ps(v, _mm512_set1_ps(step));
+        // a power-of-two step: the product by its exact reciprocal is the quotient, bit for bit
+        let q = match recip {
+            Some(r) => _mm512_mul_ps(v, _mm512_set1_ps(r)),
+            None => _mm512_div_ps(v, _mm512_set1_ps(step)),
+        };
         let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(q);
         let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_sub_ps(q, t), _mm512_set1_ps(0.5));
         let r = _mm512_mask_add_ps(t, up, t, _mm512_set1_ps(1.0));

@@ -717,9 +717,27 @@ lane!(i32, i32_acc, tile32);
 /// `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero; NaN ↦ 0), element-wise.
 #[inline(always)]
 pub(crate) fn quantise_body(x: &[f32], step: f32, bits: u32, q: &mut [u8]) {
+    match exact_reciprocal(step) {
+        // `v / step` and `v · (1/step)` round the same real number: bit-identical, no division
+        Some(r) => quantise_loop(x, |v| v * r, bits, q),
+        None => quantise_loop(x, |v| v / step, bits, q),
+    }
+}
+
+/// `1 / step` when both are normal powers of two: then `v · (1/step)` and `v / step` are the same
+/// real number, so they round to the same float for every `v` (overflow, underflow, NaN included).
+#[inline(always)]
+pub(crate) fn exact_reciprocal(step: f32) -> Option<f32> {
+    let r = 1.0 / step;
+    (step > 0.0 && step.is_normal() && r.is_normal() && step.to_bits() & 0x007f_ffff == 0)
+        .then_some(r)
+}
+
+#[inline(always)]
+fn quantise_loop(x: &[f32], scaled: impl Fn(f32) -> f32, bits: u32, q: &mut [u8]) {
     let max = ((1u32 << bits) - 1) as f32;
     for (d, &v) in q.iter_mut().zip(x) {
-        let r = (v / step).round();
+        let r = scaled(v).round();
         // `clamp(0, max) as u8` without the saturating cast (which does not vectorise): NaN and
         // values ≤ 0 give 0, like the cast of a NaN
         let r = if r > 0.0 { r.min(max) } else { 0.0 };

@@ -769,7 +769,11 @@ proptest! {
         let dims = (cc.n, cc.h, cc.w);
         // float spikes near the levels (ties, NaN, negatives, infinities, beyond the top level) and
         // their levels by the quantiser's formula
-        let step = 0.05 + g.below(100) as f32 / 200.0;
+        // a third of the steps powers of two (quantised by the exact reciprocal, no division)
+        let step = match g.below(3) {
+            0 => (2.0f32).powi(g.below(6) as i32 - 4),
+            _ => 0.05 + g.below(100) as f32 / 200.0,
+        };
         let x: Vec<f32> = q
             .iter()
             .map(|&v| {
@@ -831,7 +835,11 @@ proptest! {
         seed in any::<u64>(), bits in 1u32..=8, len in 0usize..5000
     ) {
         let mut g = Gen(seed);
-        let step = 0.05 + g.below(100) as f32 / 200.0;
+        // a third of the steps powers of two (quantised by the exact reciprocal, no division)
+        let step = match g.below(3) {
+            0 => (2.0f32).powi(g.below(6) as i32 - 4),
+            _ => 0.05 + g.below(100) as f32 / 200.0,
+        };
         let x: Vec<f32> = (0..len)
             .map(|_| match g.below(10) {
                 0 => f32::NAN,

@@ -77,11 +77,7 @@ type Engine<'a> = dyn FnMut(&Tensor<f32>) -> Result<()> + 'a;
 /// The medians of `reps` timed calls of each engine on `x`, after one warm-up call each. The
 /// engines take turns call by call, so a host whose speed drifts (a shared machine) slows all of
 /// them alike instead of whichever ran during a slow spell.
-fn measure(
-    reps: usize,
-    engines: &mut [&mut Engine<'_>],
-    x: &Tensor<f32>,
-) -> Result<Vec<f64>> {
+fn measure(reps: usize, engines: &mut [&mut Engine<'_>], x: &Tensor<f32>) -> Result<Vec<f64>> {
     let mut times = vec![Vec::with_capacity(reps); engines.len()];
     for e in engines.iter_mut() {
         e(x)?; // warm-up
