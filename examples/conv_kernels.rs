@@ -1,9 +1,10 @@
-//! Kernel-only timing of the sparse float and k-bit convolutions on mnist-cnn's two binary conv
-//! shapes, 8 images in pairs as the runtime runs them (random spikes of a given density, uniform
-//! in [0, 1.5), quantised with step 0.1): `cargo run --release --example conv_kernels [density]
+//! Kernel-only timing of the sparse float and the k-bit convolutions (the dense VNNI kernel, the
+//! sparse ones, and the automatic choice; spikes quantised inside, step 0.1) on mnist-cnn's two
+//! binary conv shapes, 8 images in pairs as the runtime runs them (random spikes of a given
+//! density, uniform in [0, 1.5)): `cargo run --release --example conv_kernels [density]
 //! [bits] [32|64: only the shape of that many input channels]`; the minimum of 200 calls, so
 //! noise from other processes drops out (`RAYON_NUM_THREADS=1` for one core).
-use empf_simd::{QuantConvWeights, SignConvWeights, Simd};
+use empf_simd::{DenseQ, QuantConvWeights, SignConvWeights, Simd};
 use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,21 +61,25 @@ fn main() {
                     .unwrap(),
             );
         });
-        let tq = time(&mut || {
-            std::hint::black_box(
-                s.sparse_conv_q_vec(&q, (n, hw, hw), pair, &qw, 1, 1, &sc, &sh)
-                    .unwrap(),
-            );
-        });
-        let tz = time(&mut || {
-            let mut q2 = vec![0u8; x.len()];
-            s.quantise(&x, step, bits, &mut q2).unwrap();
-            std::hint::black_box(q2);
-        });
+        // the k-bit conv on the float spikes (quantised inside): dense, sparse, and the default
+        let mut tq = [0f64; 3];
+        for (t, policy) in tq.iter_mut().zip([DenseQ::Always, DenseQ::Never, DenseQ::Auto]) {
+            empf_simd::set_dense_q(policy);
+            *t = time(&mut || {
+                std::hint::black_box(
+                    s.sparse_conv_q_spikes_vec(&x, step, (n, hw, hw), pair, &qw, 1, 1, &sc, &sh)
+                        .unwrap(),
+                );
+            });
+        }
         println!(
-            "{c}->{o} {hw}x{hw}: float {tf:.3} ms, {bits}-bit {tq:.3} ms ({:.2}x), quantise {tz:.3} ms, {}",
-            tf / tq,
-            s.kernel_name()
+            "{c}->{o} {hw}x{hw}: float {tf:.3} ms; {bits}-bit: dense {:.3} ms ({:.2}x), sparse {:.3} ms ({:.2}x), auto {:.3} ms ({:.2}x)",
+            tq[0],
+            tf / tq[0],
+            tq[1],
+            tf / tq[1],
+            tq[2],
+            tf / tq[2],
         );
     }
 }
