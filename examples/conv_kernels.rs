@@ -63,7 +63,10 @@ fn main() {
         });
         // the k-bit conv on the float spikes (quantised inside): dense, sparse, and the default
         let mut tq = [0f64; 3];
-        for (t, policy) in tq.iter_mut().zip([DenseQ::Always, DenseQ::Never, DenseQ::Auto]) {
+        for (t, policy) in tq
+            .iter_mut()
+            .zip([DenseQ::Always, DenseQ::Never, DenseQ::Auto])
+        {
             empf_simd::set_dense_q(policy);
             *t = time(&mut || {
                 std::hint::black_box(

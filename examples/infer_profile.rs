@@ -1,6 +1,7 @@
 //! Profile the deploy runtime: `cargo run --release --example infer_profile -- [arch|model.npz]
 //! [precision] [batch] [reps]` (seeded mnist-cnn by default, on random uniform inputs as `empf bench
-//! infer`; a trained checkpoint runs on the bundled MNIST test images).
+//! infer`; a trained checkpoint runs on the bundled MNIST test images). `EMPF_DENSE_Q=always|never`
+//! forces the dense or the sparse k-bit convolutions (`empf_simd::DenseQ`).
 use empf::infer::{Precision, Runtime, export};
 use empf::model::zoo;
 // the allocator of the `empf` binary, so the profile is the one `empf bench infer` sees

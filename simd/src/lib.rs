@@ -1337,6 +1337,8 @@ impl Simd {
         let len = g.out_len();
         g.check(x.len(), len, scale, shift)?;
         let (quantise, kernel) = (self.k().quantise, self.k().sparse_conv_q);
+        // the dense kernel belongs to the AVX-512 level (as in its level kernel)
+        let dense = self.isa == Isa::Avx512;
         let xs = g.in_len();
         Ok(filled(len, |y| {
             g.drive(
@@ -1351,7 +1353,7 @@ impl Simd {
                         scale,
                         shift,
                     };
-                    sparse::spikes_task(&task, step, quantise, kernel, sc, yi, yj)
+                    sparse::spikes_task(&task, step, dense, quantise, kernel, sc, yi, yj)
                 },
             )
         }))

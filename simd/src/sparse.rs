@@ -19,7 +19,9 @@
 //!   At the AVX-512 level, levels of at most [`MASK_ADD_MAX_BITS`] bits with 16-bit sums take a
 //!   second walk, output pixel by output pixel: all taps of a pixel add into registers, each entry
 //!   one 8-bit add of the level under a 64-bit mask of sign bits (1 bit per weight, not 16) per
-//!   64 outputs, the 8-bit sums widened into 16-bit ones before any lane can pass 255.
+//!   64 outputs, the 8-bit sums widened into 16-bit ones before any lane can pass 255. Where too
+//!   many levels are non-zero for skipping to pay, the AVX-512 level runs the dense 8-bit
+//!   dot-product kernel of `crate::dense_q` instead (VNNI, stride 1; a cycle model chooses).
 //!
 //! Every level adds the same terms in the same order (portable code, auto-vectorised, or AVX2+FMA
 //! intrinsics for the accumulation), hence results are bit-identical across levels.
@@ -758,22 +760,25 @@ pub(crate) struct SpikeScratch {
 }
 
 /// A k-bit convolution task on float spikes `t.x` (and `t.x2`): the dense kernel where it takes
-/// the task (quantising as it packs), else the images quantised by `quantise` into levels for the
-/// level kernel `kernel`.
+/// the task (quantising as it packs; only with `dense`, the AVX-512 level), else the images
+/// quantised by `quantise` into levels for the level kernel `kernel`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn spikes_task(
     t: &SparseTask<'_, f32, QuantConvWeights>,
     step: f32,
+    dense: bool,
     quantise: QuantiseFn,
     kernel: SparseQFn,
     sc: &mut SpikeScratch,
     y: &mut [Out],
     y2: &mut [Out],
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = dense;
     #[cfg(target_arch = "x86_64")]
     {
         use crate::dense_q::{Src, run, takes};
-        if takes(t, Src::Spikes(t.x, step)) {
+        if dense && takes(t, Src::Spikes(t.x, step)) {
             run(t, Src::Spikes(t.x, step), y);
             if let Some(x2) = t.x2 {
                 run(t, Src::Spikes(x2, step), y2);

@@ -1064,14 +1064,15 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             let mut y = step_buffer(a, ctx.steps);
             let mut v = vec![0f32; per];
             let width = if *pool { shape[3] } else { 0 };
-            let pooled_shape = [
-                os[0],
-                os.get(1).copied().unwrap_or(1),
-                shape.get(2).map_or(1, |h| h / 2),
-                width / 2,
-            ];
-            let pooled_inner = pooled_shape[1..].iter().product::<usize>();
-            let mut pooled = vec![0f32; if *pool { os[0] * pooled_inner } else { 0 }];
+            // the pooled spikes: `T·N x C x H/2 x W/2`
+            let mut pooled_shape = out_shape.clone();
+            pooled_shape[0] = os[0];
+            let pooled_inner: usize = if *pool {
+                pooled_shape[1..].iter().product()
+            } else {
+                0
+            };
+            let mut pooled = vec![0f32; os[0] * pooled_inner];
             let mut pooled_steps = pooled.chunks_mut((n * pooled_inner).max(1));
             for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
                 let th = threshold[t];
