@@ -35,6 +35,7 @@ pub mod alloc;
 mod dense_q;
 mod dispatch;
 mod driver;
+mod pool;
 mod reference;
 mod sparse;
 mod sparse_dw;
@@ -481,6 +482,7 @@ impl Simd {
                 sparse_conv_q: sparse::sparse_q_generic,
                 quantise: sparse::quantise_generic,
                 sparse_dw: sparse_dw::dw_generic,
+                pool2: pool::pool2_generic,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => Kernels {
@@ -493,6 +495,7 @@ impl Simd {
                 sparse_conv_q: sparse::x86::sparse_q_avx2,
                 quantise: sparse::x86::quantise_avx2,
                 sparse_dw: sparse::x86::dw_avx2,
+                pool2: pool::x86::pool2_avx2,
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Kernels {
@@ -505,6 +508,7 @@ impl Simd {
                 sparse_conv_q: sparse::x86::sparse_q_avx512,
                 quantise: sparse::x86::quantise_avx512,
                 sparse_dw: sparse::x86::dw_avx512,
+                pool2: pool::x86::pool2_avx512,
             },
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => Kernels {
@@ -517,6 +521,7 @@ impl Simd {
                 sparse_conv_q: sparse::sparse_q_generic,
                 quantise: sparse::quantise_generic,
                 sparse_dw: sparse_dw::dw_generic,
+                pool2: pool::pool2_generic,
             },
             #[allow(unreachable_patterns)]
             _ => unreachable!("require() accepted an ISA not compiled for this target"),
@@ -1240,6 +1245,25 @@ impl Simd {
         {
             cfg!(target_arch = "aarch64")
         }
+    }
+
+    /// 2x2, stride-2 average pooling of `planes` float planes `x` (`planes x H x W`, `hw = (H,
+    /// W)`) into `y` (`planes x ⌊H/2⌋ x ⌊W/2⌋`), in the additions of the library's `AvgPool2d`
+    /// forward (`((((0 + a0) + a1) + b0) + b1)·0.25`, upper row then lower row): the same floats at
+    /// every level. Runs on the calling thread (callers pool a plane while it is in cache).
+    pub fn avg_pool_2x2(&self, x: &[f32], hw: (usize, usize), y: &mut [f32]) -> Result<()> {
+        let (h, w) = hw;
+        let (plane, oplane) = (h * w, (h / 2) * (w / 2));
+        let planes = if plane == 0 { 0 } else { x.len() / plane };
+        if plane == 0 || x.len() != planes * plane || y.len() != planes * oplane {
+            return shape_err(format!(
+                "avg_pool_2x2: x {} is not planes of {h}x{w}, or y {} is not its pooled planes",
+                x.len(),
+                y.len()
+            ));
+        }
+        (self.k().pool2)(x, hw, y);
+        Ok(())
     }
 
     /// Spike levels `q = clamp(round(x / step), 0, 2^bits − 1)` (round half away from zero, NaN ↦

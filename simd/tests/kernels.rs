@@ -858,6 +858,46 @@ proptest! {
         }
         prop_assert!(Simd::new(Isa::Scalar).unwrap().quantise(&x, step, 9, &mut vec![0; len]).is_err());
     }
+
+    /// The 2x2 average pool equals `((((0 + a0) + a1) + b0) + b1)·0.25` bit for bit at every level:
+    /// odd sizes (the last row and column dropped), rows of 1 to 40 outputs (whole 16-lane steps
+    /// and masked tails), signed zeros, infinities and NaN.
+    #[test]
+    fn average_pool_equals_the_ordered_sum_at_every_level(
+        seed in any::<u64>(), planes in 1usize..5, h in 1usize..12, w in 1usize..82
+    ) {
+        let mut g = Gen(seed);
+        let x: Vec<f32> = (0..planes * h * w)
+            .map(|_| match g.below(12) {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -0.0,
+                3 => 0.0,
+                4 => 1e30,
+                _ => (g.below(2000) as f32 - 1000.0) / 337.0,
+            })
+            .collect();
+        let (oh, ow) = (h / 2, w / 2);
+        let mut want = vec![0f32; planes * oh * ow];
+        for p in 0..planes {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let at = |r: usize, c: usize| x[(p * h + r) * w + c];
+                    let (a0, a1) = (at(2 * i, 2 * j), at(2 * i, 2 * j + 1));
+                    let (b0, b1) = (at(2 * i + 1, 2 * j), at(2 * i + 1, 2 * j + 1));
+                    want[(p * oh + i) * ow + j] = ((((0.0 + a0) + a1) + b0) + b1) * 0.25;
+                }
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        for s in levels() {
+            let mut y = vec![f32::from_bits(0x7fc0_0bad); want.len()];
+            s.avg_pool_2x2(&x, (h, w), &mut y).unwrap();
+            prop_assert_eq!(bits(&y), bits(&want), "{}", s.isa());
+            // a wrong output length is an error, not a panic
+            prop_assert!(s.avg_pool_2x2(&x, (h, w), &mut vec![0.0; want.len() + 1]).is_err());
+        }
+    }
 }
 
 /// A stride-1 convolution shape for the sparse-input dW: up to 80 outputs (a 64-lane block, then

@@ -160,76 +160,116 @@ struct Act {
 
 /// Input values (samples × steps × C·H·W) per group of samples run through the whole network
 /// together (see [`Runtime::run`]).
-const GROUP_VALUES: usize = 1 << 13;
+const GROUP_VALUES: usize = 1 << 12;
 
-/// One sample's time-step of an EM-PF neuron layer (`C x HW` inputs `ys`, overwritten by the
-/// spikes, and potentials `vs`), compiled for the host's vector extension.
+/// Elements of a channel plane whose potentials one pass of [`EmpfItem`] keeps local over all T
+/// steps (a few vector registers).
+const EMPF_BLOCK: usize = 64;
+
+/// One sample of an EM-PF neuron layer over all T steps (`ys[t]`: the `C x HW` inputs of step
+/// `t`, overwritten by the spikes), compiled for the host's vector extension. The potentials of a
+/// block of [`EMPF_BLOCK`] elements live in a local array through the T steps: no potential
+/// buffer is allocated, zeroed or streamed.
 struct EmpfItem<'a> {
-    ys: &'a mut [f32],
-    vs: &'a mut [f32],
+    ys: Vec<&'a mut [f32]>,
     hw: usize,
-    /// λ per channel (one for all when it has one value).
+    /// λ per step and channel (`T x C`, or `T x 1` for one value for all channels).
     leak: &'a [f32],
-    /// The folded input affine `(k, b)` per channel (Version II), if any.
+    /// The folded input affine `(k, b)` per step and channel (Version II), if any.
     input: Option<(&'a [f32], &'a [f32])>,
-    th: f32,
-    /// Whether the step has a previous potential (`t > 0`).
-    recur: bool,
-    /// The fused 2x2, stride-2 average pool: its output (`C x H/2 x W/2`) and the width `W`.
-    pool: Option<(&'a mut [f32], usize)>,
+    /// The threshold per step.
+    th: &'a [f32],
+    /// The fused 2x2, stride-2 average pool: its output per step (`C x H/2 x W/2`), `H`, `W` and
+    /// the kernels.
+    pool: Option<(Vec<&'a mut [f32]>, usize, usize, Simd)>,
 }
 
 impl empf_simd::VectorWork for EmpfItem<'_> {
-    type Output = ();
+    type Output = std::result::Result<(), empf_simd::SimdError>;
     #[inline(always)]
-    fn run(self) {
+    fn run(self) -> std::result::Result<(), empf_simd::SimdError> {
         let EmpfItem {
-            ys,
-            vs,
+            mut ys,
             hw,
             leak,
             input,
             th,
-            recur,
             mut pool,
         } = self;
-        let chs = leak.len();
-        for (ci, (ys, vs)) in ys.chunks_mut(hw).zip(vs.chunks_mut(hw)).enumerate() {
+        let steps = ys.len();
+        let chs = leak.len() / steps.max(1);
+        let c = ys.first().map_or(0, |y| y.len() / hw.max(1));
+        // a pooled layer's spikes of one channel, all steps (`T x HW`): the inputs are only read
+        let mut planes = vec![0f32; if pool.is_some() { steps * hw } else { 0 }];
+        for ci in 0..c {
             let ch = if chs == 1 { 0 } else { ci };
-            let l = leak[ch];
-            let (k, b) = input.map_or((1.0, 0.0), |(k, b)| (k[ch], b[ch]));
-            let affine = input.is_some();
-            // selects, not branches: vectorised (spikes are data-dependent)
-            for (y, v) in ys.iter_mut().zip(vs.iter_mut()) {
-                let x = *y;
-                let mut m = if affine { k * x + b } else { x };
-                if recur {
-                    // float addition commutes: this is both `λv + x` (V1) and `(kx + b) + λ̂v`
-                    // (folded V2), bit for bit
-                    m += l * *v;
-                }
-                let fire = m > th;
-                *y = if fire { m - th } else { 0.0 };
-                *v = if fire { th } else { m };
-            }
-            if let Some((out, w)) = pool.as_mut() {
-                let (w, ow) = (*w, *w / 2);
-                let oh = hw / w / 2;
-                // the additions of `AvgPool2d`'s 2x2 forward, in its order: the same values
-                let plane = &mut out[ci * oh * ow..][..oh * ow];
-                for (i, yr) in plane.chunks_exact_mut(ow).enumerate() {
-                    let r0 = &ys[2 * i * w..][..2 * ow];
-                    let r1 = &ys[(2 * i + 1) * w..][..2 * ow];
-                    for ((o, a), b) in yr
-                        .iter_mut()
-                        .zip(r0.chunks_exact(2))
-                        .zip(r1.chunks_exact(2))
-                    {
-                        *o = (0.0 + a[0] + a[1] + b[0] + b[1]) * 0.25;
+            for off in (0..hw).step_by(EMPF_BLOCK) {
+                let len = EMPF_BLOCK.min(hw - off);
+                let mut vb = [0f32; EMPF_BLOCK];
+                for (t, yt) in ys.iter_mut().enumerate() {
+                    let (k, b) =
+                        input.map_or((1.0, 0.0), |(k, b)| (k[t * chs + ch], b[t * chs + ch]));
+                    let n = Fire {
+                        leak: leak[t * chs + ch],
+                        k,
+                        b,
+                        affine: input.is_some(),
+                        th: th[t],
+                        recur: t > 0,
+                    };
+                    let yb = &mut yt[ci * hw + off..][..len];
+                    // selects, not branches: vectorised (spikes are data-dependent)
+                    if pool.is_some() {
+                        let sb = &mut planes[t * hw + off..][..len];
+                        for ((s, &x), v) in sb.iter_mut().zip(yb.iter()).zip(vb.iter_mut()) {
+                            *s = n.fire(x, v);
+                        }
+                    } else {
+                        for (y, v) in yb.iter_mut().zip(vb.iter_mut()) {
+                            *y = n.fire(*y, v);
+                        }
                     }
                 }
             }
+            if let Some((outs, h, w, simd)) = pool.as_mut() {
+                let (h, w) = (*h, *w);
+                let op = (h / 2) * (w / 2);
+                for (plane, out) in planes.chunks_exact(hw).zip(outs.iter_mut()) {
+                    // the plane while it is in cache
+                    simd.avg_pool_2x2(plane, (h, w), &mut out[ci * op..][..op])?;
+                }
+            }
         }
+        Ok(())
+    }
+}
+
+/// One step of one channel of an EM-PF layer.
+#[derive(Clone, Copy)]
+struct Fire {
+    leak: f32,
+    /// The folded input affine (Version II), when `affine`.
+    k: f32,
+    b: f32,
+    affine: bool,
+    th: f32,
+    /// Whether the step has a previous potential (`t > 0`).
+    recur: bool,
+}
+
+impl Fire {
+    /// The spike of input `x` and the new potential `v`.
+    #[inline(always)]
+    fn fire(self, x: f32, v: &mut f32) -> f32 {
+        let mut m = if self.affine { self.k * x + self.b } else { x };
+        if self.recur {
+            // float addition commutes: this is both `λv + x` (V1) and `(kx + b) + λ̂v` (folded
+            // V2), bit for bit
+            m += self.leak * *v;
+        }
+        let fire = m > self.th;
+        *v = if fire { self.th } else { m };
+        if fire { m - self.th } else { 0.0 }
     }
 }
 
@@ -1045,6 +1085,7 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             });
         }
         Node::Empf {
+            name,
             channels,
             leak,
             threshold,
@@ -1054,7 +1095,7 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
         } => {
             let (n, inner, os) = rows_shape(&a, ctx.steps);
             let per = n * inner;
-            let chs = *channels;
+            debug_assert_eq!(leak.len(), ctx.steps * *channels, "λ per step and channel");
             let hw = if shape.len() == 4 {
                 shape[2] * shape[3]
             } else {
@@ -1062,8 +1103,6 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             };
             // the spikes overwrite the inputs in place (and are pooled into `pooled`)
             let mut y = step_buffer(a, ctx.steps);
-            let mut v = vec![0f32; per];
-            let width = if *pool { shape[3] } else { 0 };
             // the pooled spikes: `T·N x C x H/2 x W/2`
             let mut pooled_shape = out_shape.clone();
             pooled_shape[0] = os[0];
@@ -1073,39 +1112,36 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 0
             };
             let mut pooled = vec![0f32; os[0] * pooled_inner];
-            let mut pooled_steps = pooled.chunks_mut((n * pooled_inner).max(1));
-            for (t, yt) in y.chunks_mut(per.max(1)).enumerate() {
-                let th = threshold[t];
-                let lk = &leak[t * chs..(t + 1) * chs];
-                let aff = input
-                    .as_ref()
-                    .map(|(k, b)| (&k[t * chs..(t + 1) * chs], &b[t * chs..(t + 1) * chs]));
-                let pt: &mut [f32] = if *pool {
-                    pooled_steps.next().expect("one pooled chunk per step")
-                } else {
-                    &mut []
-                };
-                let mut pts: Vec<&mut [f32]> = if *pool {
-                    pt.chunks_mut(pooled_inner).collect()
-                } else {
-                    (0..n).map(|_| &mut [][..]).collect()
-                };
-                yt.par_chunks_mut(inner)
-                    .zip(v.par_chunks_mut(inner))
-                    .zip(pts.par_iter_mut())
-                    .for_each(|((ys, vs), ps)| {
-                        empf_simd::vectorized(EmpfItem {
-                            ys,
-                            vs,
-                            hw,
-                            leak: lk,
-                            input: aff,
-                            th,
-                            recur: t > 0,
-                            pool: (width > 0).then_some((&mut **ps, width)),
-                        })
-                    });
+            // per sample, its T step slices (of the spikes and of the pooled spikes)
+            let mut items: Vec<(Vec<&mut [f32]>, Vec<&mut [f32]>)> = (0..n)
+                .map(|_| (Vec::with_capacity(ctx.steps), Vec::with_capacity(ctx.steps)))
+                .collect();
+            for yt in y.chunks_mut(per.max(1)) {
+                for (item, ys) in items.iter_mut().zip(yt.chunks_mut(inner.max(1))) {
+                    item.0.push(ys);
+                }
             }
+            if *pool {
+                for pt in pooled.chunks_mut((n * pooled_inner).max(1)) {
+                    for (item, ps) in items.iter_mut().zip(pt.chunks_mut(pooled_inner.max(1))) {
+                        item.1.push(ps);
+                    }
+                }
+            }
+            let aff = input.as_ref().map(|(k, b)| (&k[..], &b[..]));
+            items
+                .into_par_iter()
+                .try_for_each(|(ys, ps)| {
+                    empf_simd::vectorized(EmpfItem {
+                        ys,
+                        hw,
+                        leak,
+                        input: aff,
+                        th: threshold,
+                        pool: pool.then(|| (ps, shape[2], shape[3], ctx.simd)),
+                    })
+                })
+                .map_err(|e| simd_err(name, e))?;
             if *pool {
                 return Ok(Act {
                     x: from_vec(&pooled_shape, pooled),

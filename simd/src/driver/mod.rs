@@ -80,6 +80,7 @@ pub(crate) struct Kernels {
     pub sparse_conv_q: crate::sparse::SparseQFn,
     pub quantise: crate::sparse::QuantiseFn,
     pub sparse_dw: crate::sparse_dw::DwFn,
+    pub pool2: crate::pool::Pool2Fn,
 }
 
 /// How the rows of the left operand of a popcount GEMM are produced for a range of output rows.
