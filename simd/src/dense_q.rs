@@ -216,8 +216,14 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
             }
         }
     }
-    // the byte offset of each tap from a pixel's origin
-    let tapoff: Vec<usize> = (0..taps).map(|tp| ((tp / kw) * wp + tp % kw) * 4).collect();
+    // the byte offset of each (tap, channel group) from a pixel's origin, in the weights' order:
+    // one flat loop of dot products per tile (no short inner loop over the groups)
+    let offs: Vec<usize> = (0..taps * cg)
+        .map(|i| {
+            let (tp, gi) = (i / cg, i % cg);
+            gi * plane + ((tp / kw) * wp + tp % kw) * 4
+        })
+        .collect();
     // pixel blocks: (output row within the band, first column, columns)
     let blocks: Vec<(usize, usize, usize)> = (0..rows)
         .flat_map(|r| {
@@ -228,10 +234,8 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
         .collect();
     let geom = Geom {
         a: packed.as_ptr(),
-        plane,
         wp,
-        tapoff: &tapoff,
-        cg,
+        offs: &offs,
         oplane: rows * ow,
         ow,
     };
@@ -251,10 +255,9 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
 /// The packed band's geometry.
 struct Geom<'a> {
     a: *const u8,
-    plane: usize,
     wp: usize,
-    tapoff: &'a [usize],
-    cg: usize,
+    /// The byte offset of each (tap, channel group) from a pixel's origin.
+    offs: &'a [usize],
     oplane: usize,
     ow: usize,
 }
@@ -318,8 +321,8 @@ fn tile_run<const P: usize>(
 ) {
     let org: [usize; P] = std::array::from_fn(|p| (tile[p].0 * g.wp + tile[p].1) * 4);
     // SAFETY (loads): a block's origin plus a tap's offset is at most the band's last packed pixel
-    // (`(pr − 1)·wp + wp − 1`, as `wp = ow + kw − 1`), and 64 bytes from there stay within the
-    // plane plus `SLACK`; `wb` holds `taps·cg·8` dwords (checked by the caller's assert).
+    // (`(pr − 1)·wp + wp − 1`, as `wp = ow + kw − 1`) of its group's plane, and 64 bytes from
+    // there stay within the next plane, or the last plus `SLACK`; `wb` holds `taps·cg·8` dwords (checked by the caller's assert).
     let acc = unsafe { sum_tile::<P>(g, org, wb) };
     for p in 0..P {
         let (r, x0, n) = tile[p];
@@ -355,22 +358,19 @@ unsafe fn sum_tile<const P: usize>(
     unsafe {
         let mut acc = [[_mm512_setzero_si512(); OB]; P];
         let mut wp = wb.as_ptr();
-        for &to in g.tapoff {
-            let mut ap = g.a.add(to);
-            for _ in 0..g.cg {
-                let mut av = [_mm512_setzero_si512(); P];
-                for p in 0..P {
-                    av[p] = _mm512_loadu_si512(ap.add(org[p]).cast());
-                }
-                for j in 0..OB {
-                    let w = _mm512_set1_epi32(*wp.add(j));
-                    for p in 0..P {
-                        acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], av[p], w);
-                    }
-                }
-                wp = wp.add(OB);
-                ap = ap.add(g.plane);
+        let ap: [*const u8; P] = std::array::from_fn(|p| g.a.add(org[p]));
+        for &off in g.offs {
+            let mut av = [_mm512_setzero_si512(); P];
+            for p in 0..P {
+                av[p] = _mm512_loadu_si512(ap[p].add(off).cast());
             }
+            for j in 0..OB {
+                let w = _mm512_set1_epi32(*wp.add(j));
+                for p in 0..P {
+                    acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], av[p], w);
+                }
+            }
+            wp = wp.add(OB);
         }
         acc
     }
