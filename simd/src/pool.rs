@@ -68,38 +68,53 @@ pub(crate) mod x86 {
         if oh * ow == 0 {
             return;
         }
+        let planes = x.len() / (h * w);
+        assert!(x.len() == planes * h * w && y.len() == planes * oh * ow);
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         let zero = _mm512_setzero_ps();
         let quarter = _mm512_set1_ps(0.25);
-        for (xp, yp) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow)) {
-            for (i, yr) in yp.chunks_exact_mut(ow).enumerate() {
-                let r0 = &xp[2 * i * w..][..2 * ow];
-                let r1 = &xp[(2 * i + 1) * w..][..2 * ow];
-                for (j, o) in yr.chunks_mut(16).enumerate() {
-                    let n = o.len();
-                    // the 2n inputs of each row: the first 16 and the rest
-                    let lo = (2 * n).min(16);
-                    let (mlo, mhi) = (mask(lo), mask(2 * n - lo));
-                    // SAFETY: the masks cover `2n` floats from `32j` of rows of `2·ow` floats
-                    // (`16j + n <= ow`); masked-off lanes are not read, nor written below.
-                    unsafe {
-                        let pa = r0.as_ptr().add(32 * j);
-                        let pb = r1.as_ptr().add(32 * j);
-                        let (a0, a1) = (
-                            _mm512_maskz_loadu_ps(mlo, pa),
-                            _mm512_maskz_loadu_ps(mhi, pa.add(16)),
-                        );
-                        let (b0, b1) = (
-                            _mm512_maskz_loadu_ps(mlo, pb),
-                            _mm512_maskz_loadu_ps(mhi, pb.add(16)),
-                        );
-                        let s = _mm512_add_ps(zero, _mm512_permutex2var_ps(a0, even, a1));
-                        let s = _mm512_add_ps(s, _mm512_permutex2var_ps(a0, odd, a1));
-                        let s = _mm512_add_ps(s, _mm512_permutex2var_ps(b0, even, b1));
-                        let s = _mm512_add_ps(s, _mm512_permutex2var_ps(b0, odd, b1));
-                        _mm512_mask_storeu_ps(o.as_mut_ptr(), mask(n), _mm512_mul_ps(s, quarter));
-                    }
+        // whole steps of 16 outputs, then a tail of `n` under masks (of the 2n inputs of each
+        // row: the first 16 and the rest), all fixed for the call
+        let (full, n) = (ow / 16, ow % 16);
+        let lo = (2 * n).min(16);
+        let (mlo, mhi, mout) = (mask(lo), mask(2 * n - lo), mask(n));
+        let pool = |a0: __m512, a1: __m512, b0: __m512, b1: __m512| {
+            let s = _mm512_add_ps(zero, _mm512_permutex2var_ps(a0, even, a1));
+            let s = _mm512_add_ps(s, _mm512_permutex2var_ps(a0, odd, a1));
+            let s = _mm512_add_ps(s, _mm512_permutex2var_ps(b0, even, b1));
+            let s = _mm512_add_ps(s, _mm512_permutex2var_ps(b0, odd, b1));
+            _mm512_mul_ps(s, quarter)
+        };
+        for row in 0..planes * oh {
+            let (p, i) = (row / oh, row % oh);
+            // SAFETY: rows `2i` and `2i + 1` of plane `p` are inside `x` and output row `row`
+            // inside `y` (lengths asserted above): the loads read `2·ow ≤ w` floats of each input
+            // row (the tail's masked-off lanes are not read) and the stores write `ow` floats.
+            unsafe {
+                let pa = x.as_ptr().add((p * h + 2 * i) * w);
+                let pb = pa.add(w);
+                let o = y.as_mut_ptr().add(row * ow);
+                for j in 0..full {
+                    let (a, b) = (pa.add(32 * j), pb.add(32 * j));
+                    let v = pool(
+                        _mm512_loadu_ps(a),
+                        _mm512_loadu_ps(a.add(16)),
+                        _mm512_loadu_ps(b),
+                        _mm512_loadu_ps(b.add(16)),
+                    );
+                    _mm512_storeu_ps(o.add(16 * j), v);
+                }
+                if n > 0 {
+                    let (a, b) = (pa.add(32 * full), pb.add(32 * full));
+                    let v = pool(
+                        _mm512_maskz_loadu_ps(mlo, a),
+                        // (wrapping: with no lanes past 16 the address may be past `x`)
+                        _mm512_maskz_loadu_ps(mhi, a.wrapping_add(16)),
+                        _mm512_maskz_loadu_ps(mlo, b),
+                        _mm512_maskz_loadu_ps(mhi, b.wrapping_add(16)),
+                    );
+                    _mm512_mask_storeu_ps(o.add(16 * full), mout, v);
                 }
             }
         }
