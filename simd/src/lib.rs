@@ -1254,7 +1254,7 @@ impl Simd {
     pub fn avg_pool_2x2(&self, x: &[f32], hw: (usize, usize), y: &mut [f32]) -> Result<()> {
         let (h, w) = hw;
         let (plane, oplane) = (h * w, (h / 2) * (w / 2));
-        let planes = if plane == 0 { 0 } else { x.len() / plane };
+        let planes = x.len().checked_div(plane).unwrap_or(0);
         if plane == 0 || x.len() != planes * plane || y.len() != planes * oplane {
             return shape_err(format!(
                 "avg_pool_2x2: x {} is not planes of {h}x{w}, or y {} is not its pooled planes",

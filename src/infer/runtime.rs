@@ -162,6 +162,9 @@ struct Act {
 /// together (see [`Runtime::run`]).
 const GROUP_VALUES: usize = 1 << 12;
 
+/// One slice per time-step (of one sample's activations).
+type StepSlices<'a> = Vec<&'a mut [f32]>;
+
 /// Elements of a channel plane whose potentials one pass of [`EmpfItem`] keeps local over all T
 /// steps (a few vector registers).
 const EMPF_BLOCK: usize = 64;
@@ -171,7 +174,7 @@ const EMPF_BLOCK: usize = 64;
 /// block of [`EMPF_BLOCK`] elements live in a local array through the T steps: no potential
 /// buffer is allocated, zeroed or streamed.
 struct EmpfItem<'a> {
-    ys: Vec<&'a mut [f32]>,
+    ys: StepSlices<'a>,
     hw: usize,
     /// λ per step and channel (`T x C`, or `T x 1` for one value for all channels).
     leak: &'a [f32],
@@ -181,7 +184,7 @@ struct EmpfItem<'a> {
     th: &'a [f32],
     /// The fused 2x2, stride-2 average pool: its output per step (`C x H/2 x W/2`), `H`, `W` and
     /// the kernels.
-    pool: Option<(Vec<&'a mut [f32]>, usize, usize, Simd)>,
+    pool: Option<(StepSlices<'a>, usize, usize, Simd)>,
 }
 
 impl empf_simd::VectorWork for EmpfItem<'_> {
@@ -1113,7 +1116,7 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             };
             let mut pooled = vec![0f32; os[0] * pooled_inner];
             // per sample, its T step slices (of the spikes and of the pooled spikes)
-            let mut items: Vec<(Vec<&mut [f32]>, Vec<&mut [f32]>)> = (0..n)
+            let mut items: Vec<(StepSlices<'_>, StepSlices<'_>)> = (0..n)
                 .map(|_| (Vec::with_capacity(ctx.steps), Vec::with_capacity(ctx.steps)))
                 .collect();
             for yt in y.chunks_mut(per.max(1)) {
