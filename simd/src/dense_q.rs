@@ -320,9 +320,10 @@ fn tile_run<const P: usize>(
     y: &mut [Out],
 ) {
     let org: [usize; P] = std::array::from_fn(|p| (tile[p].0 * g.wp + tile[p].1) * 4);
-    // SAFETY (loads): a block's origin plus a tap's offset is at most the band's last packed pixel
-    // (`(pr − 1)·wp + wp − 1`, as `wp = ow + kw − 1`) of its group's plane, and 64 bytes from
-    // there stay within the next plane, or the last plus `SLACK`; `wb` holds `taps·cg·8` dwords (checked by the caller's assert).
+    // SAFETY (loads): a block's origin plus a (tap, group)'s offset is at most the band's last
+    // packed pixel (`(pr − 1)·wp + wp − 1`, as `wp = ow + kw − 1`) of the group's plane, and 64
+    // bytes from there stay within the next plane, or the last plus `SLACK`; `wb` holds
+    // `taps·cg·8` dwords (checked by the caller's assert).
     let acc = unsafe { sum_tile::<P>(g, org, wb) };
     for p in 0..P {
         let (r, x0, n) = tile[p];

@@ -902,6 +902,20 @@ fn step_buffer(a: Act, steps: usize) -> Vec<f32> {
     }
 }
 
+/// The slices of each of the `n` samples at every step of a step-major buffer (`steps x n x
+/// inner`); `n` empty lists when the buffer is empty.
+fn per_sample_steps(buf: &mut [f32], n: usize, inner: usize, steps: usize) -> Vec<StepSlices<'_>> {
+    let mut out: Vec<StepSlices<'_>> = (0..n).map(|_| Vec::with_capacity(steps)).collect();
+    if n * inner > 0 {
+        for bt in buf.chunks_mut(n * inner) {
+            for (s, b) in out.iter_mut().zip(bt.chunks_mut(inner)) {
+                s.push(b);
+            }
+        }
+    }
+    out
+}
+
 fn rows_shape(a: &Act, steps: usize) -> (usize, usize, Vec<usize>) {
     let s = a.x.shape();
     let n = if a.repeated { s[0] } else { s[0] / steps };
@@ -1097,14 +1111,14 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             ..
         } => {
             let (n, inner, os) = rows_shape(&a, ctx.steps);
-            let per = n * inner;
             debug_assert_eq!(leak.len(), ctx.steps * *channels, "λ per step and channel");
             let hw = if shape.len() == 4 {
                 shape[2] * shape[3]
             } else {
                 1
             };
-            // the spikes overwrite the inputs in place (and are pooled into `pooled`)
+            // the spikes overwrite the inputs in place (a pooled layer only reads them and writes
+            // `pooled`)
             let mut y = step_buffer(a, ctx.steps);
             // the pooled spikes: `T·N x C x H/2 x W/2`
             let mut pooled_shape = out_shape.clone();
@@ -1115,25 +1129,12 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 0
             };
             let mut pooled = vec![0f32; os[0] * pooled_inner];
-            // per sample, its T step slices (of the spikes and of the pooled spikes)
-            let mut items: Vec<(StepSlices<'_>, StepSlices<'_>)> = (0..n)
-                .map(|_| (Vec::with_capacity(ctx.steps), Vec::with_capacity(ctx.steps)))
-                .collect();
-            for yt in y.chunks_mut(per.max(1)) {
-                for (item, ys) in items.iter_mut().zip(yt.chunks_mut(inner.max(1))) {
-                    item.0.push(ys);
-                }
-            }
-            if *pool {
-                for pt in pooled.chunks_mut((n * pooled_inner).max(1)) {
-                    for (item, ps) in items.iter_mut().zip(pt.chunks_mut(pooled_inner.max(1))) {
-                        item.1.push(ps);
-                    }
-                }
-            }
+            // per sample, its T step slices of the spikes and of the pooled spikes
+            let ys = per_sample_steps(&mut y, n, inner, ctx.steps);
+            let ps = per_sample_steps(&mut pooled, n, pooled_inner, ctx.steps);
             let aff = input.as_ref().map(|(k, b)| (&k[..], &b[..]));
-            items
-                .into_par_iter()
+            ys.into_par_iter()
+                .zip(ps)
                 .try_for_each(|(ys, ps)| {
                     empf_simd::vectorized(EmpfItem {
                         ys,
