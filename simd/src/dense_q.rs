@@ -13,7 +13,8 @@
 
 #![allow(clippy::needless_range_loop)] // register tiles read clearest as indexed loops
 
-use crate::sparse::Out;
+use crate::QuantConvWeights;
+use crate::sparse::{Band, Out};
 use std::arch::x86_64::*;
 
 /// Outputs per weight block (the accumulators of one pixel block).
@@ -88,7 +89,15 @@ pub(crate) fn takes<X>(t: &QTaskOf<'_, X>, src: Src<'_>) -> bool {
         crate::DenseQ::Never => return false,
         crate::DenseQ::Auto => {}
     }
-    let wt = t.weights;
+    // the band's share of the image's non-zero inputs
+    let (wt, rows) = (t.weights, b.oy1 - b.oy0);
+    let oh = b.h + 2 * b.pad + 1 - wt.kh;
+    dense_pays(b, wt, || src.nonzero() * rows / oh.max(1))
+}
+
+/// Whether the dense kernel is estimated to take fewer cycles than the sparse kernels on band `b`
+/// with `nonzero()` non-zero input levels (only evaluated when the inputs decide).
+fn dense_pays(b: &Band, wt: &QuantConvWeights, nonzero: impl FnOnce() -> usize) -> bool {
     let (rows, taps) = (b.oy1 - b.oy0, wt.kh * wt.kw);
     // in units of one `vpdpbusd`, measured on mnist-cnn's two binary convolutions (see
     // `examples/conv_kernels.rs`): the sparse kernels cost about 55 per output pixel, tap and
@@ -97,13 +106,8 @@ pub(crate) fn takes<X>(t: &QTaskOf<'_, X>, src: Src<'_>) -> bool {
         rows * b.ow.div_ceil(16) * taps * wt.in_ch.div_ceil(4) * wt.out_ch.div_ceil(OB) * OB;
     let blocks = taps * wt.out_ch.div_ceil(64);
     let fixed5 = blocks * 275 * rows * b.ow;
-    if fixed5 >= 5 * dense {
-        return true; // whatever the inputs
-    }
-    // the band's share of the image's non-zero inputs
-    let oh = b.h + 2 * b.pad + 1 - wt.kh;
-    let nz = src.nonzero() * rows / oh.max(1);
-    5 * dense <= fixed5 + blocks * 12 * nz
+    // (whatever the inputs when the fixed costs alone exceed the dense kernel's)
+    fixed5 >= 5 * dense || 5 * dense <= fixed5 + blocks * 12 * nonzero()
 }
 
 /// The non-zero bytes of `x`.
@@ -178,44 +182,7 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
     if packed.len() < cg * plane + SLACK {
         packed.resize(cg * plane + SLACK, 0);
     }
-    let max = ((1u32 << wt.bits) - 1) as f32;
-    let recip = match src {
-        Src::Spikes(_, step) => crate::sparse::exact_reciprocal(step),
-        Src::Levels(_) => None,
-    };
-    for g in 0..cg {
-        let chans = (c - 4 * g).min(4);
-        for r in 0..pr {
-            let iy = (b.oy0 + r).wrapping_sub(pad);
-            let row = &mut packed[(g * pr + r) * wp * 4..][..wp * 4];
-            if iy >= h {
-                row.fill(0); // a padding row
-                continue;
-            }
-            row[..pad * 4].fill(0);
-            row[(pad + w) * 4..].fill(0);
-            let dst = &mut row[pad * 4..][..w * 4];
-            let row0 = (4 * g * h + iy) * w;
-            let rows4: [usize; 4] = [row0, row0 + h * w, row0 + 2 * h * w, row0 + 3 * h * w];
-            match src {
-                Src::Levels(x) => pack_row(dst, chans, |j, x0, m| {
-                    // SAFETY: the mask covers the row's remaining pixels, inside `x` (asserted
-                    // `x.len() = C·H·W`; channel `j < chans` exists).
-                    unsafe {
-                        _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
-                            m,
-                            x[rows4[j] + x0..].as_ptr().cast(),
-                        ))
-                    }
-                }),
-                Src::Spikes(x, step) => pack_row(dst, chans, |j, x0, m| {
-                    // SAFETY: as above, for the floats of `x`.
-                    let v = unsafe { _mm512_maskz_loadu_ps(m, x[rows4[j] + x0..].as_ptr()) };
-                    quantise16(v, step, recip, max)
-                }),
-            }
-        }
-    }
+    pack_band(wt, b, src, &mut packed[..cg * plane], plane);
     // the byte offset of each (tap, channel group) from a pixel's origin, in the weights' order:
     // one flat loop of dot products per tile (no short inner loop over the groups)
     let offs: Vec<usize> = (0..taps * cg)
@@ -247,6 +214,59 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
                 3 => tile_run::<3>(&geom, tile, wb, ep, ob, y),
                 2 => tile_run::<2>(&geom, tile, wb, ep, ob, y),
                 _ => tile_run::<1>(&geom, tile, wb, ep, ob, y),
+            }
+        }
+    }
+}
+
+/// Packs the rows of image `src` (`C x H x W`) that band `b`'s outputs read, zero padding
+/// included, into `dst`: `⌈C/4⌉` planes of `plane ≥ pr·wp·4` bytes, each `[row][column][4
+/// channels]` (`pr = rows + kh − 1` rows of `wp = W + 2·pad` pixels); levels as they are, or
+/// spikes quantised.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pack_band(wt: &QuantConvWeights, b: &Band, src: Src<'_>, dst: &mut [u8], plane: usize) {
+    let (c, kh) = (wt.in_ch, wt.kh);
+    let (h, w, pad) = (b.h, b.w, b.pad);
+    let (cg, pr, wp) = (c.div_ceil(4), b.oy1 - b.oy0 + kh - 1, w + 2 * pad);
+    assert!(
+        src.len() == c * h * w && plane >= pr * wp * 4 && dst.len() >= cg * plane,
+        "dense k-bit kernel: packing shapes do not match"
+    );
+    let max = ((1u32 << wt.bits) - 1) as f32;
+    let recip = match src {
+        Src::Spikes(_, step) => crate::sparse::exact_reciprocal(step),
+        Src::Levels(_) => None,
+    };
+    for g in 0..cg {
+        let chans = (c - 4 * g).min(4);
+        for r in 0..pr {
+            let iy = (b.oy0 + r).wrapping_sub(pad);
+            let row = &mut dst[g * plane + r * wp * 4..][..wp * 4];
+            if iy >= h {
+                row.fill(0); // a padding row
+                continue;
+            }
+            row[..pad * 4].fill(0);
+            row[(pad + w) * 4..].fill(0);
+            let dst = &mut row[pad * 4..][..w * 4];
+            let row0 = (4 * g * h + iy) * w;
+            let rows4: [usize; 4] = [row0, row0 + h * w, row0 + 2 * h * w, row0 + 3 * h * w];
+            match src {
+                Src::Levels(x) => pack_row(dst, chans, |j, x0, m| {
+                    // SAFETY: the mask covers the row's remaining pixels, inside `x` (asserted
+                    // `x.len() = C·H·W`; channel `j < chans` exists).
+                    unsafe {
+                        _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(
+                            m,
+                            x[rows4[j] + x0..].as_ptr().cast(),
+                        ))
+                    }
+                }),
+                Src::Spikes(x, step) => pack_row(dst, chans, |j, x0, m| {
+                    // SAFETY: as above, for the floats of `x`.
+                    let v = unsafe { _mm512_maskz_loadu_ps(m, x[rows4[j] + x0..].as_ptr()) };
+                    quantise16(v, step, recip, max)
+                }),
             }
         }
     }
@@ -375,4 +395,333 @@ unsafe fn sum_tile<const P: usize>(
         }
         acc
     }
+}
+
+/// Outputs per tile of the fused kernel (half a weight block of [`OB`]).
+const FO: usize = 4;
+/// Time-steps per tile of the fused kernel (its pixel blocks: one per step).
+const FP: usize = 4;
+
+/// `bytes` rounded up to an odd number of cache lines: planes and images at such strides fall in
+/// different L1 sets (at powers of two, the same tap of every channel group and step would evict
+/// each other).
+fn odd_lines(bytes: usize) -> usize {
+    (bytes.div_ceil(64) | 1) * 64
+}
+
+/// The output of the fused kernel, written by the tasks of disjoint output rows at once.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks of `conv_empf` write disjoint elements (their own sample's rows of their own
+// band) and read only the elements they wrote themselves.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// The convolution of `conv_empf` on one sample's band, and the neuron after it.
+struct Fused<'a> {
+    wt: &'a QuantConvWeights,
+    band: Band,
+    /// The rows of `x` (`steps · n` images, step-major), the sample, and the steps.
+    x: &'a [f32],
+    n: usize,
+    sample: usize,
+    step: f32,
+    scale: &'a [f32],
+    shift: &'a [f32],
+    neuron: &'a crate::EmpfNeuron<'a>,
+    /// Output rows and columns of a plane (pooled, if the neuron pools).
+    ph: usize,
+    pw: usize,
+}
+
+/// [`crate::Simd::conv_q_empf`] on AVX-512 VNNI: `None` when this host has no VNNI, the stride is
+/// not 1, the policy ([`crate::DenseQ`]) forbids the dense kernel, or (under `Auto`) the sparse
+/// kernels would be faster. The caller checked every shape.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_empf(
+    x: &[f32],
+    step: f32,
+    (rows, h, w): (usize, usize, usize),
+    wt: &QuantConvWeights,
+    stride: usize,
+    pad: usize,
+    scale: &[f32],
+    shift: &[f32],
+    neuron: &crate::EmpfNeuron<'_>,
+) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    let oh = (h + 2 * pad + 1).checked_sub(wt.kh)?;
+    let ow = (w + 2 * pad + 1).checked_sub(wt.kw)?;
+    let band = Band {
+        h,
+        w,
+        ow,
+        stride,
+        pad,
+        oy0: 0,
+        oy1: oh,
+    };
+    let steps = neuron.steps;
+    if stride != 1
+        || steps == 0
+        || !(std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl"))
+    {
+        return None;
+    }
+    let pays = match crate::dense_q() {
+        crate::DenseQ::Always => true,
+        crate::DenseQ::Never => false,
+        // the non-zero inputs of an average image
+        // SAFETY: AVX-512F/BW were checked above.
+        crate::DenseQ::Auto => dense_pays(&band, wt, || unsafe {
+            count_levels_f32(x, 0.5 * step) / rows.max(1)
+        }),
+    };
+    if !pays {
+        return None;
+    }
+    let n = rows / steps;
+    let (ph, pw) = if neuron.pool {
+        (oh / 2, ow / 2)
+    } else {
+        (oh, ow)
+    };
+    let len = rows * wt.out_ch * ph * pw;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    // bands of output rows, so that all threads work at batch 1; even for a pool (both rows of
+    // each pooled row in one task), and none of the rows a pool drops
+    let live = if neuron.pool { 2 * ph } else { oh };
+    // (one band per thread: every band repacks its `kh − 1` halo rows)
+    let bands = rayon::current_num_threads()
+        .div_ceil(n.max(1))
+        .clamp(1, live.max(1));
+    let mut brows = live.div_ceil(bands).max(1);
+    if neuron.pool {
+        brows = brows.next_multiple_of(2);
+    }
+    let tasks: Vec<(usize, usize)> = (0..n)
+        .flat_map(|i| (0..live).step_by(brows).map(move |r| (i, r)))
+        .collect();
+    let out = OutPtr(y.as_mut_ptr());
+    tasks.into_par_iter().for_each(|(i, oy0)| {
+        let f = Fused {
+            wt,
+            band: Band {
+                oy0,
+                oy1: (oy0 + brows).min(live),
+                ..band
+            },
+            x,
+            n,
+            sample: i,
+            step,
+            scale,
+            shift,
+            neuron,
+            ph,
+            pw,
+        };
+        // SAFETY: the CPU features were checked above; the task writes its own rows (see `OutPtr`).
+        PACKED.with_borrow_mut(|packed| unsafe { run_fused(&f, packed, out, len) });
+    });
+    // SAFETY: the tasks wrote every element: every sample, every band of the live rows, every
+    // output channel, step and (pooled) column (see `run_fused`).
+    unsafe { y.set_len(len) };
+    Some(y)
+}
+
+/// One task of [`conv_empf`]: packs the band of the sample's `T` images, then, per block of 16
+/// output pixels of a row and [`FO`] outputs, sums the dot products of up to [`FP`] steps at once
+/// and runs the neuron through the steps in registers (the potentials `v` carried from chunk to
+/// chunk), storing the spikes, or pooling them: an even row stores its column pairs' sums
+/// `(0 + a0) + a1`, the odd row below adds `b0`, then `b1`, and scales by ¼ (the pool's order).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn run_fused(f: &Fused<'_>, packed: &mut Vec<u8>, out: OutPtr, len: usize) {
+    let (wt, b, nr) = (f.wt, &f.band, f.neuron);
+    let (c, kh, kw, o_ch) = (wt.in_ch, wt.kh, wt.kw, wt.out_ch);
+    let (w, ow) = (b.w, b.ow);
+    let rows = b.oy1 - b.oy0;
+    let steps = nr.steps;
+    let (cg, taps) = (c.div_ceil(4), kh * kw);
+    let (pr, wp) = (rows + kh - 1, w + 2 * b.pad);
+    let plane = odd_lines(pr * wp * 4);
+    let img = odd_lines(cg * plane);
+    let xs = c * b.h * w;
+    let chs = nr.leak.len() / steps;
+    assert!(
+        f.x.len() == f.n * steps * xs
+            && wp + 1 == ow + kw
+            && wt.dots.len() == o_ch.div_ceil(OB) * taps * cg * OB
+            && f.scale.len() >= o_ch
+            && f.shift.len() >= o_ch
+            && (chs == 1 || chs == o_ch)
+            && nr.leak.len() == steps * chs
+            && nr.threshold.len() == steps
+            && nr
+                .affine
+                .is_none_or(|(k, a)| k.len() == nr.leak.len() && a.len() == k.len())
+            && len == f.n * steps * o_ch * f.ph * f.pw
+            && b.oy1 <= if nr.pool { 2 * f.ph } else { f.ph },
+        "fused dense k-bit kernel: shapes do not match"
+    );
+    if packed.len() < steps * img + SLACK {
+        packed.resize(steps * img + SLACK, 0);
+    }
+    for t in 0..steps {
+        let xi = &f.x[(t * f.n + f.sample) * xs..][..xs];
+        pack_band(
+            wt,
+            b,
+            Src::Spikes(xi, f.step),
+            &mut packed[t * img..][..img],
+            plane,
+        );
+    }
+    let offs: Vec<usize> = (0..taps * cg)
+        .map(|i| {
+            let (tp, gi) = (i / cg, i % cg);
+            gi * plane + ((tp / kw) * wp + tp % kw) * 4
+        })
+        .collect();
+    let opl = f.ph * f.pw;
+    for r in 0..rows {
+        let ry = b.oy0 + r;
+        for x0 in (0..ow).step_by(16) {
+            let np = (ow - x0).min(16);
+            // SAFETY: the block's origin plus any (tap, group) offset is inside its step's image
+            // (as `sum_tile`), and 64 bytes from there inside the next image or `SLACK`.
+            let org = unsafe { packed.as_ptr().add((r * wp + x0) * 4) };
+            for ob in 0..o_ch.div_ceil(FO) {
+                let wb = &wt.dots[ob / 2 * taps * cg * OB..][..taps * cg * OB];
+                let mut v = [_mm512_setzero_ps(); FO];
+                let mut t0 = 0;
+                while t0 < steps {
+                    let at = Cell {
+                        org,
+                        img,
+                        ry,
+                        x0,
+                        np,
+                        ob,
+                        t0,
+                    };
+                    t0 += match steps - t0 {
+                        1 => fused_chunk::<1>(f, &at, &offs, wb, &mut v, out, opl),
+                        2 => fused_chunk::<2>(f, &at, &offs, wb, &mut v, out, opl),
+                        3 => fused_chunk::<3>(f, &at, &offs, wb, &mut v, out, opl),
+                        _ => fused_chunk::<FP>(f, &at, &offs, wb, &mut v, out, opl),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Where a chunk of [`run_fused`] works: the block's packed origin in step 0's image and the
+/// images' stride, its output row, first column and columns, the output block, the first step.
+struct Cell {
+    org: *const u8,
+    img: usize,
+    ry: usize,
+    x0: usize,
+    np: usize,
+    ob: usize,
+    t0: usize,
+}
+
+/// Steps `t0..t0 + P` of one cell: the dot products, `y = scale·dot + shift`, the neuron (as the
+/// runtime's: `m = k·y + b` or `y`; `m = m + λ·v` after step 0; a spike `m − θ` where `m > θ`,
+/// then `v = θ`, else 0 and `v = m`), and the stores. Returns `P`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fused_chunk<const P: usize>(
+    f: &Fused<'_>,
+    at: &Cell,
+    offs: &[usize],
+    wb: &[i32],
+    v: &mut [__m512; FO],
+    out: OutPtr,
+    opl: usize,
+) -> usize {
+    let nr = f.neuron;
+    let chs = nr.leak.len() / nr.steps;
+    // SAFETY (all): AVX-512F/BW/VL/VNNI are enabled by the caller (inlined into `run_fused`);
+    // loads as in `sum_tile` (each step's image holds the same layout); stores checked below.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); FO]; P];
+        let ap: [*const u8; P] = std::array::from_fn(|p| at.org.add((at.t0 + p) * at.img));
+        let mut w = wb.as_ptr().add(at.ob % 2 * FO);
+        for &off in offs {
+            let mut av = [_mm512_setzero_si512(); P];
+            for p in 0..P {
+                av[p] = _mm512_loadu_si512(ap[p].add(off).cast());
+            }
+            for j in 0..FO {
+                let wj = _mm512_set1_epi32(*w.add(j));
+                for p in 0..P {
+                    acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], av[p], wj);
+                }
+            }
+            w = w.add(OB);
+        }
+        let (pool, np) = (nr.pool, at.np);
+        let pn = np / 2;
+        let even = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 14, 12, 10, 8, 6, 4, 2, 0);
+        let odd = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 15, 13, 11, 9, 7, 5, 3, 1);
+        let m16: __mmask16 = ((1u32 << np) - 1) as u16;
+        let m8: __mmask16 = ((1u32 << pn) - 1) as u16;
+        for j in 0..FO {
+            let o = at.ob * FO + j;
+            if o >= f.wt.out_ch {
+                break;
+            }
+            let ch = if chs == 1 { 0 } else { o };
+            let (sc, sh) = (_mm512_set1_ps(f.scale[o]), _mm512_set1_ps(f.shift[o]));
+            for p in 0..P {
+                let t = at.t0 + p;
+                let yv = _mm512_add_ps(_mm512_mul_ps(sc, _mm512_cvtepi32_ps(acc[p][j])), sh);
+                let mut m = match nr.affine {
+                    Some((k, b)) => _mm512_add_ps(
+                        _mm512_mul_ps(_mm512_set1_ps(k[t * chs + ch]), yv),
+                        _mm512_set1_ps(b[t * chs + ch]),
+                    ),
+                    None => yv,
+                };
+                if t > 0 {
+                    m = _mm512_add_ps(
+                        m,
+                        _mm512_mul_ps(_mm512_set1_ps(nr.leak[t * chs + ch]), v[j]),
+                    );
+                }
+                let th = _mm512_set1_ps(nr.threshold[t]);
+                let fire = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, th);
+                v[j] = _mm512_mask_blend_ps(fire, m, th);
+                let s = _mm512_maskz_sub_ps(fire, m, th);
+                let base = ((t * f.n + f.sample) * f.wt.out_ch + o) * opl;
+                if !pool {
+                    let idx = base + at.ry * f.pw + at.x0;
+                    assert!(idx + np <= f.n * nr.steps * f.wt.out_ch * opl);
+                    _mm512_mask_storeu_ps(out.0.add(idx), m16, s);
+                    continue;
+                }
+                if pn == 0 {
+                    continue;
+                }
+                let idx = base + at.ry / 2 * f.pw + at.x0 / 2;
+                assert!(idx + pn <= f.n * nr.steps * f.wt.out_ch * opl);
+                let e = _mm512_permutexvar_ps(even, s);
+                let d = _mm512_permutexvar_ps(odd, s);
+                let q = if at.ry.is_multiple_of(2) {
+                    _mm512_add_ps(_mm512_add_ps(_mm512_setzero_ps(), e), d)
+                } else {
+                    let a = _mm512_maskz_loadu_ps(m8, out.0.add(idx));
+                    _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a, e), d), _mm512_set1_ps(0.25))
+                };
+                _mm512_mask_storeu_ps(out.0.add(idx), m8, q);
+            }
+        }
+    }
+    P
 }

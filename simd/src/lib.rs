@@ -87,6 +87,25 @@ pub fn dense_q() -> DenseQ {
 pub use sparse::{QuantConvWeights, SignConvWeights};
 pub use vectorize::{VectorLevel, VectorWork, vector_level, vectorized};
 
+/// An EM-PF neuron layer after a convolution ([`Simd::conv_q_empf`]): for each step `t` and
+/// output channel `o` of the convolution's outputs `y`, `m = k·y + b` (with `affine`) or `m = y`;
+/// after step 0, `m = m + λ·v`; then a spike `m − θ` and `v = θ` where `m > θ`, else a spike 0 and
+/// `v = m` (each product and sum rounded on its own, no fused multiply-add).
+#[derive(Clone, Copy, Debug)]
+pub struct EmpfNeuron<'a> {
+    /// Time-steps `T`.
+    pub steps: usize,
+    /// `λ` per step and channel (`T x O`), or per step (`T`, for every channel).
+    pub leak: &'a [f32],
+    /// `(k, b)` per step and channel, laid out as `leak` (a folded Version II input affine).
+    pub affine: Option<(&'a [f32], &'a [f32])>,
+    /// `θ` per step.
+    pub threshold: &'a [f32],
+    /// A 2x2, stride-2 average pool of the spikes follows (odd sizes drop their last row and
+    /// column), in [`Simd::avg_pool_2x2`]'s additions.
+    pub pool: bool,
+}
+
 /// Errors of this crate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SimdError {
@@ -1381,6 +1400,65 @@ impl Simd {
                 },
             )
         }))
+    }
+
+    /// The k-bit convolution of [`Simd::sparse_conv_q_spikes_vec`] (stride 1, spikes quantised
+    /// by `step`) with an EM-PF neuron layer fused after it, and optionally the neuron's 2x2,
+    /// stride-2 average pool: the dense AVX-512 VNNI kernel runs the `T` steps of a block of
+    /// output pixels together and the neuron in registers, so the convolution's outputs are never
+    /// stored. `x` is `T·N x C x H x W`, step-major (step `t` of sample `i` is image `t·N + i`);
+    /// the result is `T·N x O x H' x W'` (pooled: `H'/2 x W'/2`), exactly the floats of the
+    /// separate convolution, neuron and [`Simd::avg_pool_2x2`]. `Ok(None)` where the fused
+    /// kernel does not run (no AVX-512 VNNI at this level, stride ≠ 1, or the [`DenseQ`] policy
+    /// or its cost model choose the sparse kernels): then run those three separately.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_q_empf(
+        &self,
+        x: &[f32],
+        step: f32,
+        dims: (usize, usize, usize),
+        w: &QuantConvWeights,
+        stride: usize,
+        pad: usize,
+        scale: &[f32],
+        shift: &[f32],
+        neuron: &EmpfNeuron<'_>,
+    ) -> Result<Option<Vec<f32>>> {
+        let g = SparseGeom::new("conv_q_empf", dims, w.dims(), stride, pad)?;
+        g.check(x.len(), g.out_len(), scale, shift)?;
+        let (t, o) = (neuron.steps, w.dims().0);
+        let chs = neuron.leak.len().checked_div(t).unwrap_or(0);
+        let pool_ok = !neuron.pool || (g.oh >= 2 && g.band.ow >= 2);
+        if t == 0
+            || !dims.0.is_multiple_of(t)
+            || !(chs == 1 || chs == o)
+            || neuron.leak.len() != t * chs
+            || neuron.threshold.len() != t
+            || neuron
+                .affine
+                .is_some_and(|(k, b)| k.len() != t * chs || b.len() != t * chs)
+            || !pool_ok
+        {
+            return shape_err(format!(
+                "conv_q_empf: {} images, {t} steps, λ {}, θ {}, affine {:?}, {} outputs, pool {} of {}x{}",
+                dims.0,
+                neuron.leak.len(),
+                neuron.threshold.len(),
+                neuron.affine.map(|(k, b)| (k.len(), b.len())),
+                o,
+                neuron.pool,
+                g.oh,
+                g.band.ow
+            ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            return Ok(dense_q::conv_empf(
+                x, step, dims, w, stride, pad, scale, shift, neuron,
+            ));
+        }
+        let _ = step; // (no fused kernel elsewhere)
+        Ok(None)
     }
 
     /// Float × ±1 GEMV reading one bit per weight: `y[j] = Σ_k x[k]·(±1)_{jk}` for the sign-packed

@@ -22,8 +22,8 @@ use crate::layers::{
 };
 use crate::tensor::{Tensor, as_slice, from_vec, gemm};
 use empf_simd::{
-    BinOp, Binarize, Epilogue, PackedConvWeights, PackedMatrix, QuantConvWeights, SignConvWeights,
-    Simd, SpikeOut,
+    BinOp, Binarize, EmpfNeuron, Epilogue, PackedConvWeights, PackedMatrix, QuantConvWeights,
+    SignConvWeights, Simd, SpikeOut,
 };
 use rayon::prelude::*;
 
@@ -149,6 +149,12 @@ enum Node {
     Quant {
         bits: u32,
         step: f32,
+    },
+    /// A k-bit `BinConv` and the `Empf` neuron after it, run by one fused kernel where it can
+    /// (see [`fuse_conv_neurons`]), else one after the other.
+    ConvEmpf {
+        conv: Box<Node>,
+        empf: Box<Node>,
     },
 }
 
@@ -372,6 +378,43 @@ fn fuse_pools(nodes: Vec<Node>) -> Vec<Node> {
                     *pool = true;
                 }
                 continue;
+            }
+            n => n,
+        };
+        out.push(node);
+    }
+    out
+}
+
+/// Pairs every k-bit, stride-1 binary convolution on float spikes (one with `levels`) with the
+/// EM-PF neuron that follows it, for [`Simd::conv_q_empf`]: the convolution's outputs then stay in
+/// registers, the neuron (and its fused pool) runs in the convolution's epilogue, and only the
+/// spikes are stored, the same floats as the two layers give.
+fn fuse_conv_neurons(nodes: Vec<Node>) -> Vec<Node> {
+    let mut out: Vec<Node> = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let node = match node {
+            Node::Residual {
+                name,
+                body,
+                shortcut,
+            } => Node::Residual {
+                name,
+                body: fuse_conv_neurons(body),
+                shortcut: shortcut.map(fuse_conv_neurons),
+            },
+            empf @ Node::Empf { .. }
+                if matches!(
+                    out.last(),
+                    Some(Node::BinConv { levels: Some(_), binary_input: false, dims, .. })
+                        if dims.stride == 1
+                ) =>
+            {
+                let conv = out.pop().expect("matched above");
+                Node::ConvEmpf {
+                    conv: Box::new(conv),
+                    empf: Box::new(empf),
+                }
             }
             n => n,
         };
@@ -639,7 +682,10 @@ impl Runtime {
             },
         )?;
         let rt = Runtime {
-            nodes: fuse_pools(fold_quantisers(nodes, precision.bits().map(|k| (k, step)))),
+            nodes: fuse_conv_neurons(fuse_pools(fold_quantisers(
+                nodes,
+                precision.bits().map(|k| (k, step)),
+            ))),
             steps: model.steps,
             input: model.input,
             classes: model.classes,
@@ -783,6 +829,10 @@ fn node_kind(n: &Node) -> &'static str {
         Node::Layer(_) => "layer",
         Node::Residual { .. } => "residual",
         Node::Quant { .. } => "quant",
+        Node::ConvEmpf { empf, .. } => match **empf {
+            Node::Empf { pool: true, .. } => "binconv+empf+avgpool",
+            _ => "binconv+empf",
+        },
     }
 }
 
@@ -858,6 +908,7 @@ fn shape_of(node: &Node, s: &[usize]) -> Result<Vec<usize>> {
             }
         }
         Node::Parallel { .. } | Node::Lif { .. } | Node::Quant { .. } => s.to_vec(),
+        Node::ConvEmpf { conv, empf } => shape_of(empf, &shape_of(conv, s)?)?,
         Node::Layer(op) => layer_of(op)?.output_shape(s)?,
         Node::Residual {
             name,
@@ -1206,6 +1257,60 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 repeated: rep,
             });
         }
+        Node::ConvEmpf { conv, empf } => {
+            if let (
+                Node::BinConv {
+                    name,
+                    dims,
+                    levels: Some(lv),
+                    scale,
+                    shift,
+                    ..
+                },
+                Node::Empf {
+                    leak,
+                    threshold,
+                    input,
+                    pool,
+                    ..
+                },
+            ) = (&**conv, &**empf)
+                && !rep
+                && shape.len() == 4
+            {
+                let sc: Vec<f32> = scale.iter().map(|&k| k * ctx.step).collect();
+                let neuron = EmpfNeuron {
+                    steps: ctx.steps,
+                    leak,
+                    affine: input.as_ref().map(|(k, b)| (&k[..], &b[..])),
+                    threshold,
+                    pool: *pool,
+                };
+                let y = ctx
+                    .simd
+                    .conv_q_empf(
+                        xs,
+                        ctx.step,
+                        (shape[0], shape[2], shape[3]),
+                        lv,
+                        dims.stride,
+                        dims.pad,
+                        &sc,
+                        shift,
+                        &neuron,
+                    )
+                    .map_err(|e| simd_err(name, e))?;
+                if let Some(y) = y {
+                    return Ok(Act {
+                        x: from_vec(&out_shape, y),
+                        repeated: false,
+                    });
+                }
+            }
+            // no fused kernel here (or a repeated input): the two layers
+            let b = apply(conv, a, ctx)?;
+            return apply(empf, b, ctx);
+        }
         Node::Residual { body, shortcut, .. } => {
             let mut b = Act {
                 x: a.x.clone(),
@@ -1258,7 +1363,7 @@ fn add(a: Act, b: Act, steps: usize) -> Act {
 #[cfg(test)]
 mod tests {
     use super::{Node, Op, Precision, Runtime};
-    use crate::model::{ModelConfig, SpikeQuantConfig, zoo};
+    use crate::model::{ModelConfig, NeuronKind, SpikeQuantConfig, zoo};
     use crate::tensor::{Tensor, as_slice, from_vec};
 
     fn quantisers(nodes: &[Node]) -> usize {
@@ -1302,10 +1407,26 @@ mod tests {
         assert_eq!(count(Precision::Bits(4), Some(0.5)), 0);
     }
 
-    /// Splits fused neuron pools back into a neuron and an `AvgPool` layer.
-    fn unfuse(nodes: Vec<Node>) -> Vec<Node> {
+    /// Splits fused convolution-neurons back into the two layers.
+    fn unfuse_convs(nodes: Vec<Node>) -> Vec<Node> {
         let mut out = Vec::new();
         for node in nodes {
+            match node {
+                Node::ConvEmpf { conv, empf } => {
+                    out.push(*conv);
+                    out.push(*empf);
+                }
+                n => out.push(n),
+            }
+        }
+        out
+    }
+
+    /// Splits fused neuron pools (and fused convolution-neurons) back into a neuron and an
+    /// `AvgPool` layer.
+    fn unfuse(nodes: Vec<Node>) -> Vec<Node> {
+        let mut out = Vec::new();
+        for node in unfuse_convs(nodes) {
             match node {
                 Node::Empf {
                     name,
@@ -1356,18 +1477,65 @@ mod tests {
         );
         for p in [Precision::Float, Precision::Bits(4)] {
             let mut fused = Runtime::new(model.clone(), p, None, simd).unwrap();
-            let fusions = fused
-                .nodes
+            let fusions = unfuse_convs(std::mem::take(&mut fused.nodes));
+            let pools = fusions
                 .iter()
                 .filter(|n| matches!(n, Node::Empf { pool: true, .. }))
                 .count();
-            assert_eq!(fusions, 2, "mnist-cnn's two pools fused");
+            assert_eq!(pools, 2, "mnist-cnn's two pools fused");
+            fused.nodes = fusions;
             let mut plain = Runtime::new(model.clone(), p, None, simd).unwrap();
             plain.nodes = unfuse(std::mem::take(&mut plain.nodes));
             let (a, b) = (fused.run(&x).unwrap(), plain.run(&x).unwrap());
             let bits =
                 |t: &Tensor<f32>| as_slice(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&a), bits(&b), "{p:?}");
+        }
+    }
+
+    /// In k-bit modes each binary convolution on float spikes is fused with the EM-PF neuron after
+    /// it (and the neuron's pool), and the runtime's logits are those of the separate layers bit
+    /// for bit: Version I and II neurons, odd sizes (9 -> 4 -> 2 under the pools), T = 5 (a chunk
+    /// of 4 steps and a rest), several samples in a group; float precision fuses nothing.
+    #[test]
+    fn fused_conv_neurons_equal_the_separate_layers() {
+        let simd = empf_simd::Simd::global();
+        for version in [NeuronKind::V1, NeuronKind::V2] {
+            let cfg = ModelConfig {
+                steps: 5,
+                widths: vec![4, 8, 8],
+                input: [1, 9, 9],
+                neuron: version,
+                ..zoo::small_config()
+            };
+            let net = zoo::build::<f32>(&cfg, &mut crate::rng::Rng::new(7)).unwrap();
+            let model = crate::infer::export(&cfg, &net).unwrap();
+            let mut rng = crate::rng::Rng::new(8);
+            let x = from_vec(
+                &[4, 1, 9, 9],
+                (0..324).map(|_| (rng.uniform() * 2.0) as f32).collect(),
+            );
+            let convs = |rt: &Runtime| {
+                rt.nodes
+                    .iter()
+                    .filter(|n| matches!(n, Node::ConvEmpf { .. }))
+                    .count()
+            };
+            for p in [Precision::Float, Precision::Bits(2), Precision::Bits(4)] {
+                let mut fused = Runtime::new(model.clone(), p, Some(0.125), simd).unwrap();
+                let want = if p == Precision::Float { 0 } else { 2 };
+                assert_eq!(
+                    convs(&fused),
+                    want,
+                    "{p:?}: mnist-cnn's two binary convolutions"
+                );
+                let mut plain = Runtime::new(model.clone(), p, Some(0.125), simd).unwrap();
+                plain.nodes = unfuse_convs(std::mem::take(&mut plain.nodes));
+                let (a, b) = (fused.run(&x).unwrap(), plain.run(&x).unwrap());
+                let bits =
+                    |t: &Tensor<f32>| as_slice(t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{version:?} {p:?}");
+            }
         }
     }
 
