@@ -181,6 +181,8 @@ const EMPF_BLOCK: usize = 64;
 /// buffer is allocated, zeroed or streamed.
 struct EmpfItem<'a> {
     ys: StepSlices<'a>,
+    /// The layer's channel of `ys`' first (the item's channels are `c0..`).
+    c0: usize,
     hw: usize,
     /// λ per step and channel (`T x C`, or `T x 1` for one value for all channels).
     leak: &'a [f32],
@@ -199,6 +201,7 @@ impl empf_simd::VectorWork for EmpfItem<'_> {
     fn run(self) -> std::result::Result<(), empf_simd::SimdError> {
         let EmpfItem {
             mut ys,
+            c0,
             hw,
             leak,
             input,
@@ -211,7 +214,7 @@ impl empf_simd::VectorWork for EmpfItem<'_> {
         // a pooled layer's spikes of one channel, all steps (`T x HW`): the inputs are only read
         let mut planes = vec![0f32; if pool.is_some() { steps * hw } else { 0 }];
         for ci in 0..c {
-            let ch = if chs == 1 { 0 } else { ci };
+            let ch = if chs == 1 { 0 } else { c0 + ci };
             for off in (0..hw).step_by(EMPF_BLOCK) {
                 let len = EMPF_BLOCK.min(hw - off);
                 let mut vb = [0f32; EMPF_BLOCK];
@@ -605,15 +608,20 @@ fn prepare_op(op: Op, simd: &Simd, bits: Option<u32>) -> Result<Node> {
 
 /// Per-channel `y = scale[c]·y + shift[c]` over an `N x C x ...` buffer.
 fn affine_inplace(y: &mut [f32], c: usize, inner: usize, scale: &[f32], shift: &[f32]) {
-    y.par_chunks_mut(inner.max(1))
-        .enumerate()
-        .for_each(|(i, plane)| {
-            let ch = i % c;
-            let (k, b) = (scale[ch], shift[ch]);
-            for v in plane {
-                *v = k * *v + b;
-            }
-        });
+    let planes = |(i, plane): (usize, &mut [f32])| {
+        let ch = i % c;
+        let (k, b) = (scale[ch], shift[ch]);
+        for v in plane {
+            *v = k * *v + b;
+        }
+    };
+    // a pass over memory: threads pay only for large tensors (a fork-join costs more than a
+    // sample's planes)
+    if y.len() < 1 << 18 {
+        y.chunks_mut(inner.max(1)).enumerate().for_each(planes)
+    } else {
+        y.par_chunks_mut(inner.max(1)).enumerate().for_each(planes)
+    }
 }
 
 /// NCHW floats → NHWC k-bit levels.
@@ -834,6 +842,19 @@ fn node_kind(n: &Node) -> &'static str {
             _ => "binconv+empf",
         },
     }
+}
+
+/// The step slices `s` cut into runs of `len` values: one list of step slices per run (as many
+/// runs as the longest slice has; an empty `s`, or empty slices, give runs of no slices).
+fn split_steps(s: StepSlices<'_>, len: usize) -> Vec<StepSlices<'_>> {
+    let runs = s.first().map_or(0, |x| x.len().div_ceil(len.max(1)));
+    let mut out: Vec<StepSlices<'_>> = (0..runs.max(1)).map(|_| Vec::new()).collect();
+    for x in s {
+        for (o, part) in out.iter_mut().zip(x.chunks_mut(len.max(1))) {
+            o.push(part);
+        }
+    }
+    out
 }
 
 /// Row-wise argmax of an `N x K` tensor.
@@ -1184,18 +1205,36 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
             let ys = per_sample_steps(&mut y, n, inner, ctx.steps);
             let ps = per_sample_steps(&mut pooled, n, pooled_inner, ctx.steps);
             let aff = input.as_ref().map(|(k, b)| (&k[..], &b[..]));
-            ys.into_par_iter()
-                .zip(ps)
-                .try_for_each(|(ys, ps)| {
-                    empf_simd::vectorized(EmpfItem {
+            // work items of whole samples, or (fewer samples than twice the threads, e.g. at
+            // batch 1) of runs of channels
+            let c = inner / hw.max(1);
+            let parts = (2 * rayon::current_num_threads())
+                .div_ceil(n.max(1))
+                .clamp(1, c.max(1));
+            let per = c.div_ceil(parts).max(1);
+            let mut items = Vec::with_capacity(n * parts);
+            for (ys, ps) in ys.into_iter().zip(ps) {
+                let ys = split_steps(ys, per * hw);
+                let ps = if *pool {
+                    split_steps(ps, per * pooled_inner / c.max(1))
+                } else {
+                    ys.iter().map(|_| Vec::new()).collect()
+                };
+                for (k, (ys, ps)) in ys.into_iter().zip(ps).enumerate() {
+                    items.push(EmpfItem {
                         ys,
+                        c0: k * per,
                         hw,
                         leak,
                         input: aff,
                         th: threshold,
                         pool: pool.then(|| (ps, shape[2], shape[3], ctx.simd)),
-                    })
-                })
+                    });
+                }
+            }
+            items
+                .into_par_iter()
+                .try_for_each(empf_simd::vectorized)
                 .map_err(|e| simd_err(name, e))?;
             if *pool {
                 return Ok(Act {
