@@ -421,10 +421,14 @@ unsafe impl Sync for OutPtr {}
 struct Fused<'a> {
     wt: &'a QuantConvWeights,
     band: Band,
-    /// The rows of `x` (`steps · n` images, step-major), the sample, and the steps.
+    /// The images of `x` (`steps · n`, step-major, or `n` used at every step when `rep`), the
+    /// samples `n` and this task's sample.
     x: &'a [f32],
+    rep: bool,
     n: usize,
     sample: usize,
+    /// An EM-PF neuron that turns `x` into the spikes as they are packed.
+    pre: Option<&'a crate::EmpfNeuron<'a>>,
     step: f32,
     scale: &'a [f32],
     shift: &'a [f32],
@@ -439,7 +443,7 @@ struct Fused<'a> {
 /// kernels would be faster. The caller checked every shape.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_empf(
-    x: &[f32],
+    input: &crate::ConvInput<'_>,
     step: f32,
     (rows, h, w): (usize, usize, usize),
     wt: &QuantConvWeights,
@@ -470,9 +474,12 @@ pub(crate) fn conv_empf(
     {
         return None;
     }
+    let x = input.x;
     let pays = match crate::dense_q() {
         crate::DenseQ::Always => true,
         crate::DenseQ::Never => false,
+        // spikes still to come from a neuron: only where the dense kernel wins whatever they are
+        crate::DenseQ::Auto if input.neuron.is_some() => dense_pays(&band, wt, || 0),
         // the non-zero inputs of an average image
         // SAFETY: AVX-512F/BW were checked above.
         crate::DenseQ::Auto => dense_pays(&band, wt, || unsafe {
@@ -482,13 +489,20 @@ pub(crate) fn conv_empf(
     if !pays {
         return None;
     }
-    let n = rows / steps;
+    let n = if input.repeated { rows } else { rows / steps };
+    let len = n
+        * steps
+        * wt.out_ch
+        * if neuron.pool {
+            (oh / 2) * (ow / 2)
+        } else {
+            oh * ow
+        };
     let (ph, pw) = if neuron.pool {
         (oh / 2, ow / 2)
     } else {
         (oh, ow)
     };
-    let len = rows * wt.out_ch * ph * pw;
     let mut y: Vec<f32> = Vec::with_capacity(len);
     // bands of output rows, so that all threads work at batch 1; even for a pool (both rows of
     // each pooled row in one task), and none of the rows a pool drops
@@ -514,8 +528,10 @@ pub(crate) fn conv_empf(
                 ..band
             },
             x,
+            rep: input.repeated,
             n,
             sample: i,
+            pre: input.neuron.as_ref(),
             step,
             scale,
             shift,
@@ -551,7 +567,7 @@ fn run_fused(f: &Fused<'_>, packed: &mut Vec<u8>, out: OutPtr, len: usize) {
     let xs = c * b.h * w;
     let chs = nr.leak.len() / steps;
     assert!(
-        f.x.len() == f.n * steps * xs
+        f.x.len() == f.n * if f.rep { 1 } else { steps } * xs
             && wp + 1 == ow + kw
             && wt.dots.len() == o_ch.div_ceil(OB) * taps * cg * OB
             && f.scale.len() >= o_ch
@@ -569,15 +585,20 @@ fn run_fused(f: &Fused<'_>, packed: &mut Vec<u8>, out: OutPtr, len: usize) {
     if packed.len() < steps * img + SLACK {
         packed.resize(steps * img + SLACK, 0);
     }
-    for t in 0..steps {
-        let xi = &f.x[(t * f.n + f.sample) * xs..][..xs];
-        pack_band(
-            wt,
-            b,
-            Src::Spikes(xi, f.step),
-            &mut packed[t * img..][..img],
-            plane,
-        );
+    match f.pre {
+        Some(pre) => pack_band_neuron(f, pre, &mut packed[..steps * img], plane, img),
+        None => {
+            for t in 0..steps {
+                let xi = &f.x[f.image(t) * xs..][..xs];
+                pack_band(
+                    wt,
+                    b,
+                    Src::Spikes(xi, f.step),
+                    &mut packed[t * img..][..img],
+                    plane,
+                );
+            }
+        }
     }
     let offs: Vec<usize> = (0..taps * cg)
         .map(|i| {
@@ -614,6 +635,116 @@ fn run_fused(f: &Fused<'_>, packed: &mut Vec<u8>, out: OutPtr, len: usize) {
                         _ => fused_chunk::<FP>(f, &at, &offs, wb, &mut v, out, opl),
                     };
                 }
+            }
+        }
+    }
+}
+
+impl Fused<'_> {
+    /// The image of `x` that step `t` of this task's sample reads.
+    fn image(&self, t: usize) -> usize {
+        if self.rep {
+            self.sample
+        } else {
+            t * self.n + self.sample
+        }
+    }
+}
+
+/// Packs the band of all `T` steps of the task's sample (image `t` at `dst[t·img..]`, laid out as
+/// [`pack_band`]'s) from the inputs of the EM-PF neuron `pre`: per block of 16 pixels of a row
+/// and channel group, the neuron runs through the steps with the 4 channels' potentials in
+/// registers (the runtime's operations, in its order), and each step's spikes are quantised and
+/// packed at once; the spikes are never stored as floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pack_band_neuron(
+    f: &Fused<'_>,
+    pre: &crate::EmpfNeuron<'_>,
+    dst: &mut [u8],
+    plane: usize,
+    img: usize,
+) {
+    let (wt, b) = (f.wt, &f.band);
+    let (c, kh) = (wt.in_ch, wt.kh);
+    let (h, w, pad) = (b.h, b.w, b.pad);
+    let (cg, pr, wp) = (c.div_ceil(4), b.oy1 - b.oy0 + kh - 1, w + 2 * pad);
+    let steps = pre.steps;
+    let chs = pre.leak.len() / steps;
+    let xs = c * h * w;
+    assert!(
+        plane >= pr * wp * 4
+            && img >= cg * plane
+            && dst.len() >= steps * img
+            && (0..steps).all(|t| (f.image(t) + 1) * xs <= f.x.len())
+            && (chs == 1 || chs == c)
+            && pre.leak.len() == steps * chs
+            && pre.threshold.len() == steps
+            && pre
+                .affine
+                .is_none_or(|(k, a)| k.len() == pre.leak.len() && a.len() == k.len()),
+        "fused dense k-bit kernel: input neuron shapes do not match"
+    );
+    let max = ((1u32 << wt.bits) - 1) as f32;
+    let recip = crate::sparse::exact_reciprocal(f.step);
+    for g in 0..cg {
+        let chans = (c - 4 * g).min(4);
+        for r in 0..pr {
+            let iy = (b.oy0 + r).wrapping_sub(pad);
+            for t in 0..steps {
+                let row = &mut dst[t * img + g * plane + r * wp * 4..][..wp * 4];
+                if iy >= h {
+                    row.fill(0); // a padding row
+                } else {
+                    row[..pad * 4].fill(0);
+                    row[(pad + w) * 4..].fill(0);
+                }
+            }
+            if iy >= h {
+                continue;
+            }
+            let mut x0 = 0;
+            while x0 < w {
+                let m: __mmask16 = ((1u32 << (w - x0).min(16)) - 1) as u16;
+                // SAFETY: AVX-512F/BW/VL are enabled here; the masked loads stay in channel
+                // `4g + j < C`'s row `iy` of the step's image (asserted inside `x`), the masked
+                // store in the packed row (`4·w` bytes after the padding).
+                unsafe {
+                    let mut v = [_mm512_setzero_ps(); 4];
+                    for t in 0..steps {
+                        let th = _mm512_set1_ps(pre.threshold[t]);
+                        let base = f.image(t) * xs + (4 * g * h + iy) * w + x0;
+                        let mut acc = _mm512_setzero_si512();
+                        for j in 0..chans {
+                            let ch = 4 * g + j;
+                            let pc = t * chs + if chs == 1 { 0 } else { ch };
+                            let xv = _mm512_maskz_loadu_ps(m, f.x[base + j * h * w..].as_ptr());
+                            let mut mm = match pre.affine {
+                                Some((k, a)) => _mm512_add_ps(
+                                    _mm512_mul_ps(_mm512_set1_ps(k[pc]), xv),
+                                    _mm512_set1_ps(a[pc]),
+                                ),
+                                None => xv,
+                            };
+                            if t > 0 {
+                                mm = _mm512_add_ps(
+                                    mm,
+                                    _mm512_mul_ps(_mm512_set1_ps(pre.leak[pc]), v[j]),
+                                );
+                            }
+                            let fire = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mm, th);
+                            v[j] = _mm512_mask_blend_ps(fire, mm, th);
+                            let s = _mm512_maskz_sub_ps(fire, mm, th);
+                            let q = quantise16(s, f.step, recip, max);
+                            acc = _mm512_or_si512(
+                                acc,
+                                _mm512_sllv_epi32(q, _mm512_set1_epi32(8 * j as i32)),
+                            );
+                        }
+                        let at = t * img + g * plane + (r * wp + pad + x0) * 4;
+                        _mm512_mask_storeu_epi32(dst[at..].as_mut_ptr().cast(), m, acc);
+                    }
+                }
+                x0 += 16;
             }
         }
     }

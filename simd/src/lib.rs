@@ -106,6 +106,20 @@ pub struct EmpfNeuron<'a> {
     pub pool: bool,
 }
 
+/// The input of [`Simd::conv_q_empf`]: spikes, or the inputs of an EM-PF neuron layer that the
+/// kernel runs (with the 4 channels of a packed group and all steps of a pixel block in
+/// registers) as it quantises and packs them, so its spikes are never stored.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvInput<'a> {
+    /// `T·N x C x H x W`, step-major; with `repeated`, `N x C x H x W`, the same at every step.
+    pub x: &'a [f32],
+    /// `x` holds one image per sample, read at every step.
+    pub repeated: bool,
+    /// An EM-PF neuron layer (no pool; `λ`, `(k, b)` per step and input channel, or per step)
+    /// between `x` and the convolution.
+    pub neuron: Option<EmpfNeuron<'a>>,
+}
+
 /// Errors of this crate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SimdError {
@@ -1406,15 +1420,16 @@ impl Simd {
     /// by `step`) with an EM-PF neuron layer fused after it, and optionally the neuron's 2x2,
     /// stride-2 average pool: the dense AVX-512 VNNI kernel runs the `T` steps of a block of
     /// output pixels together and the neuron in registers, so the convolution's outputs are never
-    /// stored. `x` is `T·N x C x H x W`, step-major (step `t` of sample `i` is image `t·N + i`);
-    /// the result is `T·N x O x H' x W'` (pooled: `H'/2 x W'/2`), exactly the floats of the
-    /// separate convolution, neuron and [`Simd::avg_pool_2x2`]. `Ok(None)` where the fused
+    /// stored. The input (see [`ConvInput`]) is `T·N x C x H x W`, step-major (step `t` of sample
+    /// `i` is image `t·N + i`), or `N x C x H x W` repeated at every step (`dims.0` is its number
+    /// of images); the result is `T·N x O x H' x W'` (pooled: `H'/2 x W'/2`), exactly the floats
+    /// of the separate input neuron, convolution, neuron and [`Simd::avg_pool_2x2`]. `Ok(None)` where the fused
     /// kernel does not run (no AVX-512 VNNI at this level, stride ≠ 1, or the [`DenseQ`] policy
     /// or its cost model choose the sparse kernels): then run those three separately.
     #[allow(clippy::too_many_arguments)]
     pub fn conv_q_empf(
         &self,
-        x: &[f32],
+        input: &ConvInput<'_>,
         step: f32,
         dims: (usize, usize, usize),
         w: &QuantConvWeights,
@@ -1425,36 +1440,45 @@ impl Simd {
         neuron: &EmpfNeuron<'_>,
     ) -> Result<Option<Vec<f32>>> {
         let g = SparseGeom::new("conv_q_empf", dims, w.dims(), stride, pad)?;
-        g.check(x.len(), g.out_len(), scale, shift)?;
-        let (t, o) = (neuron.steps, w.dims().0);
-        let chs = neuron.leak.len().checked_div(t).unwrap_or(0);
+        g.check(input.x.len(), g.out_len(), scale, shift)?;
+        let (t, o, c) = (neuron.steps, w.dims().0, w.dims().1);
+        let fits = |nr: &EmpfNeuron<'_>, ch: usize| {
+            let per = nr.leak.len().checked_div(nr.steps).unwrap_or(0);
+            nr.steps == t
+                && (per == 1 || per == ch)
+                && nr.leak.len() == t * per
+                && nr.threshold.len() == t
+                && nr
+                    .affine
+                    .is_none_or(|(k, b)| k.len() == t * per && b.len() == t * per)
+        };
         let pool_ok = !neuron.pool || (g.oh >= 2 && g.band.ow >= 2);
         if t == 0
-            || !dims.0.is_multiple_of(t)
-            || !(chs == 1 || chs == o)
-            || neuron.leak.len() != t * chs
-            || neuron.threshold.len() != t
-            || neuron
-                .affine
-                .is_some_and(|(k, b)| k.len() != t * chs || b.len() != t * chs)
+            || !(input.repeated || dims.0.is_multiple_of(t))
+            || !fits(neuron, o)
+            || input.neuron.is_some_and(|p| p.pool || !fits(&p, c))
             || !pool_ok
         {
             return shape_err(format!(
-                "conv_q_empf: {} images, {t} steps, λ {}, θ {}, affine {:?}, {} outputs, pool {} of {}x{}",
+                "conv_q_empf: {} images (repeated: {}), {t} steps, λ {}, θ {}, affine {:?}, {} outputs, pool {} of {}x{}, input neuron {:?}",
                 dims.0,
+                input.repeated,
                 neuron.leak.len(),
                 neuron.threshold.len(),
                 neuron.affine.map(|(k, b)| (k.len(), b.len())),
                 o,
                 neuron.pool,
                 g.oh,
-                g.band.ow
+                g.band.ow,
+                input
+                    .neuron
+                    .map(|p| (p.steps, p.leak.len(), p.threshold.len(), p.pool))
             ));
         }
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 {
             return Ok(dense_q::conv_empf(
-                x, step, dims, w, stride, pad, scale, shift, neuron,
+                input, step, dims, w, stride, pad, scale, shift, neuron,
             ));
         }
         let _ = step; // (no fused kernel elsewhere)

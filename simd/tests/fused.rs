@@ -2,7 +2,7 @@
 //! convolution, a scalar neuron and the pool's ordered sum: bit for bit, at every level and thread
 //! count. In a test binary of its own: it sets the process-wide dense-kernel policy.
 
-use empf_simd::{DenseQ, EmpfNeuron, Isa, QuantConvWeights, SignConvWeights, Simd};
+use empf_simd::{ConvInput, DenseQ, EmpfNeuron, Isa, QuantConvWeights, SignConvWeights, Simd};
 use proptest::prelude::*;
 use std::sync::Mutex;
 
@@ -43,6 +43,10 @@ struct Case {
     pool: bool,
     affine: bool,
     per_channel: bool,
+    /// The input is one image per sample, read at every step.
+    repeated: bool,
+    /// An EM-PF neuron runs on the input first (inside the kernel's packing).
+    pre: bool,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -55,52 +59,49 @@ fn case() -> impl Strategy<Value = Case> {
             0usize..2,
         ),
         (1u32..=8, any::<bool>(), any::<bool>(), any::<bool>()),
+        (any::<bool>(), any::<bool>()),
     )
         .prop_map(
-            |((n, steps, c, o), (h, w, k, pad), (bits, pool, affine, per_channel))| Case {
-                n,
-                steps,
-                c,
-                o,
-                // outputs of at least 2x2 (for the pool)
-                h: h.max(k + 1),
-                w: w.max(k + 1),
-                k,
-                pad: if k == 1 { 0 } else { pad },
-                bits,
-                pool,
-                affine,
-                per_channel,
+            |(
+                (n, steps, c, o),
+                (h, w, k, pad),
+                (bits, pool, affine, per_channel),
+                (repeated, pre),
+            )| {
+                Case {
+                    n,
+                    steps,
+                    c,
+                    o,
+                    // outputs of at least 2x2 (for the pool)
+                    h: h.max(k + 1),
+                    w: w.max(k + 1),
+                    k,
+                    pad: if k == 1 { 0 } else { pad },
+                    bits,
+                    pool,
+                    affine,
+                    per_channel,
+                    repeated,
+                    pre,
+                }
             },
         )
 }
 
-/// The separate path: the k-bit convolution at the scalar level, the neuron in scalar code (the
-/// runtime's operations, in its order), then the pool's ordered sum.
-fn reference(
-    cs: &Case,
-    x: &[f32],
-    step: f32,
-    qw: &QuantConvWeights,
-    (scale, shift): (&[f32], &[f32]),
-    nr: &EmpfNeuron<'_>,
-) -> Vec<f32> {
-    let scalar = Simd::new(Isa::Scalar).unwrap();
-    let rows = cs.n * cs.steps;
-    let y = scalar
-        .sparse_conv_q_spikes_vec(x, step, (rows, cs.h, cs.w), 0, qw, 1, cs.pad, scale, shift)
-        .unwrap();
-    let (oh, ow) = (cs.h + 2 * cs.pad + 1 - cs.k, cs.w + 2 * cs.pad + 1 - cs.k);
-    let hw = oh * ow;
+/// The EM-PF neuron in scalar code (the runtime's operations, in its order) on `y`
+/// (`T·N x C x HW`, step-major).
+fn neuron_ref(y: &[f32], n: usize, c: usize, hw: usize, nr: &EmpfNeuron<'_>) -> Vec<f32> {
+    let steps = nr.steps;
     let mut s = vec![0f32; y.len()];
-    let chs = nr.leak.len() / cs.steps;
-    for i in 0..cs.n {
-        for o in 0..cs.o {
+    let chs = nr.leak.len() / steps;
+    for i in 0..n {
+        for o in 0..c {
             let ch = if chs == 1 { 0 } else { o };
             for p in 0..hw {
                 let mut v = 0f32;
-                for t in 0..cs.steps {
-                    let at = ((t * cs.n + i) * cs.o + o) * hw + p;
+                for t in 0..steps {
+                    let at = ((t * n + i) * c + o) * hw + p;
                     let at_p = t * chs + ch;
                     let mut m = match nr.affine {
                         Some((k, b)) => k[at_p] * y[at] + b[at_p],
@@ -117,6 +118,37 @@ fn reference(
             }
         }
     }
+    s
+}
+
+/// The separate path: the input neuron (on the input repeated over the steps), the k-bit
+/// convolution at the scalar level, the neuron, then the pool's ordered sum.
+fn reference(
+    cs: &Case,
+    input: &ConvInput<'_>,
+    step: f32,
+    qw: &QuantConvWeights,
+    (scale, shift): (&[f32], &[f32]),
+    nr: &EmpfNeuron<'_>,
+) -> Vec<f32> {
+    let scalar = Simd::new(Isa::Scalar).unwrap();
+    let rows = cs.n * cs.steps;
+    let mut x: Vec<f32> = if input.repeated {
+        (0..cs.steps)
+            .flat_map(|_| input.x.iter().copied())
+            .collect()
+    } else {
+        input.x.to_vec()
+    };
+    if let Some(pre) = &input.neuron {
+        x = neuron_ref(&x, cs.n, cs.c, cs.h * cs.w, pre);
+    }
+    assert_eq!(x.len(), rows * cs.c * cs.h * cs.w);
+    let y = scalar
+        .sparse_conv_q_spikes_vec(&x, step, (rows, cs.h, cs.w), 0, qw, 1, cs.pad, scale, shift)
+        .unwrap();
+    let (oh, ow) = (cs.h + 2 * cs.pad + 1 - cs.k, cs.w + 2 * cs.pad + 1 - cs.k);
+    let s = neuron_ref(&y, cs.n, cs.o, oh * ow, nr);
     if !cs.pool {
         return s;
     }
@@ -149,8 +181,8 @@ fn vnni() -> bool {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-    /// Fused = convolution, then neuron, then pool, bit for bit: 1 to 6 steps (chunks of 4 and a
-    /// rest), several samples, channel groups with partial tails, outputs not a multiple of 4,
+    /// Fused = (input neuron,) convolution, neuron, pool, bit for bit: 1 to 6 steps (chunks of 4
+    /// and a rest), several samples, step-major or repeated inputs, channel groups with partial tails, outputs not a multiple of 4,
     /// rows of up to 3 blocks of 16 pixels with tails, odd sizes under the pool, Version I and II
     /// neurons, per-channel and shared λ, 1 to 8 bits, spikes at ties, NaN, negatives and ∞; with
     /// 1, 2 and 3 threads (bands of rows). Levels without the kernel decline (`None`); AVX-512 with
@@ -171,7 +203,8 @@ proptest! {
         };
         let max = ((1u32 << cs.bits) - 1) as f32;
         let rows = cs.n * cs.steps;
-        let x: Vec<f32> = (0..rows * cs.c * cs.h * cs.w)
+        let images = if cs.repeated { cs.n } else { rows };
+        let x: Vec<f32> = (0..images * cs.c * cs.h * cs.w)
             .map(|_| match g.below(10) {
                 0 => f32::NAN,
                 1 => f32::INFINITY,
@@ -195,14 +228,31 @@ proptest! {
             threshold: &th,
             pool: cs.pool,
         };
-        let want = reference(&cs, &x, step, &qw, (&scale, &shift), &nr);
+        // the input neuron's parameters (per input channel, or shared)
+        let per_in = if cs.per_channel { cs.c } else { 1 };
+        let pleak: Vec<f32> = (0..cs.steps * per_in).map(|_| g.range(0.0, 1.2)).collect();
+        let pk: Vec<f32> = (0..cs.steps * per_in).map(|_| g.range(0.2, 2.0)).collect();
+        let pb: Vec<f32> = (0..cs.steps * per_in).map(|_| g.range(-0.5, 0.5)).collect();
+        let pth: Vec<f32> = (0..cs.steps).map(|_| g.range(-0.1, 0.5)).collect();
+        let input = ConvInput {
+            x: &x,
+            repeated: cs.repeated,
+            neuron: cs.pre.then_some(EmpfNeuron {
+                steps: cs.steps,
+                leak: &pleak,
+                affine: cs.affine.then_some((&pk[..], &pb[..])),
+                threshold: &pth,
+                pool: false,
+            }),
+        };
+        let want = reference(&cs, &input, step, &qw, (&scale, &shift), &nr);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             for s in Isa::available().into_iter().map(|i| Simd::new(i).unwrap()) {
                 let got = pool
                     .install(|| {
-                        s.conv_q_empf(&x, step, (rows, cs.h, cs.w), &qw, 1, cs.pad, &scale, &shift, &nr)
+                        s.conv_q_empf(&input, step, (images, cs.h, cs.w), &qw, 1, cs.pad, &scale, &shift, &nr)
                     })
                     .unwrap();
                 match got {
@@ -235,6 +285,11 @@ fn bad_neuron_shapes_are_errors_and_the_sparse_policy_declines() {
     };
     let _one = POLICY.lock().unwrap_or_else(|e| e.into_inner());
     let s = Simd::global();
+    let spikes = ConvInput {
+        x: &x,
+        repeated: false,
+        neuron: None,
+    };
     for bad in [
         EmpfNeuron { steps: 3, ..good }, // 2 images are not 3 steps
         EmpfNeuron { steps: 0, ..good }, // no steps
@@ -252,18 +307,38 @@ fn bad_neuron_shapes_are_errors_and_the_sparse_policy_declines() {
         },
     ] {
         let e = s
-            .conv_q_empf(&x, 0.25, (2, 6, 6), &qw, 1, 1, &sc, &sh, &bad)
+            .conv_q_empf(&spikes, 0.25, (2, 6, 6), &qw, 1, 1, &sc, &sh, &bad)
             .unwrap_err();
         assert!(e.to_string().contains("conv_q_empf"), "{e}");
     }
+    // an input neuron that pools, or of other steps, is an error
+    let pre_bad = [
+        EmpfNeuron { pool: true, ..good },
+        EmpfNeuron {
+            pool: false,
+            steps: 1,
+            threshold: &th[..1],
+            leak: &leak[..1],
+            ..good
+        },
+    ];
+    for pre in pre_bad {
+        let input = ConvInput {
+            neuron: Some(pre),
+            ..spikes
+        };
+        let e = s.conv_q_empf(&input, 0.25, (2, 6, 6), &qw, 1, 1, &sc, &sh, &good);
+        assert!(e.is_err(), "{pre:?}");
+    }
     // a 1x1 output cannot be pooled
     let x1 = vec![0.5f32; 2 * 2 * 3 * 3];
+    let small = ConvInput { x: &x1, ..spikes };
     assert!(
-        s.conv_q_empf(&x1, 0.25, (2, 3, 3), &qw, 1, 0, &sc, &sh, &good)
+        s.conv_q_empf(&small, 0.25, (2, 3, 3), &qw, 1, 0, &sc, &sh, &good)
             .is_err()
     );
     empf_simd::set_dense_q(DenseQ::Never);
-    let none = s.conv_q_empf(&x, 0.25, (2, 6, 6), &qw, 1, 1, &sc, &sh, &good);
+    let none = s.conv_q_empf(&spikes, 0.25, (2, 6, 6), &qw, 1, 1, &sc, &sh, &good);
     empf_simd::set_dense_q(DenseQ::Auto);
     assert_eq!(none, Ok(None));
 }

@@ -153,6 +153,8 @@ enum Node {
     /// A k-bit `BinConv` and the `Empf` neuron after it, run by one fused kernel where it can
     /// (see [`fuse_conv_neurons`]), else one after the other.
     ConvEmpf {
+        /// An EM-PF neuron (no pool) in front of the convolution, run inside its packing.
+        pre: Option<Box<Node>>,
         conv: Box<Node>,
         empf: Box<Node>,
     },
@@ -392,7 +394,9 @@ fn fuse_pools(nodes: Vec<Node>) -> Vec<Node> {
 /// Pairs every k-bit, stride-1 binary convolution on float spikes (one with `levels`) with the
 /// EM-PF neuron that follows it, for [`Simd::conv_q_empf`]: the convolution's outputs then stay in
 /// registers, the neuron (and its fused pool) runs in the convolution's epilogue, and only the
-/// spikes are stored, the same floats as the two layers give.
+/// spikes are stored, the same floats as the two layers give. An unpooled EM-PF neuron right in
+/// front of the convolution joins too: it runs as the convolution packs its input, so its spikes
+/// are never stored.
 fn fuse_conv_neurons(nodes: Vec<Node>) -> Vec<Node> {
     let mut out: Vec<Node> = Vec::with_capacity(nodes.len());
     for node in nodes {
@@ -414,7 +418,13 @@ fn fuse_conv_neurons(nodes: Vec<Node>) -> Vec<Node> {
                 ) =>
             {
                 let conv = out.pop().expect("matched above");
+                // the neuron in front too, where the convolution's spikes come straight from one
+                let pre = match out.last() {
+                    Some(Node::Empf { pool: false, .. }) => out.pop().map(Box::new),
+                    _ => None,
+                };
                 Node::ConvEmpf {
+                    pre,
                     conv: Box::new(conv),
                     empf: Box::new(empf),
                 }
@@ -837,9 +847,11 @@ fn node_kind(n: &Node) -> &'static str {
         Node::Layer(_) => "layer",
         Node::Residual { .. } => "residual",
         Node::Quant { .. } => "quant",
-        Node::ConvEmpf { empf, .. } => match **empf {
-            Node::Empf { pool: true, .. } => "binconv+empf+avgpool",
-            _ => "binconv+empf",
+        Node::ConvEmpf { pre, empf, .. } => match (pre.is_some(), &**empf) {
+            (true, Node::Empf { pool: true, .. }) => "empf+binconv+empf+avgpool",
+            (true, _) => "empf+binconv+empf",
+            (false, Node::Empf { pool: true, .. }) => "binconv+empf+avgpool",
+            (false, _) => "binconv+empf",
         },
     }
 }
@@ -929,7 +941,13 @@ fn shape_of(node: &Node, s: &[usize]) -> Result<Vec<usize>> {
             }
         }
         Node::Parallel { .. } | Node::Lif { .. } | Node::Quant { .. } => s.to_vec(),
-        Node::ConvEmpf { conv, empf } => shape_of(empf, &shape_of(conv, s)?)?,
+        Node::ConvEmpf { pre, conv, empf } => {
+            let s = match pre {
+                Some(p) => shape_of(p, s)?,
+                None => s.to_vec(),
+            };
+            shape_of(empf, &shape_of(conv, &s)?)?
+        }
         Node::Layer(op) => layer_of(op)?.output_shape(s)?,
         Node::Residual {
             name,
@@ -1296,7 +1314,8 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                 repeated: rep,
             });
         }
-        Node::ConvEmpf { conv, empf } => {
+        Node::ConvEmpf { pre, conv, empf } => {
+            let pre_neuron = pre.as_deref().and_then(|p| neuron_of(p, ctx.steps));
             if let (
                 Node::BinConv {
                     name,
@@ -1306,29 +1325,21 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                     shift,
                     ..
                 },
-                Node::Empf {
-                    leak,
-                    threshold,
-                    input,
-                    pool,
-                    ..
-                },
-            ) = (&**conv, &**empf)
-                && !rep
+                Some(neuron),
+            ) = (&**conv, neuron_of(empf, ctx.steps))
                 && shape.len() == 4
+                && pre.is_none() == pre_neuron.is_none()
             {
                 let sc: Vec<f32> = scale.iter().map(|&k| k * ctx.step).collect();
-                let neuron = EmpfNeuron {
-                    steps: ctx.steps,
-                    leak,
-                    affine: input.as_ref().map(|(k, b)| (&k[..], &b[..])),
-                    threshold,
-                    pool: *pool,
+                let input = empf_simd::ConvInput {
+                    x: xs,
+                    repeated: rep,
+                    neuron: pre_neuron,
                 };
                 let y = ctx
                     .simd
                     .conv_q_empf(
-                        xs,
+                        &input,
                         ctx.step,
                         (shape[0], shape[2], shape[3]),
                         lv,
@@ -1340,13 +1351,22 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
                     )
                     .map_err(|e| simd_err(name, e))?;
                 if let Some(y) = y {
+                    // every step's spikes (from a repeated input too)
+                    let mut os = out_shape.clone();
+                    if rep {
+                        os[0] *= ctx.steps;
+                    }
                     return Ok(Act {
-                        x: from_vec(&out_shape, y),
+                        x: from_vec(&os, y),
                         repeated: false,
                     });
                 }
             }
-            // no fused kernel here (or a repeated input): the two layers
+            // no fused kernel here: the layers one by one
+            let a = match pre {
+                Some(p) => apply(p, a, ctx)?,
+                None => a,
+            };
             let b = apply(conv, a, ctx)?;
             return apply(empf, b, ctx);
         }
@@ -1375,6 +1395,26 @@ fn apply(node: &Node, a: Act, ctx: &Ctx) -> Result<Act> {
         x: from_vec(&out_shape, y),
         repeated: rep,
     })
+}
+
+/// The parameters of an EM-PF neuron node for [`Simd::conv_q_empf`].
+fn neuron_of(n: &Node, steps: usize) -> Option<EmpfNeuron<'_>> {
+    match n {
+        Node::Empf {
+            leak,
+            threshold,
+            input,
+            pool,
+            ..
+        } => Some(EmpfNeuron {
+            steps,
+            leak,
+            affine: input.as_ref().map(|(k, b)| (&k[..], &b[..])),
+            threshold,
+            pool: *pool,
+        }),
+        _ => None,
+    }
 }
 
 /// `a + b`, expanding a repeated operand over the steps when the other is not repeated.
@@ -1451,7 +1491,8 @@ mod tests {
         let mut out = Vec::new();
         for node in nodes {
             match node {
-                Node::ConvEmpf { conv, empf } => {
+                Node::ConvEmpf { pre, conv, empf } => {
+                    out.extend(pre.map(|p| *p));
                     out.push(*conv);
                     out.push(*empf);
                 }
@@ -1533,8 +1574,8 @@ mod tests {
     }
 
     /// In k-bit modes each binary convolution on float spikes is fused with the EM-PF neuron after
-    /// it (and the neuron's pool), and the runtime's logits are those of the separate layers bit
-    /// for bit: Version I and II neurons, odd sizes (9 -> 4 -> 2 under the pools), T = 5 (a chunk
+    /// it (and the neuron's pool), the first also with the stem's neuron before it (on the stem's
+    /// repeated output), and the runtime's logits are those of the separate layers bit for bit: Version I and II neurons, odd sizes (9 -> 4 -> 2 under the pools), T = 5 (a chunk
     /// of 4 steps and a rest), several samples in a group; float precision fuses nothing.
     #[test]
     fn fused_conv_neurons_equal_the_separate_layers() {
@@ -1563,6 +1604,17 @@ mod tests {
             for p in [Precision::Float, Precision::Bits(2), Precision::Bits(4)] {
                 let mut fused = Runtime::new(model.clone(), p, Some(0.125), simd).unwrap();
                 let want = if p == Precision::Float { 0 } else { 2 };
+                // the stem's neuron runs inside the first convolution's packing
+                let pres = fused
+                    .nodes
+                    .iter()
+                    .filter(|n| matches!(n, Node::ConvEmpf { pre: Some(_), .. }))
+                    .count();
+                assert_eq!(
+                    pres,
+                    want / 2,
+                    "{p:?}: the neuron in front of the first conv"
+                );
                 assert_eq!(
                     convs(&fused),
                     want,
