@@ -1575,8 +1575,9 @@ mod tests {
 
     /// In k-bit modes each binary convolution on float spikes is fused with the EM-PF neuron after
     /// it (and the neuron's pool), the first also with the stem's neuron before it (on the stem's
-    /// repeated output), and the runtime's logits are those of the separate layers bit for bit: Version I and II neurons, odd sizes (9 -> 4 -> 2 under the pools), T = 5 (a chunk
-    /// of 4 steps and a rest), several samples in a group; float precision fuses nothing.
+    /// repeated output), and the runtime's logits are those of the separate layers bit for bit:
+    /// Version I and II neurons, odd sizes (9 -> 4 -> 2 under the pools), T = 5 (a chunk of 4
+    /// steps and a rest), several samples in a group; float precision fuses nothing.
     #[test]
     fn fused_conv_neurons_equal_the_separate_layers() {
         let simd = empf_simd::Simd::global();
