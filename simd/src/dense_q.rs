@@ -191,14 +191,7 @@ fn run_vnni<X>(t: &QTaskOf<'_, X>, src: Src<'_>, packed: &mut Vec<u8>, y: &mut [
         packed.resize(cg * plane + SLACK, 0);
     }
     pack_band(wt, b, src, &mut packed[..cg * plane], plane);
-    // the byte offset of each (tap, channel group) from a pixel's origin, in the weights' order:
-    // one flat loop of dot products per tile (no short inner loop over the groups)
-    let offs: Vec<usize> = (0..taps * cg)
-        .map(|i| {
-            let (tp, gi) = (i / cg, i % cg);
-            gi * plane + ((tp / kw) * wp + tp % kw) * 4
-        })
-        .collect();
+    let offs = tap_offsets(taps, cg, kw, wp, plane);
     // pixel blocks: (output row within the band, first column, columns)
     let blocks: Vec<(usize, usize, usize)> = (0..rows)
         .flat_map(|r| {
@@ -352,7 +345,8 @@ fn tile_run<const P: usize>(
     // packed pixel (`(pr − 1)·wp + wp − 1`, as `wp = ow + kw − 1`) of the group's plane, and 64
     // bytes from there stay within the next plane, or the last plus `SLACK`; `wb` holds
     // `taps·cg·8` dwords (checked by the caller's assert).
-    let acc = unsafe { sum_tile::<P>(g, org, wb) };
+    let ap: [*const u8; P] = std::array::from_fn(|p| g.a.wrapping_add(org[p]));
+    let acc = unsafe { sum_dots::<P, OB>(ap, g.offs, wb.as_ptr()) };
     for p in 0..P {
         let (r, x0, n) = tile[p];
         let m: __mmask16 = ((1u32 << n) - 1) as u16;
@@ -376,30 +370,45 @@ fn tile_run<const P: usize>(
     }
 }
 
-/// The dot products of `P` pixel blocks (origins `org`, bytes) with the 8 outputs of `wb`.
+/// The byte offset of each (tap, channel group) from a pixel's origin in a packed band (planes of
+/// `plane` bytes, rows of `wp` pixels), in the weights' order: one flat loop of dot products per
+/// tile (no short inner loop over the groups).
+fn tap_offsets(taps: usize, cg: usize, kw: usize, wp: usize, plane: usize) -> Vec<usize> {
+    (0..taps * cg)
+        .map(|i| {
+            let (tp, gi) = (i / cg, i % cg);
+            gi * plane + ((tp / kw) * wp + tp % kw) * 4
+        })
+        .collect()
+}
+
+/// The dot products of `P` pixel blocks (packed origins `ap`) with `J` outputs whose weight
+/// dwords start at `w`, [`OB`] dwords apart from one (tap, group) offset of `offs` to the next.
+///
+/// # Safety
+/// AVX-512F/VNNI enabled by the caller (inlined into it); every `ap[p] + off` has 64 readable
+/// bytes, and `w` holds `offs.len()` blocks of `OB` dwords (the first `J` of each read).
 #[inline(always)]
-unsafe fn sum_tile<const P: usize>(
-    g: &Geom<'_>,
-    org: [usize; P],
-    wb: &[i32],
-) -> [[__m512i; OB]; P] {
-    // SAFETY: see `tile_run`; AVX-512F/VNNI enabled by the caller (inlined into `run_vnni`).
+unsafe fn sum_dots<const P: usize, const J: usize>(
+    ap: [*const u8; P],
+    offs: &[usize],
+    mut w: *const i32,
+) -> [[__m512i; J]; P] {
+    // SAFETY: as promised by the caller.
     unsafe {
-        let mut acc = [[_mm512_setzero_si512(); OB]; P];
-        let mut wp = wb.as_ptr();
-        let ap: [*const u8; P] = std::array::from_fn(|p| g.a.add(org[p]));
-        for &off in g.offs {
+        let mut acc = [[_mm512_setzero_si512(); J]; P];
+        for &off in offs {
             let mut av = [_mm512_setzero_si512(); P];
             for p in 0..P {
                 av[p] = _mm512_loadu_si512(ap[p].add(off).cast());
             }
-            for j in 0..OB {
-                let w = _mm512_set1_epi32(*wp.add(j));
+            for j in 0..J {
+                let wj = _mm512_set1_epi32(*w.add(j));
                 for p in 0..P {
-                    acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], av[p], w);
+                    acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], av[p], wj);
                 }
             }
-            wp = wp.add(OB);
+            w = w.add(OB);
         }
         acc
     }
@@ -573,19 +582,13 @@ fn run_fused(f: &Fused<'_>, packed: &mut Vec<u8>, out: OutPtr, len: usize) {
     let plane = odd_lines(pr * wp * 4);
     let img = odd_lines(cg * plane);
     let xs = c * b.h * w;
-    let chs = nr.leak.len() / steps;
     assert!(
         f.x.len() == f.n * if f.rep { 1 } else { steps } * xs
             && wp + 1 == ow + kw
             && wt.dots.len() == o_ch.div_ceil(OB) * taps * cg * OB
             && f.scale.len() >= o_ch
             && f.shift.len() >= o_ch
-            && (chs == 1 || chs == o_ch)
-            && nr.leak.len() == steps * chs
-            && nr.threshold.len() == steps
-            && nr
-                .affine
-                .is_none_or(|(k, a)| k.len() == nr.leak.len() && a.len() == k.len())
+            && nr.fits(steps, o_ch)
             && len == f.n * steps * o_ch * f.ph * f.pw
             && b.oy1 <= if nr.pool { 2 * f.ph } else { f.ph },
         "fused dense k-bit kernel: shapes do not match"
@@ -608,19 +611,14 @@ fn run_fused(f: &Fused<'_>, packed: &mut Vec<u8>, out: OutPtr, len: usize) {
             }
         }
     }
-    let offs: Vec<usize> = (0..taps * cg)
-        .map(|i| {
-            let (tp, gi) = (i / cg, i % cg);
-            gi * plane + ((tp / kw) * wp + tp % kw) * 4
-        })
-        .collect();
+    let offs = tap_offsets(taps, cg, kw, wp, plane);
     let opl = f.ph * f.pw;
     for r in 0..rows {
         let ry = b.oy0 + r;
         for x0 in (0..ow).step_by(16) {
             let np = (ow - x0).min(16);
             // SAFETY: the block's origin plus any (tap, group) offset is inside its step's image
-            // (as `sum_tile`), and 64 bytes from there inside the next image or `SLACK`.
+            // (as in `tile_run`), and 64 bytes from there inside the next image or `SLACK`.
             let org = unsafe { packed.as_ptr().add((r * wp + x0) * 4) };
             for ob in 0..o_ch.div_ceil(FO) {
                 let wb = &wt.dots[ob / 2 * taps * cg * OB..][..taps * cg * OB];
@@ -684,12 +682,7 @@ fn pack_band_neuron(
             && img >= cg * plane
             && dst.len() >= steps * img
             && (0..steps).all(|t| (f.image(t) + 1) * xs <= f.x.len())
-            && (chs == 1 || chs == c)
-            && pre.leak.len() == steps * chs
-            && pre.threshold.len() == steps
-            && pre
-                .affine
-                .is_none_or(|(k, a)| k.len() == pre.leak.len() && a.len() == k.len()),
+            && pre.fits(steps, c),
         "fused dense k-bit kernel: input neuron shapes do not match"
     );
     let max = ((1u32 << wt.bits) - 1) as f32;
@@ -719,29 +712,13 @@ fn pack_band_neuron(
                 unsafe {
                     let mut v = [_mm512_setzero_ps(); 4];
                     for t in 0..steps {
-                        let th = _mm512_set1_ps(pre.threshold[t]);
                         let base = f.image(t) * xs + (4 * g * h + iy) * w + x0;
                         let mut acc = _mm512_setzero_si512();
                         for j in 0..chans {
                             let ch = 4 * g + j;
                             let pc = t * chs + if chs == 1 { 0 } else { ch };
                             let xv = _mm512_maskz_loadu_ps(m, f.x[base + j * h * w..].as_ptr());
-                            let mut mm = match pre.affine {
-                                Some((k, a)) => _mm512_add_ps(
-                                    _mm512_mul_ps(_mm512_set1_ps(k[pc]), xv),
-                                    _mm512_set1_ps(a[pc]),
-                                ),
-                                None => xv,
-                            };
-                            if t > 0 {
-                                mm = _mm512_add_ps(
-                                    mm,
-                                    _mm512_mul_ps(_mm512_set1_ps(pre.leak[pc]), v[j]),
-                                );
-                            }
-                            let fire = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mm, th);
-                            v[j] = _mm512_mask_blend_ps(fire, mm, th);
-                            let s = _mm512_maskz_sub_ps(fire, mm, th);
+                            let s = fire16(pre, t, pc, xv, &mut v[j]);
                             let q = quantise16(s, f.step, recip, max);
                             acc = _mm512_or_si512(
                                 acc,
@@ -755,6 +732,30 @@ fn pack_band_neuron(
                 x0 += 16;
             }
         }
+    }
+}
+
+/// Step `t` of an EM-PF neuron on 16 lanes of inputs `x` (the runtime's operations, in its
+/// order): `m = k·x + b` (with the affine) or `x`; after step 0, `m = m + λ·v`; returns the spikes
+/// `m − θ` where `m > θ` (there `v = θ`), else 0 (and `v = m`). `pc` indexes λ and `(k, b)`.
+#[inline(always)]
+fn fire16(nr: &crate::EmpfNeuron<'_>, t: usize, pc: usize, x: __m512, v: &mut __m512) -> __m512 {
+    // SAFETY: AVX-512F is enabled by the caller (inlined into it).
+    unsafe {
+        let mut m = match nr.affine {
+            Some((k, b)) => _mm512_add_ps(
+                _mm512_mul_ps(_mm512_set1_ps(k[pc]), x),
+                _mm512_set1_ps(b[pc]),
+            ),
+            None => x,
+        };
+        if t > 0 {
+            m = _mm512_add_ps(m, _mm512_mul_ps(_mm512_set1_ps(nr.leak[pc]), *v));
+        }
+        let th = _mm512_set1_ps(nr.threshold[t]);
+        let fire = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, th);
+        *v = _mm512_mask_blend_ps(fire, m, th);
+        _mm512_maskz_sub_ps(fire, m, th)
     }
 }
 
@@ -787,24 +788,10 @@ fn fused_chunk<const P: usize>(
     let nr = f.neuron;
     let chs = nr.leak.len() / nr.steps;
     // SAFETY (all): AVX-512F/BW/VL/VNNI are enabled by the caller (inlined into `run_fused`);
-    // loads as in `sum_tile` (each step's image holds the same layout); stores checked below.
+    // loads as in `tile_run` (each step's image holds the same layout); stores checked below.
     unsafe {
-        let mut acc = [[_mm512_setzero_si512(); FO]; P];
         let ap: [*const u8; P] = std::array::from_fn(|p| at.org.add((at.t0 + p) * at.img));
-        let mut w = wb.as_ptr().add(at.ob % 2 * FO);
-        for &off in offs {
-            let mut av = [_mm512_setzero_si512(); P];
-            for p in 0..P {
-                av[p] = _mm512_loadu_si512(ap[p].add(off).cast());
-            }
-            for j in 0..FO {
-                let wj = _mm512_set1_epi32(*w.add(j));
-                for p in 0..P {
-                    acc[p][j] = _mm512_dpbusd_epi32(acc[p][j], av[p], wj);
-                }
-            }
-            w = w.add(OB);
-        }
+        let acc = sum_dots::<P, FO>(ap, offs, wb.as_ptr().add(at.ob % 2 * FO));
         let (pool, np) = (nr.pool, at.np);
         let pn = np / 2;
         let even = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 14, 12, 10, 8, 6, 4, 2, 0);
@@ -821,23 +808,7 @@ fn fused_chunk<const P: usize>(
             for p in 0..P {
                 let t = at.t0 + p;
                 let yv = _mm512_add_ps(_mm512_mul_ps(sc, _mm512_cvtepi32_ps(acc[p][j])), sh);
-                let mut m = match nr.affine {
-                    Some((k, b)) => _mm512_add_ps(
-                        _mm512_mul_ps(_mm512_set1_ps(k[t * chs + ch]), yv),
-                        _mm512_set1_ps(b[t * chs + ch]),
-                    ),
-                    None => yv,
-                };
-                if t > 0 {
-                    m = _mm512_add_ps(
-                        m,
-                        _mm512_mul_ps(_mm512_set1_ps(nr.leak[t * chs + ch]), v[j]),
-                    );
-                }
-                let th = _mm512_set1_ps(nr.threshold[t]);
-                let fire = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, th);
-                v[j] = _mm512_mask_blend_ps(fire, m, th);
-                let s = _mm512_maskz_sub_ps(fire, m, th);
+                let s = fire16(nr, t, t * chs + ch, yv, &mut v[j]);
                 let base = ((t * f.n + f.sample) * f.wt.out_ch + o) * opl;
                 if !pool {
                     let idx = base + at.ry * f.pw + at.x0;

@@ -106,6 +106,21 @@ pub struct EmpfNeuron<'a> {
     pub pool: bool,
 }
 
+impl EmpfNeuron<'_> {
+    /// Whether the parameters are those of `steps` steps of `channels` channels: λ (and `k`, `b`)
+    /// per step and channel or per step, θ per step.
+    pub(crate) fn fits(&self, steps: usize, channels: usize) -> bool {
+        let per = self.leak.len().checked_div(self.steps).unwrap_or(0);
+        self.steps == steps
+            && (per == 1 || per == channels)
+            && self.leak.len() == steps * per
+            && self.threshold.len() == steps
+            && self
+                .affine
+                .is_none_or(|(k, b)| k.len() == steps * per && b.len() == steps * per)
+    }
+}
+
 /// The input of [`Simd::conv_q_empf`]: spikes, or the inputs of an EM-PF neuron layer that the
 /// kernel runs (with the 4 channels of a packed group and all steps of a pixel block in
 /// registers) as it quantises and packs them, so its spikes are never stored.
@@ -1442,21 +1457,11 @@ impl Simd {
         let g = SparseGeom::new("conv_q_empf", dims, w.dims(), stride, pad)?;
         g.check(input.x.len(), g.out_len(), scale, shift)?;
         let (t, o, c) = (neuron.steps, w.dims().0, w.dims().1);
-        let fits = |nr: &EmpfNeuron<'_>, ch: usize| {
-            let per = nr.leak.len().checked_div(nr.steps).unwrap_or(0);
-            nr.steps == t
-                && (per == 1 || per == ch)
-                && nr.leak.len() == t * per
-                && nr.threshold.len() == t
-                && nr
-                    .affine
-                    .is_none_or(|(k, b)| k.len() == t * per && b.len() == t * per)
-        };
         let pool_ok = !neuron.pool || (g.oh >= 2 && g.band.ow >= 2);
         if t == 0
             || !(input.repeated || dims.0.is_multiple_of(t))
-            || !fits(neuron, o)
-            || input.neuron.is_some_and(|p| p.pool || !fits(&p, c))
+            || !neuron.fits(t, o)
+            || input.neuron.is_some_and(|p| p.pool || !p.fits(t, c))
             || !pool_ok
         {
             return shape_err(format!(

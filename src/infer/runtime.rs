@@ -364,15 +364,7 @@ fn fuse_pools(nodes: Vec<Node>) -> Vec<Node> {
     let mut out: Vec<Node> = Vec::with_capacity(nodes.len());
     for node in nodes {
         let node = match node {
-            Node::Residual {
-                name,
-                body,
-                shortcut,
-            } => Node::Residual {
-                name,
-                body: fuse_pools(body),
-                shortcut: shortcut.map(fuse_pools),
-            },
+            n @ Node::Residual { .. } => in_branches(n, &fuse_pools),
             Node::Layer(Op::AvgPool {
                 kernel: 2,
                 stride: 2,
@@ -391,6 +383,22 @@ fn fuse_pools(nodes: Vec<Node>) -> Vec<Node> {
     out
 }
 
+/// A graph pass applied inside a residual block's body and shortcut (other nodes as they are).
+fn in_branches(node: Node, pass: &dyn Fn(Vec<Node>) -> Vec<Node>) -> Node {
+    match node {
+        Node::Residual {
+            name,
+            body,
+            shortcut,
+        } => Node::Residual {
+            name,
+            body: pass(body),
+            shortcut: shortcut.map(pass),
+        },
+        n => n,
+    }
+}
+
 /// Pairs every k-bit, stride-1 binary convolution on float spikes (one with `levels`) with the
 /// EM-PF neuron that follows it, for [`Simd::conv_q_empf`]: the convolution's outputs then stay in
 /// registers, the neuron (and its fused pool) runs in the convolution's epilogue, and only the
@@ -401,15 +409,7 @@ fn fuse_conv_neurons(nodes: Vec<Node>) -> Vec<Node> {
     let mut out: Vec<Node> = Vec::with_capacity(nodes.len());
     for node in nodes {
         let node = match node {
-            Node::Residual {
-                name,
-                body,
-                shortcut,
-            } => Node::Residual {
-                name,
-                body: fuse_conv_neurons(body),
-                shortcut: shortcut.map(fuse_conv_neurons),
-            },
+            n @ Node::Residual { .. } => in_branches(n, &fuse_conv_neurons),
             empf @ Node::Empf { .. }
                 if matches!(
                     out.last(),
@@ -443,15 +443,7 @@ fn fold_quantisers(nodes: Vec<Node>, quant: Option<(u32, f32)>) -> Vec<Node> {
     let mut it = nodes.into_iter().peekable();
     while let Some(node) = it.next() {
         let node = match node {
-            Node::Residual {
-                name,
-                body,
-                shortcut,
-            } => Node::Residual {
-                name,
-                body: fold_quantisers(body, quant),
-                shortcut: shortcut.map(|sc| fold_quantisers(sc, quant)),
-            },
+            n @ Node::Residual { .. } => in_branches(n, &|b| fold_quantisers(b, quant)),
             Node::Quant { bits, step }
                 if exact
                     && bits == k
